@@ -1,0 +1,21 @@
+"""Small building blocks shared by the backbone and the head."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def try_index(value, index: int):
+    """``value[index]`` for sequences, ``value`` itself for scalars (per-axis or shared settings)."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return value[index]
+    return value
+
+
+class GlobalAvgPool2d(nn.Module):
+    """Global average pooling to (B, C, 1, 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
