@@ -1,0 +1,280 @@
+"""The class-incremental view of a reader: image filtering per step and label remapping by lookup table.
+
+Semantics (reference behaviour 4.1): ``labels`` = classes of the current step, ``labels_old`` = classes of the
+previous steps (0 is stripped from both). ``order = [0] + labels_old + labels``; an original id ``c`` becomes
+``order.index(c)``; 255 stays 255.
+
+* filtering: overlap keeps an image iff it shows >= 1 current foreground class; disjoint additionally drops images
+  showing a future class (anything outside ``labels + labels_old + {0, 255}``);
+* masking (``data_masking``): ``current`` keeps background + current classes (old and future -> 0), ``current+old``
+  keeps old classes too, ``new`` keeps background + current classes and sends everything else to 255;
+* the test set is built with the cumulative ``labels`` and no ``labels_old``: unseen classes -> 0.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dataset.base import Reader, _decode, _label_array
+from dataset.tasks import canonical_task, get_task_labels
+from dataset.transform import ToTensorNormalize, eval_preset, train_preset
+from utils.constants import BACKGROUND, IGNORE_INDEX
+from utils.errors import UserError
+from utils.io import atomic_save_numpy, atomic_write_text
+
+MASKINGS = ("current", "current+old", "new")
+_PRESENCE_MEMO: dict[str, np.ndarray] = {}
+
+
+# ----------------------------------------------------------------------------------------------- pure functions
+def strip_zero(labels: Sequence[int]) -> list[int]:
+    return [int(c) for c in labels if c != BACKGROUND]
+
+
+def remap_order(labels: Sequence[int], labels_old: Sequence[int]) -> list[int]:
+    """``[0] + labels_old + labels`` (0 stripped): the original class id at each remapped index."""
+    return [BACKGROUND] + strip_zero(labels_old) + strip_zero(labels)
+
+
+def inverted_order_lut(labels: Sequence[int], labels_old: Sequence[int]) -> np.ndarray:
+    """int64 [256]: original id -> remapped index for ids in the order, 255 -> 255, others -1."""
+    lut = np.full(256, -1, dtype=np.int64)
+    for index, cls in enumerate(remap_order(labels, labels_old)):
+        lut[cls] = index
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    return lut
+
+
+def masking_lut(labels: Sequence[int], labels_old: Sequence[int], masking: str = "current") -> torch.Tensor:
+    """int64 tensor [256] mapping a train-id label to the target seen by the model (see module docstring)."""
+    if masking == "all":
+        raise UserError("--data_masking all is not implemented (as in the reference); use current, current+old "
+                        "or new")
+    if masking not in MASKINGS:
+        raise UserError(f"unknown data masking {masking!r}; valid: {', '.join(MASKINGS)}")
+    inverted = inverted_order_lut(labels, labels_old)
+    keep = [BACKGROUND] + strip_zero(labels)
+    if masking == "current+old":
+        keep += strip_zero(labels_old)
+    fill = IGNORE_INDEX if masking == "new" else BACKGROUND
+    lut = np.full(256, fill, dtype=np.int64)
+    lut[keep] = inverted[keep]
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    return torch.from_numpy(lut)
+
+
+def filter_images(presence: np.ndarray, labels: Sequence[int], labels_old: Sequence[int], overlap: bool
+                  ) -> np.ndarray:
+    """Indices (int64, ascending) of the images kept for a step; ``presence`` is bool ``(N, 256)``.
+
+    Pure: the arguments are not modified."""
+    presence = np.asarray(presence, dtype=bool)
+    current = strip_zero(labels)
+    keep = presence[:, current].any(axis=1) if current else np.zeros(len(presence), dtype=bool)
+    if not overlap:
+        allowed = np.zeros(256, dtype=bool)
+        allowed[current + strip_zero(labels_old) + [BACKGROUND, IGNORE_INDEX]] = True
+        keep &= ~presence[:, ~allowed].any(axis=1)
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def test_on_val_split(idxs: np.ndarray, train: bool) -> np.ndarray:
+    """Reference ``test_on_val``: shuffle with ``RandomState(1)``; train side = first 80 %, other side = the rest."""
+    idxs = np.array(idxs, dtype=np.int64, copy=True)
+    np.random.RandomState(1).shuffle(idxs)
+    cut = int(0.8 * len(idxs))
+    return idxs[:cut] if train else idxs[cut:]
+
+
+# ----------------------------------------------------------------------------------------------- class presence
+def listing_key(reader: Reader) -> str:
+    """Hash of the split listing (paths relative to the reader root), the label LUT and the class count."""
+    digest = hashlib.sha1()
+    for img, lbl in reader.samples:
+        digest.update(os.path.relpath(img, reader.root).encode() + b"\0")
+        digest.update(os.path.relpath(lbl, reader.root).encode() + b"\n")
+    if reader.LABEL_LUT is not None:
+        digest.update(np.asarray(reader.LABEL_LUT, dtype=np.uint8).tobytes())
+    digest.update(str(reader.NUM_CLASSES).encode())
+    return digest.hexdigest()[:16]
+
+
+def label_presence(lbl_path: str, lut: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """bool [256]: which train ids occur in a label file (validated like ``load_pair``)."""
+    arr = _label_array(_decode(lbl_path, "label"), lbl_path)
+    counts = np.bincount(arr.ravel(), minlength=256)
+    present = counts > 0
+    if lut is not None:
+        mapped = np.zeros(256, dtype=bool)
+        mapped[np.asarray(lut, dtype=np.uint8)[present]] = True
+        present = mapped
+    bad = present.copy()
+    bad[:num_classes] = False
+    bad[IGNORE_INDEX] = False
+    if bad.any():
+        raise UserError(f"label {lbl_path!r} contains value(s) {np.flatnonzero(bad)[:8].tolist()} outside "
+                        f"0..{num_classes - 1} and 255; fix the label file")
+    return present
+
+
+def class_presence(reader: Reader, cache_dir: str | None = None) -> np.ndarray:
+    """bool ``(len(reader), 256)``: classes (train ids) present in each label of the split.
+
+    Computed once per split listing (one pass over the label PNGs), memoised in the process and, with
+    ``cache_dir``, stored atomically at ``{cache_dir}/classes-{split}-{listing hash}.npy``."""
+    key = listing_key(reader)
+    path = os.path.join(cache_dir, f"classes-{reader.split}-{key}.npy") if cache_dir else None
+    memo_key = f"{os.path.abspath(reader.root)}|{reader.split}|{key}"
+    if memo_key in _PRESENCE_MEMO:
+        return _PRESENCE_MEMO[memo_key]
+    presence = None
+    if path and os.path.isfile(path):
+        try:
+            loaded = np.load(path, allow_pickle=False)
+            if loaded.shape == (len(reader), 256) and loaded.dtype == bool:
+                presence = loaded
+        except (OSError, ValueError):
+            presence = None  # unreadable cache: recompute and overwrite
+    if presence is None:
+        presence = np.stack([label_presence(lbl, reader.LABEL_LUT, reader.NUM_CLASSES)
+                             for _, lbl in reader.samples])
+        if path:
+            atomic_save_numpy(path, presence)
+    presence.setflags(write=False)
+    _PRESENCE_MEMO[memo_key] = presence
+    return presence
+
+
+# ----------------------------------------------------------------------------------------------- index cache
+def _load_cached_idxs(path: str, n: int, key: str) -> np.ndarray | None:
+    """Cached indices if present and consistent with the listing (a sidecar ``.key`` file), else None."""
+    if not os.path.isfile(path):
+        return None
+    sidecar = path + ".key"
+    if os.path.isfile(sidecar):
+        with open(sidecar, encoding="utf-8") as handle:
+            try:
+                if json.load(handle).get("listing") != key:
+                    return None  # written for another listing: recompute
+            except ValueError:
+                return None
+    try:
+        idxs = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"index cache {path!r} is unreadable ({exc}); delete it to rebuild") from None
+    if idxs.ndim != 1 or not np.issubdtype(idxs.dtype, np.integer) or (idxs.size and (idxs.min() < 0
+                                                                                       or idxs.max() >= n)):
+        raise UserError(f"index cache {path!r} does not match the {n}-image split; delete it to rebuild")
+    return idxs.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------- the dataset
+class IncrementalSegmentation(Dataset):
+    """Images of ``reader`` kept for one step, with remapped/masked labels.
+
+    Items: ``(image float32 (3, H, W) normalised, label int64 (H, W))``.
+
+    ``train`` only selects the side of the ``test_on_val`` 80/20 split (first 80 % when True). ``idxs_path``:
+    index cache (read back if present, else written atomically). ``presence_dir``: where the per-split class
+    presence cache lives (None = memory only). ``description`` names the dataset/task/step/split in errors."""
+
+    def __init__(self, reader: Reader, *, labels: Sequence[int], labels_old: Sequence[int] = (),
+                 overlap: bool = True, masking: str = "current", train: bool = True,
+                 transform: Callable | None = None, idxs_path: str | None = None, presence_dir: str | None = None,
+                 test_on_val: bool = False, description: str = ""):
+        labels, labels_old = strip_zero(labels), strip_zero(labels_old)
+        if set(labels) & set(labels_old):
+            raise UserError(f"classes {sorted(set(labels) & set(labels_old))} are both new and old; "
+                            f"fix the task table")
+        bad = [c for c in labels + labels_old if not 0 < c < reader.NUM_CLASSES]
+        if bad:
+            raise UserError(f"classes {bad} do not exist in {reader.NAME} (0..{reader.NUM_CLASSES - 1})")
+        self.reader = reader
+        self.labels, self.labels_old = labels, labels_old
+        self.order = remap_order(labels, labels_old)
+        self.lut = masking_lut(labels, labels_old, masking)
+        self.masking = masking
+        self.transform = transform
+        self.description = description or f"{reader.NAME} {reader.split} split"
+        self.idxs = self._indices(overlap, train, idxs_path, presence_dir, test_on_val)
+        if len(self.idxs) == 0:
+            raise UserError(f"no image left for {self.description} after filtering (classes {labels}); "
+                            f"use a larger dataset or another task/step")
+
+    def _indices(self, overlap, train, idxs_path, presence_dir, test_on_val) -> np.ndarray:
+        key = listing_key(self.reader)
+        idxs = _load_cached_idxs(idxs_path, len(self.reader), key) if idxs_path else None
+        if idxs is None:
+            presence = class_presence(self.reader, presence_dir)
+            idxs = filter_images(presence, self.labels, self.labels_old, overlap)
+            if idxs_path:
+                atomic_save_numpy(idxs_path, idxs)
+                atomic_write_text(idxs_path + ".key", json.dumps({"listing": key}))
+        if test_on_val:
+            idxs = test_on_val_split(idxs, train)
+        return idxs
+
+    def __len__(self) -> int:
+        return len(self.idxs)
+
+    def __getitem__(self, index: int):
+        image, label = self.reader.load(int(self.idxs[index]))
+        image, label = (self.transform or ToTensorNormalize())(image, label)
+        if not torch.is_tensor(label):
+            label = torch.from_numpy(np.asarray(label, dtype=np.int64))
+        return image, self.lut[label.long()]
+
+    def sample_path(self, index: int) -> tuple[str, str]:
+        return self.reader.samples[int(self.idxs[index])]
+
+
+# ----------------------------------------------------------------------------------------------- builder
+def step_cache_dir(cache_root: str, dataset: str, task: str, overlap: bool) -> str:
+    """``{cache_root}/{dataset}/{task}[-ov]`` (the reference's index-cache folder)."""
+    return os.path.join(cache_root, dataset, canonical_task(dataset, task) + ("-ov" if overlap else ""))
+
+
+def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bool, data_masking: str = "current",
+                   crop_size: int, crop_val: bool = True, cache_root: str = "data", test_on_val: bool = False,
+                   val_on_trainset: bool = False):
+    """``(train, val, test)`` for one step, as the reference ``get_dataset`` (no ``--cross_val``).
+
+    train: train split, ``overlap`` filtering, masked; val: val split, overlap filtering, masked the same way
+    (old classes -> 0); test: val split (train split with ``val_on_trainset``), cumulative labels, unseen -> 0."""
+    from dataset import READERS  # late import: dataset/__init__ imports this module
+
+    if dataset not in READERS:
+        raise UserError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(READERS)} (fix --dataset)")
+    reader_cls = READERS[dataset]
+    task = canonical_task(dataset, task)
+    labels, labels_old = get_task_labels(dataset, task, step)
+    folder = step_cache_dir(cache_root, dataset, task, overlap)
+    presence_dir = os.path.join(cache_root, dataset)
+    mode = "overlap" if overlap else "disjoint"
+    train_reader = reader_cls(root, "train")
+    val_reader = reader_cls(root, "val")
+
+    def describe(split):
+        return f"{dataset} task {task} step {step} {split} split ({mode})"
+
+    train = IncrementalSegmentation(
+        train_reader, labels=labels, labels_old=labels_old, overlap=overlap, masking=data_masking, train=True,
+        transform=train_preset(crop_size), idxs_path=os.path.join(folder, f"train-{step}.npy"),
+        presence_dir=presence_dir, test_on_val=test_on_val, description=describe("train"))
+    val = IncrementalSegmentation(
+        val_reader, labels=labels, labels_old=labels_old, overlap=True, masking=data_masking, train=False,
+        transform=eval_preset(crop_size, crop_val), idxs_path=os.path.join(folder, f"val-{step}.npy"),
+        presence_dir=presence_dir, description=describe("val"))
+    test_split = "train" if val_on_trainset else "val"
+    test = IncrementalSegmentation(
+        train_reader if val_on_trainset else val_reader, labels=labels_old + labels, labels_old=(), overlap=True,
+        masking="current", train=val_on_trainset, transform=eval_preset(crop_size, crop_val),
+        idxs_path=os.path.join(folder, f"test_on_{test_split}-{step}.npy"), presence_dir=presence_dir,
+        test_on_val=test_on_val, description=describe(f"test ({test_split})"))
+    return train, val, test

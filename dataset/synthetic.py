@@ -1,0 +1,316 @@
+"""Synthetic datasets in the real on-disk layouts of VOC, ADE20K and Cityscapes (for demos and tests).
+
+    python -m dataset.synthetic ROOT --layout voc|ade|cityscapes [--size 96] [--train N] [--val M] [--seed 0]
+                                     [--force]
+
+Every foreground class has its own look: a base hue (neighbouring class ids have neighbouring hues), a
+saturation/brightness level, a texture family shared by every 4th class (stripes, checks, dots, rings) with a
+class-specific period and orientation, and a shape family. Objects are drawn on a cluttered, low-saturation
+background with noise blobs and pixel noise; colours are jittered per image. Each image holds 1 to 4 objects.
+
+Coverage guarantee: the first images of each split are single-object images cycling over all foreground
+classes (at least one per class and split), so every step of every task has training and validation images under
+both the overlap and the disjoint protocols. The rest are multi-object images with classes dealt from a shuffled
+deck (balanced class frequencies).
+
+VOC labels get 255 rings (1 px) on object outlines; train labels are saved in mode L, val labels in mode P (VOC
+palette), as in the real data. Cityscapes labels hold raw label ids (mapped by the reader's LUT) and include some
+regions with ignored ids. The output is deterministic for a seed and written atomically (temporary folder, then
+rename).
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from dataset.base import bit_palette
+from dataset.cityscapes import RAW_TO_TRAIN
+from utils.errors import UserError
+
+LAYOUTS = {
+    #             classes  default size (h, w)   train  val
+    "voc": dict(num_classes=21, train=600, val=150, aspect=1.0),
+    "ade": dict(num_classes=151, train=600, val=300, aspect=1.0),
+    "cityscapes": dict(num_classes=20, train=400, val=100, aspect=2.0),
+}
+CITYSCAPES_IGNORED_IDS = (1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30)
+TRAIN_TO_RAW = {train: raw for raw, train in RAW_TO_TRAIN.items()}
+SHAPES = ("ellipse", "rectangle", "triangle", "diamond")
+TEXTURES = ("stripes", "checks", "dots", "rings")
+
+
+# ----------------------------------------------------------------------------------------------- class looks
+def class_look(cls: int, num_fg: int) -> dict:
+    """Appearance parameters of foreground class ``cls`` (1-based) among ``num_fg`` classes."""
+    n_hue = num_fg if num_fg <= 24 else 25
+    k = cls - 1
+    hue_idx, group = k % n_hue, k // n_hue
+    return dict(
+        hue=(hue_idx / n_hue + 0.011 * group) % 1.0,
+        sat=(0.85, 0.62, 0.95)[(hue_idx + group) % 2 + (group % 3 == 2)],
+        val=(0.95, 0.76, 0.58)[(hue_idx + group) % 3],
+        texture=TEXTURES[(k + group) % 4],
+        period=4.0 + (k * 3 + group) % 5,
+        angle=((k * 37 + group * 11) % 180) * np.pi / 180,
+        shape=SHAPES[(k // 2 + group) % 4],
+    )
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0)), dtype=np.float32)
+
+
+def _shape_mask(shape, yy, xx, cy, cx, ry, rx, rot):
+    u = (xx - cx) * np.cos(rot) + (yy - cy) * np.sin(rot)
+    v = -(xx - cx) * np.sin(rot) + (yy - cy) * np.cos(rot)
+    if shape == "ellipse":
+        return (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
+    if shape == "rectangle":
+        return (np.abs(u) <= rx) & (np.abs(v) <= ry)
+    if shape == "triangle":
+        t = (v + ry) / (2 * ry)
+        return (t >= 0) & (t <= 1) & (np.abs(u) <= rx * t)
+    return np.abs(u) / rx + np.abs(v) / ry <= 1.0  # diamond
+
+
+def _texture(kind, yy, xx, cy, cx, period, angle):
+    u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+    v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+    if kind == "stripes":
+        return (np.sin(2 * np.pi * u / period) > 0).astype(np.float32)
+    if kind == "checks":
+        return ((np.sin(2 * np.pi * u / period) * np.sin(2 * np.pi * v / period)) > 0).astype(np.float32)
+    if kind == "dots":
+        a, b = np.mod(u, period) - period / 2, np.mod(v, period) - period / 2
+        return (a * a + b * b < (0.32 * period) ** 2).astype(np.float32)
+    r = np.sqrt(u * u + v * v)
+    return (0.5 + 0.5 * np.sin(2 * np.pi * r / period)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- one image
+def render(rng: np.random.Generator, classes: list[int], num_fg: int, height: int, width: int, single: bool,
+           clutter_ids: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """``(uint8 (H, W, 3) image, uint8 (H, W) label)`` with the given foreground classes (later ones on top).
+
+    ``clutter_ids``: label ids given to some background blobs (Cityscapes ignored ids); 0 otherwise."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    side = min(height, width)
+    scale = side / 96.0
+    # background: low saturation base, gradient, clutter blobs
+    bg = _hsv(rng.random(), rng.uniform(0.0, 0.12), rng.uniform(0.3, 0.7))
+    grad = 1.0 + rng.uniform(-0.15, 0.15) * (xx / width - 0.5) + rng.uniform(-0.15, 0.15) * (yy / height - 0.5)
+    image = bg[None, None, :] * grad[..., None]
+    label = np.zeros((height, width), dtype=np.uint8)
+    for _ in range(int(rng.integers(4, 10))):
+        blob = _shape_mask("ellipse", yy, xx, rng.uniform(0, height), rng.uniform(0, width),
+                           rng.uniform(3, 16) * scale, rng.uniform(3, 16) * scale, rng.uniform(0, np.pi))
+        image[blob] = _hsv(rng.random(), rng.uniform(0.0, 0.15), rng.uniform(0.2, 0.85))
+        if clutter_ids and rng.random() < 0.3:
+            label[blob] = clutter_ids[int(rng.integers(len(clutter_ids)))]
+    light = rng.uniform(0.85, 1.1)
+    for cls in classes:
+        look = class_look(cls, num_fg)
+        lo, hi = (0.32, 0.6) if single else (0.2, 0.42)
+        ry, rx = rng.uniform(lo, hi, size=2) * side / 2 * np.array([1.0, 1.0])
+        if look["shape"] in ("rectangle", "diamond", "triangle"):
+            ry, rx = ry * 1.1, rx * 1.1
+        cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
+        mask = _shape_mask(look["shape"], yy, xx, cy, cx, ry, rx, rng.uniform(0, np.pi))
+        if not mask.any():
+            continue
+        colour = _hsv(look["hue"] + rng.uniform(-0.012, 0.012), look["sat"] + rng.uniform(-0.06, 0.06),
+                      (look["val"] + rng.uniform(-0.06, 0.06)) * light)
+        pattern = _texture(look["texture"], yy, xx, cy, cx, look["period"] * scale * rng.uniform(0.9, 1.1),
+                           look["angle"] + rng.uniform(-0.15, 0.15))
+        depth = rng.uniform(0.3, 0.45)
+        shade = 1.0 + 0.12 * ((xx - cx) / max(rx, 1.0)).clip(-1, 1) * rng.choice([-1.0, 1.0])
+        pixels = colour[None, :] * ((1.0 - depth * pattern[mask]) * shade[mask])[:, None]
+        image[mask] = pixels
+        label[mask] = cls
+    image = image + rng.normal(0.0, 0.03, size=image.shape).astype(np.float32)
+    return (image.clip(0, 1) * 255 + 0.5).astype(np.uint8), label
+
+
+def boundary_ring(label: np.ndarray) -> np.ndarray:
+    """1-px ring on object outlines: pixels with a 4-neighbour of a larger id that is foreground."""
+    ring = np.zeros(label.shape, dtype=bool)
+    lab = label.astype(np.int16)
+    for axis in (0, 1):
+        a = np.take(lab, range(0, lab.shape[axis] - 1), axis=axis)
+        b = np.take(lab, range(1, lab.shape[axis]), axis=axis)
+        diff = a != b
+        lower_a = diff & (a < b)  # mark the lower-id side (background side of an object edge)
+        lower_b = diff & (b < a)
+        if axis == 0:
+            ring[:-1] |= lower_a
+            ring[1:] |= lower_b
+        else:
+            ring[:, :-1] |= lower_a
+            ring[:, 1:] |= lower_b
+    return ring
+
+
+# ----------------------------------------------------------------------------------------------- scheduling
+def schedule(rng: np.random.Generator, n_images: int, num_fg: int) -> list[tuple[list[int], bool]]:
+    """Classes of each image: single-object images cycling over every class first, then 2-4 object images."""
+    if n_images < num_fg:
+        raise UserError(f"{n_images} images cannot cover {num_fg} foreground classes; ask for at least {num_fg} "
+                        f"images per split (--train/--val)")
+    n_single = max(num_fg, int(round(0.35 * n_images)))
+    cycle = rng.permutation(num_fg) + 1
+    plan = [([int(cycle[i % num_fg])], True) for i in range(n_single)]
+    deck: list[int] = []
+    for _ in range(n_images - n_single):
+        k = int(rng.integers(2, 5))
+        chosen: list[int] = []
+        while len(chosen) < k:
+            if not deck:
+                deck = [int(c) + 1 for c in rng.permutation(num_fg)]
+            c = deck.pop()
+            if c not in chosen:
+                chosen.append(c)
+        plan.append((chosen, False))
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+def _voc_writer(root, split, index, image, label, palette):
+    name = f"syn{'t' if split == 'train' else 'v'}_{index:06d}"
+    Image.fromarray(image).save(os.path.join(root, "JPEGImages", name + ".jpg"), quality=92)
+    lbl = Image.fromarray(label)
+    if split == "val":  # real VOC val labels are palette PNGs; the SBD-aug ones are grey
+        lbl = lbl.convert("P")
+        lbl.putpalette(palette.ravel().tolist())
+    lbl.save(os.path.join(root, "SegmentationClassAug", name + ".png"))
+    return f"/JPEGImages/{name}.jpg /SegmentationClassAug/{name}.png"
+
+
+def _ade_writer(root, split, index, image, label):
+    sub, prefix = ("training", "train") if split == "train" else ("validation", "val")
+    name = f"ADE_{prefix}_{index + 1:08d}"
+    base = os.path.join(root, "ADEChallengeData2016")
+    Image.fromarray(image).save(os.path.join(base, "images", sub, name + ".jpg"), quality=92)
+    Image.fromarray(label).save(os.path.join(base, "annotations", sub, name + ".png"))
+
+
+CITIES = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau")}
+
+
+def _cityscapes_writer(root, split, index, image, label):
+    city = CITIES[split][index % len(CITIES[split])]
+    stem = f"{city}_{index // len(CITIES[split]):06d}_000019"
+    for top, suffix, array in (("leftImg8bit", "_leftImg8bit.png", image),
+                               ("gtFine", "_gtFine_labelIds.png", label)):
+        folder = os.path.join(root, top, split, city)
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(array).save(os.path.join(folder, stem + suffix))
+
+
+def _make_dirs(root: str, layout: str) -> None:
+    if layout == "voc":
+        for sub in ("JPEGImages", "SegmentationClassAug", "splits"):
+            os.makedirs(os.path.join(root, sub))
+    elif layout == "ade":
+        for top in ("images", "annotations"):
+            for sub in ("training", "validation"):
+                os.makedirs(os.path.join(root, "ADEChallengeData2016", top, sub))
+
+
+def _write_split(tmp: str, layout: str, split: str, n_images: int, size: int, seed: int) -> None:
+    spec = LAYOUTS[layout]
+    num_fg = spec["num_classes"] - 1
+    height, width = size, int(round(size * spec["aspect"]))
+    split_id = 0 if split == "train" else 1
+    plan = schedule(np.random.default_rng([seed, split_id, 1 << 20]), n_images, num_fg)
+    palette = bit_palette(256)
+    lines = []
+    for index, (classes, single) in enumerate(plan):
+        rng = np.random.default_rng([seed, split_id, index])
+        clutter = CITYSCAPES_IGNORED_IDS if layout == "cityscapes" else ()
+        image, label = render(rng, classes, num_fg, height, width, single, clutter_ids=clutter)
+        if layout == "voc":
+            label[boundary_ring(label)] = 255
+            lines.append(_voc_writer(tmp, split, index, image, label, palette))
+        elif layout == "ade":
+            _ade_writer(tmp, split, index, image, label)
+        else:
+            raw = label.copy()
+            for train_id, raw_id in TRAIN_TO_RAW.items():
+                raw[label == train_id] = raw_id  # train ids 1..19 never collide with the ignored raw ids used
+            _cityscapes_writer(tmp, split, index, image, raw)
+    if layout == "voc":
+        name = "train_aug.txt" if split == "train" else "val.txt"
+        with open(os.path.join(tmp, "splits", name), "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+
+def generate(root: str, layout: str = "voc", *, size: int = 96, n_train: int | None = None,
+             n_val: int | None = None, seed: int = 0, force: bool = False) -> dict:
+    """Write the synthetic dataset at ``root`` (atomically); returns a summary dict."""
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    if size < 16:
+        raise UserError(f"--size {size} is too small; use at least 16 pixels")
+    spec = LAYOUTS[layout]
+    n_train = spec["train"] if n_train is None else n_train
+    n_val = spec["val"] if n_val is None else n_val
+    root = os.path.abspath(root)
+    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)) and not force:
+        raise UserError(f"{root!r} exists and is not empty; choose another folder or pass --force to replace it")
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(root)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    try:
+        os.makedirs(tmp)
+        _make_dirs(tmp, layout)
+        _write_split(tmp, layout, "train", n_train, size, seed)
+        _write_split(tmp, layout, "val", n_val, size, seed)
+        if os.path.exists(root):
+            old = os.path.join(parent, f".{os.path.basename(root)}.old-{os.getpid()}")
+            os.rename(root, old)
+            os.rename(tmp, root)
+            if os.path.isdir(old):
+                shutil.rmtree(old)
+            else:
+                os.unlink(old)
+        else:
+            os.rename(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dict(root=root, layout=layout, train=n_train, val=n_val, size=size, seed=seed,
+                seconds=round(time.perf_counter() - start, 2))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dataset.synthetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="output folder (refused if it exists and is not empty, unless --force)")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="voc")
+    parser.add_argument("--size", type=int, default=96, help="image height in pixels (Cityscapes: width = 2x)")
+    parser.add_argument("--train", type=int, default=None, help="train images (default per layout)")
+    parser.add_argument("--val", type=int, default=None, help="val images (default per layout)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="replace an existing non-empty ROOT")
+    args = parser.parse_args(argv)
+    try:
+        info = generate(args.root, args.layout, size=args.size, n_train=args.train, n_val=args.val, seed=args.seed,
+                        force=args.force)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {info['layout']} dataset at {info['root']}: {info['train']} train / {info['val']} val images "
+          f"of {info['size']} px in {info['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

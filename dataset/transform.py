@@ -1,0 +1,159 @@
+"""Joint image + label transforms (PIL in, tensors out), without torchvision.
+
+Every random draw uses the global torch RNG (``torch.rand`` / ``torch.randint``), so ``torch.manual_seed`` in the
+main process plus the DataLoader's per-worker seeding make augmentation reproducible.
+Images are resized bilinearly, labels with nearest neighbour (class ids are never blended).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from utils.constants import IMAGENET_MEAN, IMAGENET_STD
+
+Pair = tuple  # (image, label)
+
+
+def _uniform(low: float, high: float) -> float:
+    return float(torch.empty(1).uniform_(low, high).item())
+
+
+class Compose:
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, image, label):
+        for t in self.transforms:
+            image, label = t(image, label)
+        return image, label
+
+    def __repr__(self) -> str:
+        return f"Compose({', '.join(repr(t) for t in self.transforms)})"
+
+
+class RandomResizedCrop:
+    """Crop a random area fraction ``scale`` and aspect ratio ``ratio`` of the image, resize it to ``size``.
+
+    Same sampling as torchvision's RandomResizedCrop: 10 attempts to draw a crop that fits, else a centre crop
+    clamped to ``ratio``. ``scale`` is an *area fraction*: with (0.5, 2.0) fractions above 1 never fit and fall back
+    (as in the reference)."""
+
+    def __init__(self, size: int | tuple[int, int], scale=(0.5, 2.0), ratio=(3 / 4, 4 / 3)):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)  # (h, w)
+        self.scale = scale
+        self.ratio = ratio
+
+    def get_params(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """``(top, left, h, w)`` of the crop."""
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * _uniform(*self.scale)
+            aspect = math.exp(_uniform(*log_ratio))
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,)).item())
+                left = int(torch.randint(0, width - w + 1, (1,)).item())
+                return top, left, h, w
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            h, w = height, int(round(height * max(self.ratio)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, image: Image.Image, label: Image.Image):
+        top, left, h, w = self.get_params(*image.size)
+        box = (left, top, left + w, top + h)
+        out = (self.size[1], self.size[0])
+        return (image.resize(out, Image.BILINEAR, box=box), label.resize(out, Image.NEAREST, box=box))
+
+    def __repr__(self) -> str:
+        return f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+class RandomHorizontalFlip:
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, image, label):
+        if torch.rand(1).item() < self.p:
+            flip = Image.Transpose.FLIP_LEFT_RIGHT
+            return image.transpose(flip), label.transpose(flip)
+        return image, label
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class Resize:
+    """Resize so that the short side is ``size`` (long side ``int(size * long / short)``, as torchvision)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image, label):
+        w, h = image.size
+        if w <= h:
+            new = (self.size, int(self.size * h / w))
+        else:
+            new = (int(self.size * w / h), self.size)
+        if new == (w, h):
+            return image, label
+        return image.resize(new, Image.BILINEAR), label.resize(new, Image.NEAREST)
+
+    def __repr__(self) -> str:
+        return f"Resize({self.size})"
+
+
+class CenterCrop:
+    """Central ``size`` x ``size`` crop (the image must be at least that large: use after ``Resize``)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image, label):
+        w, h = image.size
+        top = int(round((h - self.size) / 2.0))
+        left = int(round((w - self.size) / 2.0))
+        box = (left, top, left + self.size, top + self.size)
+        return image.crop(box), label.crop(box)
+
+    def __repr__(self) -> str:
+        return f"CenterCrop({self.size})"
+
+
+class ToTensorNormalize:
+    """PIL RGB -> float32 (3, H, W) normalised with ``mean``/``std``; PIL label -> int64 (H, W) (values kept)."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image, label):
+        img = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        img = (img - self.mean) / self.std
+        lbl = torch.from_numpy(np.asarray(label, dtype=np.uint8).astype(np.int64))
+        return img.contiguous(), lbl
+
+    def __repr__(self) -> str:
+        return "ToTensorNormalize(ImageNet)"
+
+
+def train_preset(crop_size: int) -> Compose:
+    """RandomResizedCrop(crop_size, area fraction 0.5..2.0) + horizontal flip + ToTensor/Normalize."""
+    return Compose([RandomResizedCrop(crop_size, scale=(0.5, 2.0)), RandomHorizontalFlip(0.5), ToTensorNormalize()])
+
+
+def eval_preset(crop_size: int, crop_val: bool = True) -> Compose:
+    """``crop_val``: Resize(short side crop_size) + CenterCrop(crop_size); else the full image."""
+    if crop_val:
+        return Compose([Resize(crop_size), CenterCrop(crop_size), ToTensorNormalize()])
+    return Compose([ToTensorNormalize()])
