@@ -1,0 +1,238 @@
+"""PLOP pseudo-labelling of background pixels with the old model (behaviour.md 2.5).
+
+At steps > 0, pixels labelled below ``n_old`` (background after masking) get the old model's prediction, depending
+on ``--pseudo``: ``naive`` (always), ``threshold_<t>`` (max probability >= t), ``confidence`` (always, weighted by
+the max probability), ``median`` (max probability >= per-class threshold), ``entropy`` (PLOP: normalised entropy
+below a per-class threshold). Per-class thresholds come from one pass of the old model over the training set
+(``before_step``). Uncertain background pixels become ``IGNORE_INDEX`` in ``entropy`` mode (and ``threshold``/
+``median`` modes, as in the reference).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from methods import register_term
+from methods.base import Batch, LossTerm, StepContext
+from utils import loss as L
+from utils.constants import BACKGROUND, IGNORE_INDEX
+from utils.errors import UserError
+
+ENTROPY_BINS = 100  # PLOP find_median: histogram bins on [0, 1] for entropy
+PROBABILITY_BINS = 20  # PLOP find_median: bins of 0.05 for probabilities
+ADAPTIVE_EPS = 1e-6  # PLOP classif_adaptive_factor denominator
+MODES = ("naive", "confidence", "median", "entropy", "threshold_<t>")
+
+
+def parse_mode(mode: str) -> tuple[str, float | None]:
+    """``"threshold_0.9"`` -> ``("threshold", 0.9)``, ``"entropy"`` -> ``("entropy", None)``; UserError otherwise."""
+    if mode.startswith("threshold_"):
+        try:
+            return "threshold", float(mode.split("_", 1)[1])
+        except ValueError:
+            pass
+    elif mode in MODES:
+        return mode, None
+    raise UserError(f"--pseudo {mode!r} is not a pseudo-labelling mode; use one of {', '.join(MODES)}")
+
+
+def histogram_median(counts: list[float], exact: bool = False) -> float:
+    """Approximate median of values binned on [0, 1] (interpolated inside the median bin).
+
+    With ``exact=False`` the walk reproduces PLOP's ``find_median``: the running sum adds the bin *index* instead of
+    the bin count (behaviour.md 8.1 #15), so the result is not the median; the PLOP preset numbers depend on it.
+    An empty histogram gives 0. An empty median bin gives its lower border (the reference divides by zero there).
+    """
+    nb_bins = len(counts)
+    total = float(sum(counts))
+    if total <= 0:
+        return 0.0
+    half = total / 2
+    running = 0.0
+    index = 0
+    for index, count in enumerate(counts):
+        if running <= half <= running + count:
+            break
+        running += count if exact else index
+    count = counts[index]
+    fraction = (half - running) / count if count > 0 else 0.0
+    return index / nb_bins + fraction / nb_bins
+
+
+@register_term
+class PseudoLabel(LossTerm):
+    """Rewrites ``batch.labels`` (and ``pixel_weight``) before the classification loss; returns no loss itself."""
+
+    name = "pseudo"
+    needs_old_model = True
+    unsupported = (
+        ("pseudo_soft", None, "soft pseudo-labels (its uncertain term has the wrong sign in the reference)"),
+        ("pseudo_soft_factor", 1.0, "weight of --pseudo_soft"),
+        ("pseudo_ablation", None, "pseudo-label error correction with the ground truth"),
+    )
+
+    @staticmethod
+    def add_args(parser: argparse._ActionsContainer) -> None:
+        parser.add_argument("--pseudo", type=str, default=None,
+                            help="pseudo-label background pixels with the old model: naive, confidence, "
+                                 "threshold_<t>, median, entropy (PLOP preset: entropy)")
+        parser.add_argument("--threshold", type=float, default=0.9,
+                            help="entropy mode: lower bound of the per-class entropy thresholds (PLOP: 0.001); "
+                                 "median mode: upper bound of the per-class probability thresholds")
+        parser.add_argument("--step_threshold", type=float, default=None,
+                            help="(ignored: the reference adds it after the thresholds are computed, so it has no "
+                                 "effect)")
+        parser.add_argument("--ce_on_pseudo", action="store_true", default=False,
+                            help="with --pseudo entropy: classification criterion on the original labels of the "
+                                 "other pixels plus plain CE on the pseudo-labelled pixels")
+        parser.add_argument("--pseudo_nb_bins", type=int, default=None,
+                            help="histogram bins for the thresholds (default 100 for entropy, 20 for median)")
+        parser.add_argument("--classif_adaptive_factor", action="store_true", default=False,
+                            help="with --pseudo entropy: weight each image's classification loss by the fraction of "
+                                 "its background pixels that were confidently pseudo-labelled")
+        parser.add_argument("--classif_adaptive_min_factor", type=float, default=0.0,
+                            help="lower clamp of --classif_adaptive_factor")
+        parser.add_argument("--pseudo_entropy_fixed", action="store_true", default=False,
+                            help="use the proper normalised entropy H(p)/log(C_old) in [0, 1] instead of PLOP's "
+                                 "mean-over-classes entropy divided twice by a log (changes what --threshold means)")
+        parser.add_argument("--pseudo_exact_median", action="store_true", default=False,
+                            help="compute the true histogram median for the thresholds (PLOP's walk adds bin "
+                                 "indices instead of counts)")
+        no = "(not implemented: rejected unless left at the default) "
+        parser.add_argument("--pseudo_soft", default=None, choices=["soft_certain", "soft_uncertain"],
+                            help=no + "soft pseudo-labels")
+        parser.add_argument("--pseudo_soft_factor", type=float, default=1.0, help=no + "weight of --pseudo_soft")
+        parser.add_argument("--pseudo_ablation", default=None, choices=["corrected_errors", "removed_errors"],
+                            help=no + "correct pseudo-labels with the ground truth")
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        mode = getattr(cfg, "pseudo", None)
+        if mode is not None:
+            parse_mode(mode)
+        if getattr(cfg, "ce_on_pseudo", False) and mode != "entropy":
+            raise UserError("--ce_on_pseudo needs --pseudo entropy (as in PLOP); add it or remove --ce_on_pseudo")
+        bins = getattr(cfg, "pseudo_nb_bins", None)
+        if bins is not None and bins < 1:
+            raise UserError(f"--pseudo_nb_bins {bins} must be >= 1")
+
+    def __init__(self, *, mode: str, threshold: float, n_old: int, n_classes: int, nb_bins: int | None = None,
+                 adaptive_factor: bool = False, adaptive_min_factor: float = 0.0, entropy_fixed: bool = False,
+                 exact_median: bool = False):
+        self.mode, self.mode_value = parse_mode(mode)
+        self.threshold = threshold
+        self.n_old = n_old
+        self.n_classes = n_classes  # PLOP's nb_current_classes (old + new)
+        default_bins = ENTROPY_BINS if self.mode == "entropy" else PROBABILITY_BINS
+        self.nb_bins = nb_bins or default_bins
+        self.adaptive_factor = adaptive_factor
+        self.adaptive_min_factor = adaptive_min_factor
+        self.entropy_fixed = entropy_fixed
+        self.exact_median = exact_median
+        self.thresholds: Tensor | None = None  # (n_old,) per predicted old class, set by before_step
+
+    @classmethod
+    def build(cls, cfg: Any, ctx: StepContext) -> "PseudoLabel | None":
+        mode = getattr(cfg, "pseudo", None)
+        if mode is None or ctx.model_old is None:
+            return None
+        return cls(mode=mode, threshold=getattr(cfg, "threshold", 0.9), n_old=ctx.n_old, n_classes=ctx.n_classes,
+                   nb_bins=getattr(cfg, "pseudo_nb_bins", None),
+                   adaptive_factor=getattr(cfg, "classif_adaptive_factor", False),
+                   adaptive_min_factor=getattr(cfg, "classif_adaptive_min_factor", 0.0),
+                   entropy_fixed=getattr(cfg, "pseudo_entropy_fixed", False),
+                   exact_median=getattr(cfg, "pseudo_exact_median", False))
+
+    # ---- uncertainty -------------------------------------------------------------------------------------------
+    def uncertainty(self, probs: Tensor) -> Tensor:
+        """Entropy used for thresholding, scaled to [0, 1]-ish bins.  probs (B, C_old, H, W) -> (B, H, W).
+
+        PLOP (default): ``plop_entropy(p) / log(n_classes)`` (mean over classes, then two log divisions).
+        ``--pseudo_entropy_fixed``: ``H(p) / log(C_old)``.
+        """
+        if self.entropy_fixed:
+            return L.normalized_entropy(probs)
+        return L.plop_entropy(probs) / math.log(self.n_classes)
+
+    def _bin_values(self, probs: Tensor) -> Tensor:
+        if self.mode == "entropy":
+            return self.uncertainty(probs)
+        return probs.max(dim=1).values
+
+    # ---- thresholds (once per step) ----------------------------------------------------------------------------
+    def before_step(self, ctx: StepContext) -> None:
+        if self.mode not in ("median", "entropy"):
+            return
+        hist = self.histograms(ctx.model_old, ctx.train_loader, ctx.device, ctx.autocast)
+        self.thresholds = self.thresholds_from_histograms(hist).to(ctx.device)
+
+    @torch.no_grad()
+    def histograms(self, model_old: torch.nn.Module, loader: Any, device: Any, autocast: Any) -> Tensor:
+        """(n_old, nb_bins) counts of background pixels per predicted old class, all-reduced across ranks."""
+        hist = torch.zeros(self.n_old * self.nb_bins, dtype=torch.long, device=device)
+        was_training = model_old.training
+        model_old.eval()
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast():
+                logits_old = model_old(images)[0]
+            probs = torch.softmax(logits_old.float(), dim=1)
+            background = labels == BACKGROUND
+            predicted = probs.argmax(dim=1)[background]
+            bins = (self._bin_values(probs)[background] * self.nb_bins).long().clamp(0, self.nb_bins - 1)
+            hist += torch.bincount(predicted * self.nb_bins + bins, minlength=hist.numel())
+        model_old.train(was_training)
+        # Fix (reference: per-rank histograms): every rank sees its shard, so sum them.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(hist)
+        return hist.view(self.n_old, self.nb_bins)
+
+    def thresholds_from_histograms(self, hist: Tensor) -> Tensor:
+        """Per-class thresholds: entropy ``max(median, --threshold)``, median mode ``min(median, --threshold)``."""
+        medians = [histogram_median(row, exact=self.exact_median) for row in hist.tolist()]
+        bound = max if self.mode == "entropy" else min
+        return torch.tensor([bound(m, self.threshold) for m in medians], dtype=torch.float32)
+
+    # ---- per batch ---------------------------------------------------------------------------------------------
+    def prepare(self, batch: Batch) -> None:
+        labels = batch.labels.clone()
+        background = labels < self.n_old  # old classes were masked to 0; 255 is never below n_old
+        probs = torch.softmax(batch.logits_old.float(), dim=1)  # (B, C_old, H, W)
+        max_probs, predicted = probs.max(dim=1)
+        weight = None
+        pseudo_mask = None
+        if self.mode == "naive":
+            labels[background] = predicted[background]
+        elif self.mode == "threshold":
+            candidate = predicted.masked_fill(max_probs < self.mode_value, IGNORE_INDEX)
+            labels[background] = candidate[background]
+        elif self.mode == "confidence":
+            labels[background] = predicted[background]
+            weight = torch.where(background, max_probs, torch.ones_like(max_probs))
+        elif self.mode == "median":
+            candidate = predicted.masked_fill(max_probs < self._thresholds(probs)[predicted], IGNORE_INDEX)
+            labels[background] = candidate[background]
+        else:  # entropy
+            valid = self.uncertainty(probs) < self._thresholds(probs)[predicted]
+            pseudo_mask = background & valid
+            labels[background & ~valid] = IGNORE_INDEX
+            labels[pseudo_mask] = predicted[pseudo_mask]
+            if self.adaptive_factor:
+                factor = pseudo_mask.float().sum(dim=(1, 2)) / (background.float().sum(dim=(1, 2)) + ADAPTIVE_EPS)
+                if self.adaptive_min_factor:
+                    factor = factor.clamp(min=self.adaptive_min_factor)
+                weight = factor[:, None, None]  # (B, 1, 1)
+        batch.original_labels = batch.labels
+        batch.labels = labels
+        batch.pseudo_mask = pseudo_mask
+        if weight is not None:
+            batch.pixel_weight = weight if batch.pixel_weight is None else batch.pixel_weight * weight
+
+    def _thresholds(self, probs: Tensor) -> Tensor:
+        if self.thresholds is None:
+            raise RuntimeError("pseudo-label thresholds missing: call Criterion.before_step(ctx) before training")
+        return self.thresholds.to(probs.device)
