@@ -1,0 +1,68 @@
+"""Segmentation metrics as the reference computes them, with the confusion matrix kept on the device."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from utils.dist import all_reduce_sum
+
+EPS = 1e-6  # the reference's denominator guard
+
+
+class ConfusionMatrix:
+    """``n x n`` matrix (rows: ground truth, columns: prediction) over the seen classes; 255 and unseen excluded."""
+
+    def __init__(self, n_classes: int, device: torch.device | str = "cpu"):
+        self.n = n_classes
+        self.mat = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=device)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Accumulate a batch of predictions (B,H,W) and labels (B,H,W) without leaving the device."""
+        keep = (target >= 0) & (target < self.n)
+        idx = target[keep].to(torch.int64) * self.n + pred[keep].to(torch.int64)
+        self.mat += torch.bincount(idx, minlength=self.n * self.n)
+
+    def reduce(self) -> "ConfusionMatrix":
+        """Sum over ranks once, at the end of an evaluation."""
+        all_reduce_sum(self.mat)
+        return self
+
+    def matrix(self) -> np.ndarray:
+        return self.mat.view(self.n, self.n).cpu().numpy().astype(np.float64)
+
+    def results(self) -> dict:
+        return metrics_from_matrix(self.matrix())
+
+
+def metrics_from_matrix(hist: np.ndarray) -> dict:
+    """Overall/mean accuracy, per-class IoU and accuracy and mean IoU over classes present in the ground truth."""
+    diag = np.diag(hist)
+    gt_sum = hist.sum(axis=1)
+    pred_sum = hist.sum(axis=0)
+    present = gt_sum > 0
+    acc_cls = diag / (gt_sum + EPS)
+    iou = diag / (gt_sum + pred_sum - diag + EPS)
+    total = hist.sum()
+    freq = gt_sum / max(total, 1)
+    return {
+        "Total samples": float(total),
+        "Overall Acc": float(diag.sum() / max(total, 1)),
+        "Mean Acc": float(acc_cls[present].mean()) if present.any() else 0.0,
+        "FreqW Acc": float((freq[present] * iou[present]).sum()),
+        "Mean IoU": float(iou[present].mean()) if present.any() else 0.0,
+        "Class IoU": {i: (float(iou[i]) if present[i] else "X") for i in range(len(diag))},
+        "Class Acc": {i: (float(acc_cls[i]) if present[i] else "X") for i in range(len(diag))},
+        "Confusion Matrix": hist,
+    }
+
+
+def old_new_all(class_iou: dict, n_base: int, n_seen: int) -> dict:
+    """Mean IoU of the step-0 classes (background included), of the classes added later, and of all seen classes.
+
+    Classes absent from the test ground truth ("X") are left out of every denominator.
+    """
+    def mean(ids):
+        vals = [class_iou[i] for i in ids if i in class_iou and class_iou[i] != "X"]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    return {"old": mean(range(n_base)), "new": mean(range(n_base, n_seen)), "all": mean(range(n_seen))}

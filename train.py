@@ -1,0 +1,160 @@
+"""The training engine: one epoch of training, one evaluation pass. It knows tensors and loss dicts only.
+
+Loss terms come from ``methods`` through a ``Criterion``; this file never sees a method or dataset name.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from methods.base import Batch
+from metrics.stream_metrics import ConfusionMatrix
+from utils.dist import all_reduce_sum
+from utils.logger import progress
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or infinite; the message names the step, iteration and every loss term."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast settings shared by training, evaluation and the old model's forward."""
+    device_type: str
+    dtype: torch.dtype | None  # None = fp32
+    channels_last: bool = False
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def images(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        images = images.to(device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+
+@dataclass
+class EpochSetup:
+    """What one training epoch needs besides the model and the data."""
+    criterion: Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    n_old: int
+    n_new: int
+    grad_accum: int = 1
+    log_interval: int = 10
+    show_progress: bool = False
+
+
+def forward_old(model_old, images: torch.Tensor, needs_features: bool, precision: Precision):
+    """Old model output in no-grad and in the training precision; (None, None) at step 0."""
+    if model_old is None:
+        return None, None
+    with torch.no_grad(), precision.autocast():
+        logits, extras = model_old(images, ret_intermediate=needs_features)
+    return logits, extras
+
+
+def _compute_losses(model, model_old, images, labels, setup: EpochSetup) -> dict[str, torch.Tensor]:
+    criterion = setup.criterion
+    logits_old, extras_old = forward_old(model_old, images, criterion.needs_features, setup.precision)
+    with setup.precision.autocast():
+        logits, extras = model(images, ret_intermediate=criterion.needs_features)
+        batch = Batch(images=images, labels=labels, logits=logits, extras=extras, logits_old=logits_old,
+                      extras_old=extras_old, n_old=setup.n_old, n_new=setup.n_new, original_labels=labels)
+        return criterion(batch)
+
+
+def _check_finite(sums: dict[str, torch.Tensor], last: dict[str, torch.Tensor], step: int, iteration: int) -> None:
+    values = {k: float(v) for k, v in sums.items()}
+    if all(math.isfinite(v) for v in values.values()):
+        return
+    terms = ", ".join(f"{k}={float(v):.6g}" for k, v in last.items())
+    raise NonFiniteLoss(f"non-finite loss at step {step}, iteration {iteration}: {terms}; the last good checkpoint "
+                        "is kept; lower --lr, check the data, or use --amp off")
+
+
+def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, epoch: int, board=None,
+                    device: torch.device) -> dict[str, float]:
+    """Train for one epoch; returns the mean of every loss term over the epoch (all ranks)."""
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    last: dict[str, torch.Tensor] = {}
+    n_iter = len(loader)
+    setup.optimizer.zero_grad(set_to_none=True)
+    for it, (images, labels) in enumerate(progress(loader, enabled=setup.show_progress, desc=f"step {step} "
+                                                    f"epoch {epoch}", total=n_iter)):
+        images = setup.precision.images(images, device)
+        labels = labels.to(device, non_blocking=True)
+        boundary = (it + 1) % setup.grad_accum == 0 or it + 1 == n_iter
+        sync = model.no_sync() if (not boundary and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with sync:
+            losses = _compute_losses(model, model_old, images, labels, setup)
+            total = sum(losses.values())
+            setup.scaler.scale(total / setup.grad_accum).backward()
+        if boundary:
+            scale = setup.scaler.get_scale() if setup.scaler.is_enabled() else 1.0
+            extra = setup.criterion.after_backward(getattr(model, "module", model), grad_scale=scale)
+            if extra:  # reference order: statistics from the task-loss gradients, then the penalty's own backward
+                setup.scaler.scale(sum(extra.values())).backward()
+                losses = {**losses, **extra}
+            setup.scaler.step(setup.optimizer)
+            setup.scaler.update()
+            setup.optimizer.zero_grad(set_to_none=True)
+            setup.scheduler.step()
+        last = {k: v.detach() for k, v in losses.items()}
+        for k, v in last.items():
+            sums[k] = sums.get(k, torch.zeros((), device=device)) + v.float()
+        if (it + 1) % setup.log_interval == 0 or it + 1 == n_iter:
+            _check_finite(sums, last, step, it)
+            _log_iteration(board, last, setup, step, epoch, it, n_iter)
+    return _epoch_means(sums, n_iter, device)
+
+
+def _log_iteration(board, last, setup: EpochSetup, step, epoch, it, n_iter) -> None:
+    text = " ".join(f"{k}={float(v):.4f}" for k, v in last.items())
+    lr = setup.optimizer.param_groups[0]["lr"]
+    log.info("step %d epoch %d iter %d/%d lr %.6f %s", step, epoch, it + 1, n_iter, lr, text)
+    if board is not None:
+        x = epoch * n_iter + it
+        board.scalar(f"Loss/{step}", float(sum(last.values())), x)
+        for k, v in last.items():
+            board.scalar(f"{k}/{step}", float(v), x)
+
+
+def _epoch_means(sums: dict[str, torch.Tensor], n_iter: int, device) -> dict[str, float]:
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    packed = torch.stack([sums[k] for k in keys]).to(torch.float64)
+    count = torch.tensor([float(n_iter)], dtype=torch.float64, device=packed.device)
+    packed = all_reduce_sum(torch.cat([packed, count]))
+    return {k: float(packed[i] / packed[-1]) for i, k in enumerate(keys)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, *, n_classes: int, device: torch.device, precision: Precision,
+             show_progress: bool = False, sample_hook: Callable | None = None) -> ConfusionMatrix:
+    """Confusion matrix over ``loader``, accumulated on the device and reduced across ranks once."""
+    model.eval()
+    cm = ConfusionMatrix(n_classes, device)
+    for i, (images, labels) in enumerate(progress(loader, enabled=show_progress, desc="eval", total=len(loader))):
+        images = precision.images(images, device)
+        labels = labels.to(device, non_blocking=True)
+        with precision.autocast():
+            logits, _ = model(images)
+        pred = logits.argmax(dim=1)
+        cm.update(pred, labels)
+        if sample_hook is not None:
+            sample_hook(i, images, labels, pred)
+    return cm.reduce()

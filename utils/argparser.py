@@ -1,0 +1,137 @@
+"""Command line: every reference (PLOP/AWT/MiB) flag name, plus the framework's own options.
+
+Core groups live here; loss terms and AWT declare their own flags (``methods.add_method_args``,
+``methods.awt.add_awt_args``) so that a method's flags sit next to its code.
+"""
+from __future__ import annotations
+
+import argparse
+
+IGNORED = "(ignored: dead flag in the reference code, accepted so published command lines run) "
+
+
+def _str2bool_flag(parser, name: str, help_text: str, **kw) -> None:
+    parser.add_argument(name, action="store_true", default=False, help=help_text, **kw)
+
+
+def _add_performance(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("performance and distributed")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=0,
+                   help="accepted for torch.distributed.launch compatibility; the rank comes from torchrun's LOCAL_RANK")
+    g.add_argument("--random_seed", type=int, default=42, help="seed for torch, numpy, random and data-loader workers")
+    g.add_argument("--num_workers", type=int, default=2, help="data-loader worker processes per GPU (reference: 16)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (auto: cuda if available)")
+    g.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
+                   help="mixed precision via torch.amp (default: from --opt_level; off on CPU unless given)")
+    g.add_argument("--opt_level", default="O0", choices=["O0", "O1", "O2"],
+                   help="apex level of the reference, mapped onto --amp: O0 = off, O1/O2 = fp16 autocast")
+    g.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convolutions on GPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slower start, faster steps)")
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact reruns, slower)")
+
+
+def _add_dataset(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("dataset")
+    g.add_argument("--data_root", default="data", help="dataset root (VOC: the PascalVOC12 folder)")
+    g.add_argument("--dataset", default="voc", help="voc, ade or cityscapes")
+    g.add_argument("--num_classes", type=int, default=None, help="(ignored: always taken from the dataset)")
+    g.add_argument("--dont_predict_bg", action="store_true", help=IGNORED)
+    g.add_argument("--cache_root", default="data", help="folder of the index caches data/{dataset}/{task}[-ov]/*.npy")
+
+
+def _add_training(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--strict_weights", action="store_false", default=True,
+                   help="pass to load the previous step / --ckpt non-strictly")
+    g.add_argument("--base_weights", action="store_true", help="build only the step-0 classifier")
+    g.add_argument("--epochs", type=int, default=30, help="epochs per step")
+    g.add_argument("--fix_bn", action="store_true", help="freeze batch-norm statistics and affine parameters")
+    g.add_argument("--batch_size", type=int, default=4, help="batch size per process")
+    g.add_argument("--grad_accum", type=int, default=1,
+                   help="gradient accumulation: effective batch = batch_size x processes x grad_accum")
+    g.add_argument("--crop_size", type=int, default=512, help="training crop (and evaluation crop with --crop_val)")
+    g.add_argument("--buffer_size", type=int, default=0, help=IGNORED + "(no exemplar memory in AWT)")
+    g.add_argument("--lr", type=float, nargs="+", default=[0.007], help="learning rate, one per --step or one for all")
+    g.add_argument("--lr_old", type=float, default=None, help="old classifiers get lr_old x lr")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
+    g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay")
+    g.add_argument("--lr_policy", default="poly", choices=["poly", "step"], help="poly (per iteration) or step")
+    g.add_argument("--lr_decay_step", type=int, default=5000, help="StepLR step (iterations)")
+    g.add_argument("--lr_decay_factor", type=float, default=0.1, help="StepLR factor")
+    g.add_argument("--lr_power", type=float, default=0.9, help="poly power")
+    g.add_argument("--freeze", action="store_true", help="freeze the backbone; train head and classifiers")
+    g.add_argument("--freeze_old", action="store_true", help="freeze old classifiers")
+    g.add_argument("--freeze_old_and_FE", action="store_true", help="freeze backbone and old classifiers")
+    g.add_argument("--freeze_all_but_new", action="store_true", help="train only the new classifier")
+
+
+def _add_validation(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("validation")
+    g.add_argument("--test_on_val", action="store_true", help="train on 80%% of train, test on 20%% of val (reference)")
+    g.add_argument("--val_on_trainset", action="store_true", help="test set built from the train split")
+    g.add_argument("--cross_val", action="store_true", help="validate on a random 20%% of the training set")
+    g.add_argument("--crop_val", action="store_false", default=True,
+                   help="pass to evaluate on full images (batch 1) instead of a centre crop of --crop_size")
+
+
+def _add_logging(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("logging")
+    g.add_argument("--logdir", default="./logs", help="TensorBoard folder: {logdir}/{task}-{dataset}/{name}/")
+    g.add_argument("--name", default="Experiment", help="experiment name (checkpoint, CSV and log names)")
+    g.add_argument("--sample_num", type=int, default=0, help="validation samples logged as images")
+    g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    g.add_argument("--visualize", action="store_false", default=True, help="pass to disable TensorBoard")
+    g.add_argument("--print_interval", type=int, default=10, help="iterations between log lines")
+    g.add_argument("--val_interval", type=int, default=1, help="epochs between validations")
+    g.add_argument("--ckpt_interval", type=int, default=1, help="epochs between resumable checkpoints inside a step")
+    g.add_argument("--results_dir", default="results", help="folder of the results CSVs")
+    g.add_argument("--date", default="", help="CSV name prefix (default: today's date)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--backbone", default="resnet101", choices=["resnet18", "resnet50", "resnet101"], help="backbone")
+    g.add_argument("--output_stride", type=int, default=16, choices=[8, 16], help="output stride")
+    g.add_argument("--no_pretrained", action="store_true", help="do not load ImageNet weights from pretrained/")
+    g.add_argument("--norm_act", default="iabn_sync", choices=["iabn_sync", "iabn", "abn", "std"],
+                   help="normalisation + activation")
+    g.add_argument("--fusion-mode", dest="fusion_mode", default="mean", help=IGNORED)
+    g.add_argument("--pooling", type=int, default=32, help="ASPP image-pooling window in evaluation")
+    g.add_argument("--code_directory", default=".", help="root of pretrained/")
+
+
+def _add_checkpoint(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("test and checkpoint")
+    g.add_argument("--test", action="store_true", help="skip training, test the step's checkpoint")
+    g.add_argument("--ckpt", default=None, help="checkpoint of the current step to resume from")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted step from its last in-step checkpoint (also automatic)")
+    g.add_argument("--no_auto_resume", action="store_true", help="ignore in-step checkpoints and start the step over")
+    g.add_argument("--overwrite", action="store_true", help="retrain a step whose final checkpoint already exists")
+    g.add_argument("--step_ckpt", default=None, help="explicit previous-step checkpoint (first step of the call)")
+    g.add_argument("--checkpoint", default="./checkpoints/step", help="checkpoint folder")
+
+
+def _add_protocol(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("incremental protocol")
+    g.add_argument("--task", default="19-1", help="class split, e.g. 15-1, 100-50, 14-1")
+    g.add_argument("--step", type=int, nargs="+", default=[0], help="step(s) to run, in order")
+    g.add_argument("--no_mask", action="store_true", help="keep old-class labels (unsupported: rejected)")
+    g.add_argument("--data_masking", default="current", choices=["current", "current+old", "all", "new"],
+                   help="training label masking")
+    g.add_argument("--overlap", action="store_true", help="overlapped protocol (default: disjoint)")
+
+
+def get_argparser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The full parser: core groups, every loss term's flags and the AWT flags."""
+    from methods import add_method_args
+    from methods.awt import add_awt_args
+
+    parser = argparse.ArgumentParser(add_help=add_help, description="Class-incremental semantic segmentation")
+    for add in (_add_performance, _add_dataset, _add_training, _add_validation, _add_logging, _add_model,
+                _add_checkpoint, _add_protocol):
+        add(parser)
+    add_method_args(parser)
+    add_awt_args(parser)
+    return parser

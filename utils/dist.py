@@ -1,0 +1,64 @@
+"""Distributed helpers for torchrun (env://); everything degrades to a single process without a launcher."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+# A rank that dies leaves the others waiting in a collective; this bounds the wait so they stop with a message.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("CISS_DIST_TIMEOUT_MIN", "30")))
+
+
+def init_distributed(device_type: str) -> tuple[int, int]:
+    """Initialise the process group when launched by torchrun; returns (rank, world_size)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1 or dist.is_initialized():
+        return get_rank(), get_world_size()
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend, init_method="env://", timeout=DEFAULT_TIMEOUT)
+    return get_rank(), get_world_size()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (no-op in one process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from ``src`` to every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

@@ -1,0 +1,66 @@
+"""Parameter groups (with the reference's freezing options), SGD and the learning-rate schedule."""
+from __future__ import annotations
+
+import torch
+
+from utils.errors import UserError
+
+FREEZE_FLAGS = ("freeze", "freeze_old", "freeze_old_and_FE", "freeze_all_but_new")
+
+
+def _freeze(params) -> None:
+    for p in params:
+        p.requires_grad_(False)
+
+
+def apply_freezing(model, cfg, step: int) -> None:
+    """Set ``requires_grad`` for the reference's freezing options (old classifiers exist only at step > 0)."""
+    chosen = [f for f in FREEZE_FLAGS if getattr(cfg, f)]
+    if len(chosen) > 1:
+        raise UserError(f"choose at most one of --{', --'.join(chosen)}")
+    old_cls = [p for m in model.cls[:-1] for p in m.parameters()] if step > 0 else []
+    if cfg.freeze:
+        _freeze(model.body.parameters())
+    elif cfg.freeze_old:
+        _freeze(old_cls)
+    elif cfg.freeze_old_and_FE:
+        _freeze(model.body.parameters())
+        _freeze(old_cls)
+    elif cfg.freeze_all_but_new:
+        _freeze(model.body.parameters())
+        _freeze(model.head.parameters())
+        _freeze(old_cls)
+    if cfg.fix_bn:
+        model.fix_bn()
+
+
+def build_param_groups(model, cfg, lr: float, step: int) -> list[dict]:
+    """Body, head and classifier groups with weight decay; ``--lr_old`` gives old classifiers ``lr_old * lr``."""
+    def trainable(params):
+        return [p for p in params if p.requires_grad]
+
+    wd = cfg.weight_decay
+    groups = [{"params": trainable(model.body.parameters()), "weight_decay": wd, "lr": lr},
+              {"params": trainable(model.head.parameters()), "weight_decay": wd, "lr": lr}]
+    if cfg.lr_old is not None and step > 0:
+        groups.append({"params": trainable(p for m in model.cls[:-1] for p in m.parameters()),
+                       "weight_decay": wd, "lr": cfg.lr_old * lr})
+        groups.append({"params": trainable(model.cls[-1].parameters()), "weight_decay": wd, "lr": lr})
+    else:
+        groups.append({"params": trainable(model.cls.parameters()), "weight_decay": wd, "lr": lr})
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise UserError("every parameter is frozen: nothing to train (check the --freeze* flags)")
+    return groups
+
+
+def build_optimizer(groups: list[dict], cfg, lr: float) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum, as every reference training used."""
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
+
+
+def build_scheduler(optimizer, cfg, max_iters: int):
+    """Poly (``(1 - it/max_iters)^power``, stepped per iteration) or StepLR."""
+    if cfg.lr_policy == "poly":
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max(max_iters, 1), power=cfg.lr_power)
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_decay_step, gamma=cfg.lr_decay_factor)
