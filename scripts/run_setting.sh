@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Run every step of one class-incremental setting with the published hyper-parameters, then print its table.
+#
+#   bash scripts/run_setting.sh DATASET TASK METHOD_NAME [extra run.py flags...]
+#
+#   DATASET      voc | ade | cityscapes
+#   TASK         a task of dataset/tasks.py (15-1, 15-1a, 100-50, 50, 14-1, ...)
+#   METHOD_NAME  FT LWF LWF-MC ILT EWC RW PI MiB PLOP, or MiB_AWT / PLOP_AWT (= the method + --att $ATT --mask_att)
+#
+# One run.py call per step (step 0 included). A step whose final checkpoint
+# {CHECKPOINT_DIR}/{TASK}-{DATASET}_{NAME}_{step}.pth exists is skipped (REDO=1 runs it again), so re-running an
+# interrupted setting continues where it stopped; run.py itself resumes inside an interrupted step.
+# Environment variables (defaults in brackets) are documented in scripts/README.md:
+#   DATA_ROOT [data]  NB_GPU [1]  BATCH_SIZE [24/(NB_GPU*GRAD_ACCUM)]  GRAD_ACCUM [1]  LR0 [0.02]  LR [0.001]
+#   EPOCHS [30; ADE 60]  CROP [512]  BACKBONE [resnet101]  OVERLAP [1] / DISJOINT [0]  ATT [25]  AMP_LEVEL [O1]
+#   NAME [METHOD_NAME, +_disjoint]  CHECKPOINT_DIR [checkpoints/step]  RESULTS_DIR [results]  DATE [see README]
+#   NUM_WORKERS [run.py default]  STEP0_FROM [unset]  REDO [0]  DRY_RUN [0]  EXTRA [""]  PYTHON [python]
+#   LAUNCHER [$PYTHON -m torch.distributed.run --standalone --nproc_per_node=$NB_GPU]
+set -euo pipefail
+
+die() { echo "run_setting.sh: error: $*" >&2; exit 2; }
+
+if [[ $# -lt 3 ]]; then
+    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+fi
+DATASET=$1; TASK=$2; METHOD_NAME=$3; shift 3
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CALLER_DIR=$(pwd)
+# Paths given relative to where the script was called from keep meaning that after the cd to the repository root.
+abspath() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$CALLER_DIR/$1" ;; esac; }
+
+PYTHON=${PYTHON:-python}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+NB_GPU=${NB_GPU:-1}
+GRAD_ACCUM=${GRAD_ACCUM:-1}
+[[ $NB_GPU =~ ^[1-9][0-9]*$ ]] || die "NB_GPU must be a positive integer, got '$NB_GPU'"
+[[ $GRAD_ACCUM =~ ^[1-9][0-9]*$ ]] || die "GRAD_ACCUM must be a positive integer, got '$GRAD_ACCUM'"
+EFFECTIVE_BATCH=24   # published: 2 GPUs x 12
+if [[ -z ${BATCH_SIZE:-} ]]; then
+    (( EFFECTIVE_BATCH % (NB_GPU * GRAD_ACCUM) == 0 )) || \
+        die "24 is not divisible by NB_GPU*GRAD_ACCUM=$((NB_GPU * GRAD_ACCUM)); set BATCH_SIZE (per process) explicitly"
+    BATCH_SIZE=$(( EFFECTIVE_BATCH / (NB_GPU * GRAD_ACCUM) ))
+fi
+if (( BATCH_SIZE * NB_GPU * GRAD_ACCUM != EFFECTIVE_BATCH )); then
+    echo "run_setting.sh: warning: effective batch $((BATCH_SIZE * NB_GPU * GRAD_ACCUM)) (BATCH_SIZE x NB_GPU x GRAD_ACCUM)" \
+         "differs from the published 24; the published learning rates assume 24" >&2
+fi
+
+case $DATASET in
+    voc|cityscapes) DEFAULT_EPOCHS=30 ;;
+    ade) DEFAULT_EPOCHS=60 ;;
+    *) die "unknown dataset '$DATASET' (voc, ade or cityscapes)" ;;
+esac
+EPOCHS=${EPOCHS:-$DEFAULT_EPOCHS}
+CROP=${CROP:-512}
+BACKBONE=${BACKBONE:-resnet101}
+LR0=${LR0:-0.02}
+LR=${LR:-0.001}
+ATT=${ATT:-25}
+AMP_LEVEL=${AMP_LEVEL:-O1}
+
+OVERLAP=${OVERLAP:-1}
+if [[ ${DISJOINT:-0} == 1 ]]; then OVERLAP=0; fi
+PROTOCOL_FLAGS=()
+SUFFIX=""
+if [[ $OVERLAP == 1 ]]; then PROTOCOL_FLAGS=(--overlap); else SUFFIX="_disjoint"; fi
+
+case $METHOD_NAME in
+    FT|LWF|LWF-MC|ILT|EWC|RW|PI|MiB|PLOP) METHOD_FLAGS=(--method "$METHOD_NAME") ;;
+    MiB_AWT|PLOP_AWT) METHOD_FLAGS=(--method "${METHOD_NAME%_AWT}" --att "$ATT" --mask_att) ;;
+    *) die "unknown METHOD_NAME '$METHOD_NAME' (FT LWF LWF-MC ILT EWC RW PI MiB PLOP MiB_AWT PLOP_AWT)" ;;
+esac
+
+NAME=${NAME:-$METHOD_NAME$SUFFIX}
+CHECKPOINT_DIR=$(abspath "${CHECKPOINT_DIR:-checkpoints/step}")
+RESULTS_DIR=$(abspath "${RESULTS_DIR:-results}")
+DATA_ROOT=$(abspath "${DATA_ROOT:-data}")
+REDO=${REDO:-0}
+DRY_RUN=${DRY_RUN:-0}
+
+cd "$ROOT"
+
+NSTEPS=$("$PYTHON" -c 'import sys
+from dataset.tasks import canonical_task, num_steps
+from utils.errors import UserError
+try:
+    print(canonical_task(sys.argv[1], sys.argv[2]), num_steps(sys.argv[1], sys.argv[2]))
+except UserError as exc:
+    sys.exit(f"run_setting.sh: error: {exc}")' "$DATASET" "$TASK") || exit 2
+read -r TASK NSTEPS <<<"$NSTEPS"
+
+ckpt_path() { printf '%s/%s-%s_%s_%s.pth' "$CHECKPOINT_DIR" "$TASK" "$DATASET" "$NAME" "$1"; }
+
+# One CSV per reproduction: the date prefix is chosen when step 0 first runs and kept in a small file next to the
+# checkpoints, so a setting resumed on another day keeps appending to the same CSV. REDO=1 starts a new one.
+DATE_FILE="$CHECKPOINT_DIR/$TASK-${DATASET}_$NAME.date"
+if [[ -z ${DATE:-} ]]; then
+    if [[ $REDO != 1 && -s $DATE_FILE ]]; then DATE=$(<"$DATE_FILE"); else DATE=$(date +%Y-%m-%d); fi
+fi
+if [[ $DRY_RUN != 1 ]]; then mkdir -p "$CHECKPOINT_DIR"; printf '%s\n' "$DATE" >"$DATE_FILE"; fi
+
+if [[ -n ${LAUNCHER:-} ]]; then
+    read -r -a LAUNCH <<<"$LAUNCHER"
+else
+    LAUNCH=("$PYTHON" -m torch.distributed.run --standalone "--nproc_per_node=$NB_GPU")
+fi
+read -r -a EXTRA_FLAGS <<<"${EXTRA:-}"
+WORKER_FLAGS=()
+if [[ -n ${NUM_WORKERS:-} ]]; then WORKER_FLAGS=(--num_workers "$NUM_WORKERS"); fi
+
+run() {
+    if [[ $DRY_RUN == 1 ]]; then
+        printf '%q ' "$@" | sed 's/ $//'; echo
+    else
+        echo "+ $*" >&2
+        "$@"
+    fi
+}
+
+FIRST=0
+if [[ -n ${STEP0_FROM:-} ]]; then
+    # Share a finished step 0 between methods whose step 0 is plain cross-entropy (every method but EWC/RW/PI).
+    STEP0_FROM=$(abspath "$STEP0_FROM")
+    [[ -f $STEP0_FROM || $DRY_RUN == 1 ]] || die "STEP0_FROM=$STEP0_FROM does not exist"
+    case $METHOD_NAME in EWC|RW|PI) die "STEP0_FROM cannot be used with $METHOD_NAME (its step 0 stores regularizer state)" ;; esac
+    FIRST=1
+fi
+
+for (( step = FIRST; step < NSTEPS; step++ )); do
+    final=$(ckpt_path "$step")
+    if [[ $REDO != 1 && -f $final ]]; then
+        echo "run_setting.sh: step $step of $DATASET $TASK $NAME already done ($final exists; REDO=1 to run it again)" >&2
+        continue
+    fi
+    if (( step == 0 )); then lr=$LR0; else lr=$LR; fi
+    PREV_FLAGS=()
+    if (( step == 1 )) && [[ -n ${STEP0_FROM:-} ]]; then PREV_FLAGS=(--step_ckpt "$STEP0_FROM"); fi
+    run "${LAUNCH[@]}" run.py \
+        --data_root "$DATA_ROOT" --dataset "$DATASET" --task "$TASK" --step "$step" --lr "$lr" \
+        --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --grad_accum "$GRAD_ACCUM" --crop_size "$CROP" \
+        --backbone "$BACKBONE" --opt_level "$AMP_LEVEL" \
+        ${PROTOCOL_FLAGS[@]+"${PROTOCOL_FLAGS[@]}"} \
+        ${METHOD_FLAGS[@]+"${METHOD_FLAGS[@]}"} \
+        --name "$NAME" --checkpoint "$CHECKPOINT_DIR" --results_dir "$RESULTS_DIR" --date "$DATE" \
+        ${WORKER_FLAGS[@]+"${WORKER_FLAGS[@]}"} \
+        ${PREV_FLAGS[@]+"${PREV_FLAGS[@]}"} \
+        ${1+"$@"} \
+        ${EXTRA_FLAGS[@]+"${EXTRA_FLAGS[@]}"}
+done
+
+CSV="$RESULTS_DIR/${DATE}_${DATASET}_${TASK}_${NAME}.csv"
+if [[ $DRY_RUN == 1 || -f $CSV ]]; then
+    run "$PYTHON" report.py "$CSV"
+else
+    echo "run_setting.sh: no results file $CSV (nothing was run and no earlier CSV has this date); see results/" >&2
+fi
