@@ -228,7 +228,7 @@ class IncrementalSegmentation(Dataset):
         image, label = (self.transform or ToTensorNormalize())(image, label)
         if not torch.is_tensor(label):
             label = torch.from_numpy(np.asarray(label, dtype=np.int64))
-        return image, self.lut[label.long()]
+        return image, torch.take(self.lut, label.long())  # LUT remap (take: much faster than indexing)
 
     def sample_path(self, index: int) -> tuple[str, str]:
         return self.reader.samples[int(self.idxs[index])]

@@ -96,10 +96,12 @@ def _texture(kind, yy, xx, cy, cx, period, angle):
 
 # ----------------------------------------------------------------------------------------------- one image
 def render(rng: np.random.Generator, classes: list[int], num_fg: int, height: int, width: int, single: bool,
-           clutter_ids: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """``(uint8 (H, W, 3) image, uint8 (H, W) label)`` with the given foreground classes (later ones on top).
+           clutter_ids: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(uint8 (H, W, 3) image, uint8 (H, W) label, uint8 (H, W) clutter)`` with the given foreground classes
+    (later ones on top).
 
-    ``clutter_ids``: label ids given to some background blobs (Cityscapes ignored ids); 0 otherwise."""
+    ``clutter``: ids from ``clutter_ids`` given to some background blobs not covered by an object (Cityscapes
+    ignored ids), 0 elsewhere; kept apart from ``label`` because its ids live in another id space."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     side = min(height, width)
     scale = side / 96.0
@@ -108,12 +110,13 @@ def render(rng: np.random.Generator, classes: list[int], num_fg: int, height: in
     grad = 1.0 + rng.uniform(-0.15, 0.15) * (xx / width - 0.5) + rng.uniform(-0.15, 0.15) * (yy / height - 0.5)
     image = bg[None, None, :] * grad[..., None]
     label = np.zeros((height, width), dtype=np.uint8)
+    clutter = np.zeros((height, width), dtype=np.uint8)
     for _ in range(int(rng.integers(4, 10))):
         blob = _shape_mask("ellipse", yy, xx, rng.uniform(0, height), rng.uniform(0, width),
                            rng.uniform(3, 16) * scale, rng.uniform(3, 16) * scale, rng.uniform(0, np.pi))
         image[blob] = _hsv(rng.random(), rng.uniform(0.0, 0.15), rng.uniform(0.2, 0.85))
         if clutter_ids and rng.random() < 0.3:
-            label[blob] = clutter_ids[int(rng.integers(len(clutter_ids)))]
+            clutter[blob] = clutter_ids[int(rng.integers(len(clutter_ids)))]
     light = rng.uniform(0.85, 1.1)
     for cls in classes:
         look = class_look(cls, num_fg)
@@ -124,7 +127,9 @@ def render(rng: np.random.Generator, classes: list[int], num_fg: int, height: in
         cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
         mask = _shape_mask(look["shape"], yy, xx, cy, cx, ry, rx, rng.uniform(0, np.pi))
         if not mask.any():
-            continue
+            if not single:
+                continue
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= max(2.0, 0.2 * side) ** 2
         colour = _hsv(look["hue"] + rng.uniform(-0.012, 0.012), look["sat"] + rng.uniform(-0.06, 0.06),
                       (look["val"] + rng.uniform(-0.06, 0.06)) * light)
         pattern = _texture(look["texture"], yy, xx, cy, cx, look["period"] * scale * rng.uniform(0.9, 1.1),
@@ -134,8 +139,9 @@ def render(rng: np.random.Generator, classes: list[int], num_fg: int, height: in
         pixels = colour[None, :] * ((1.0 - depth * pattern[mask]) * shade[mask])[:, None]
         image[mask] = pixels
         label[mask] = cls
+        clutter[mask] = 0
     image = image + rng.normal(0.0, 0.03, size=image.shape).astype(np.float32)
-    return (image.clip(0, 1) * 255 + 0.5).astype(np.uint8), label
+    return (image.clip(0, 1) * 255 + 0.5).astype(np.uint8), label, clutter
 
 
 def boundary_ring(label: np.ndarray) -> np.ndarray:
@@ -234,16 +240,17 @@ def _write_split(tmp: str, layout: str, split: str, n_images: int, size: int, se
     for index, (classes, single) in enumerate(plan):
         rng = np.random.default_rng([seed, split_id, index])
         clutter = CITYSCAPES_IGNORED_IDS if layout == "cityscapes" else ()
-        image, label = render(rng, classes, num_fg, height, width, single, clutter_ids=clutter)
+        image, label, clutter_map = render(rng, classes, num_fg, height, width, single, clutter_ids=clutter)
         if layout == "voc":
             label[boundary_ring(label)] = 255
             lines.append(_voc_writer(tmp, split, index, image, label, palette))
         elif layout == "ade":
             _ade_writer(tmp, split, index, image, label)
         else:
-            raw = label.copy()
+            raw = np.zeros_like(label)
             for train_id, raw_id in TRAIN_TO_RAW.items():
-                raw[label == train_id] = raw_id  # train ids 1..19 never collide with the ignored raw ids used
+                raw[label == train_id] = raw_id
+            raw[clutter_map > 0] = clutter_map[clutter_map > 0]
             _cityscapes_writer(tmp, split, index, image, raw)
     if layout == "voc":
         name = "train_aug.txt" if split == "train" else "val.txt"
