@@ -20,6 +20,7 @@ from methods import register_term
 from methods.base import Batch, LossTerm, StepContext
 from utils.constants import BACKGROUND
 from utils.errors import UserError
+from utils.loss import upcast
 
 SPP_SCALES = (1, 2, 4)  # PLOP default --spp_scales
 COLLAPSES = ("local", "spatial", "global")
@@ -179,7 +180,7 @@ def pod_loss(feats_old: list[Tensor], feats_new: list[Tensor], cfg: PODConfig, *
     if len(feats_old) != len(feats_new) or not feats_old:
         raise ValueError(f"POD needs aligned non-empty map lists, got {len(feats_old)} and {len(feats_new)}")
     schedule = math.sqrt(n_classes / n_new) if cfg.schedule else 1.0
-    total = feats_new[0].new_zeros((), dtype=torch.float32)
+    total = upcast(feats_new[0]).new_zeros(())
     last = len(feats_old) - 1
     for i, (old, new) in enumerate(zip(feats_old, feats_new)):
         layer = cfg.last if i == last else cfg.inner
@@ -187,8 +188,8 @@ def pod_loss(feats_old: list[Tensor], feats_new: list[Tensor], cfg: PODConfig, *
             continue
         if old.shape[1] != new.shape[1]:
             new = collapse_logits(new, n_old, layer.extra_channels)
-        e_old = pod_embed(preprocess(old.float(), layer.prepro), layer.collapse, layer.spp_scales)
-        e_new = pod_embed(preprocess(new.float(), layer.prepro), layer.collapse, layer.spp_scales)
+        e_old = pod_embed(preprocess(upcast(old), layer.prepro), layer.collapse, layer.spp_scales)
+        e_new = pod_embed(preprocess(upcast(new), layer.prepro), layer.collapse, layer.spp_scales)
         distance = torch.linalg.vector_norm(e_old - e_new, dim=-1)  # (B,)
         factor = (labels == BACKGROUND).float().mean() if (layer.adaptive and labels is not None) else 1.0
         total = total + layer.factor * schedule * (factor * distance).mean()

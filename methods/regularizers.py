@@ -188,7 +188,7 @@ class Regularizer(LossTerm):
             state["fisher"] = dict(self.fisher)
         elif self.kind == "pi":
             state["score"] = self._pi_score()
-            state["running"] = {"delta": dict(self.delta)}
+            state["running"] = {"delta": dict(self.delta), "start": dict(self.start)}
         else:
             state["fisher"] = dict(self.fisher)
             state["score"] = self._rw_score()
@@ -202,7 +202,7 @@ class Regularizer(LossTerm):
         self.iteration = int(state.get("iteration", 0))
         running = state.get("running", {})
         for target, source in ((self.fisher, state.get("fisher", {})), (self.delta, running.get("delta", {})),
-                               (self.score, running.get("score", {}))):
+                               (self.score, running.get("score", {})), (self.start, running.get("start", {}))):
             for n, t in source.items():
                 if n in target:
                     target[n] = t.to(target[n].device, target[n].dtype)

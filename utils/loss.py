@@ -16,9 +16,14 @@ from utils.constants import IGNORE_INDEX
 ENTROPY_EPS = 1e-8  # inside log(p + eps) in PLOP's entropy
 
 
+def upcast(x: Tensor) -> Tensor:
+    """Half / bfloat16 (autocast) -> float32; float32 and float64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Per-pixel ``-log p_y``; ignored pixels give 0.  logits (B,C,H,W), labels (B,H,W) -> (B,H,W)."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
+    return F.cross_entropy(upcast(logits), labels, ignore_index=ignore_index, reduction="none")
 
 
 def unbiased_cross_entropy(logits: Tensor, labels: Tensor, n_old: int, mask: Tensor | None = None,
@@ -33,7 +38,7 @@ def unbiased_cross_entropy(logits: Tensor, labels: Tensor, n_old: int, mask: Ten
     Returns:
         (B, H, W) per-pixel loss, 0 on ignored pixels.
     """
-    x = logits.float()
+    x = upcast(logits)
     log_den = torch.logsumexp(x, dim=1)  # (B,H,W)
     log_p = torch.empty_like(x)
     log_p[:, 0] = torch.logsumexp(x[:, :n_old], dim=1) - log_den  # log(p_bg + sum_old p_c)
@@ -45,18 +50,20 @@ def unbiased_cross_entropy(logits: Tensor, labels: Tensor, n_old: int, mask: Ten
     return F.nll_loss(log_p, y, ignore_index=ignore_index, reduction="none")
 
 
-def _one_hot_ignore(labels: Tensor, n_classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+def _one_hot_ignore(labels: Tensor, n_classes: int, ignore_index: int,
+                    dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """(B,H,W) labels -> ((B,C,H,W) float one-hot with all-zero rows at ignored pixels, (B,H,W) bool valid)."""
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.full_like(labels, n_classes))  # dummy extra class for ignored pixels
     onehot = F.one_hot(safe, n_classes + 1)[..., :n_classes]  # (B,H,W,C)
-    return onehot.permute(0, 3, 1, 2).float(), valid
+    return onehot.permute(0, 3, 1, 2).to(dtype), valid
 
 
 def bce_with_ignore(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """One-hot binary CE with logits summed over classes; 0 on ignored pixels.  (B,C,H,W),(B,H,W) -> (B,H,W)."""
-    target, valid = _one_hot_ignore(labels, logits.shape[1], ignore_index)
-    loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").sum(dim=1)
+    x = upcast(logits)
+    target, valid = _one_hot_ignore(labels, x.shape[1], ignore_index, x.dtype)
+    loss = F.binary_cross_entropy_with_logits(x, target, reduction="none").sum(dim=1)
     return loss * valid
 
 
@@ -66,7 +73,7 @@ def icarl_distillation(logits: Tensor, logits_old: Tensor) -> Tensor:
     The caller multiplies by ``n_old`` (a sum over classes instead of a mean) and ``--icarl_importance``.
     """
     n_old = logits_old.shape[1]
-    return F.binary_cross_entropy_with_logits(logits[:, :n_old].float(), torch.sigmoid(logits_old.float()))
+    return F.binary_cross_entropy_with_logits(upcast(logits[:, :n_old]), torch.sigmoid(upcast(logits_old)))
 
 
 def icarl_disjoint(logits: Tensor, labels: Tensor, logits_old: Tensor, bkg: bool = False,
@@ -76,11 +83,12 @@ def icarl_disjoint(logits: Tensor, labels: Tensor, logits_old: Tensor, bkg: bool
     With ``bkg`` the background target stays one-hot. Not masked for ignored pixels (old-class targets exist there
     too), as in the reference.  Returns (B, H, W), summed over classes.
     """
-    target, _ = _one_hot_ignore(labels, logits.shape[1], ignore_index)
+    x = upcast(logits)
+    target, _ = _one_hot_ignore(labels, x.shape[1], ignore_index, x.dtype)
     n_old = logits_old.shape[1]
     first = 1 if bkg else 0
-    target[:, first:n_old] = torch.sigmoid(logits_old.float()[:, first:])
-    return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").sum(dim=1)
+    target[:, first:n_old] = torch.sigmoid(upcast(logits_old)[:, first:]).to(x.dtype)
+    return F.binary_cross_entropy_with_logits(x, target, reduction="none").sum(dim=1)
 
 
 def focal_loss(logits: Tensor, labels: Tensor, alpha: float = 1.0, gamma: float = 2.0,
@@ -105,8 +113,8 @@ def knowledge_distillation(logits: Tensor, logits_old: Tensor, alpha: float = 1.
     (B, H, W); not masked for ignored pixels.
     """
     n_old = logits_old.shape[1]
-    log_p = torch.log_softmax(logits[:, :n_old].float(), dim=1)
-    q = torch.softmax(alpha * logits_old.float(), dim=1)
+    log_p = torch.log_softmax(upcast(logits[:, :n_old]), dim=1)
+    q = torch.softmax(alpha * upcast(logits_old), dim=1)
     return -(q * log_p).mean(dim=1)
 
 
@@ -119,20 +127,20 @@ def unbiased_knowledge_distillation(logits: Tensor, logits_old: Tensor, alpha: f
     Returns:
         (B, H, W) per-pixel loss ``-(q_0 log p_bg+new + sum_{c=1}^{C_old-1} q_c log p_c) / C_old``.
     """
-    x = logits.float()
+    x = upcast(logits)
     n_old = logits_old.shape[1]
     log_den = torch.logsumexp(x, dim=1, keepdim=True)  # (B,1,H,W)
     bg_and_new = torch.cat([x[:, :1], x[:, n_old:]], dim=1)
     log_p_bg = torch.logsumexp(bg_and_new, dim=1, keepdim=True) - log_den
     log_p_old = x[:, 1:n_old] - log_den
     log_p = torch.cat([log_p_bg, log_p_old], dim=1)  # (B,C_old,H,W)
-    q = torch.softmax(alpha * logits_old.float(), dim=1)
+    q = torch.softmax(alpha * upcast(logits_old), dim=1)
     return -(q * log_p).sum(dim=1) / n_old
 
 
 def feature_distillation(features: Tensor, features_old: Tensor) -> Tensor:
     """ILT: mean squared error over all elements (scalar)."""
-    return F.mse_loss(features.float(), features_old.float())
+    return F.mse_loss(upcast(features), upcast(features_old))
 
 
 def plop_entropy(probs: Tensor) -> Tensor:
