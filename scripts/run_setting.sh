@@ -82,11 +82,15 @@ DRY_RUN=${DRY_RUN:-0}
 
 cd "$ROOT"
 
-NSTEPS=$("$PYTHON" -c 'import sys
-from dataset.tasks import canonical_task, num_steps
+# dataset/tasks.py is loaded on its own (not through the dataset package, which imports torch): fast dry runs.
+NSTEPS=$("$PYTHON" -c 'import importlib.util, sys
+sys.path.insert(0, ".")
+spec = importlib.util.spec_from_file_location("_ciss_tasks", "dataset/tasks.py")
+tasks = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tasks)
 from utils.errors import UserError
 try:
-    print(canonical_task(sys.argv[1], sys.argv[2]), num_steps(sys.argv[1], sys.argv[2]))
+    print(tasks.canonical_task(sys.argv[1], sys.argv[2]), tasks.num_steps(sys.argv[1], sys.argv[2]))
 except UserError as exc:
     sys.exit(f"run_setting.sh: error: {exc}")' "$DATASET" "$TASK") || exit 2
 read -r TASK NSTEPS <<<"$NSTEPS"
@@ -128,11 +132,20 @@ if [[ -n ${STEP0_FROM:-} ]]; then
     FIRST=1
 fi
 
+CSV="$RESULTS_DIR/${DATE}_${DATASET}_${TASK}_${NAME}.csv"
 for (( step = FIRST; step < NSTEPS; step++ )); do
     final=$(ckpt_path "$step")
-    if [[ $REDO != 1 && -f $final ]]; then
-        echo "run_setting.sh: step $step of $DATASET $TASK $NAME already done ($final exists; REDO=1 to run it again)" >&2
-        continue
+    STATE_FLAGS=()
+    if [[ $REDO == 1 ]]; then
+        STATE_FLAGS=(--overwrite --no_auto_resume)  # retrain from scratch even if the step was done or started
+    elif [[ -f $final ]]; then
+        if [[ -f $CSV ]] && grep -q "^$step," "$CSV"; then
+            echo "run_setting.sh: step $step of $DATASET $TASK $NAME already done ($final exists; REDO=1 to run it again)" >&2
+            continue
+        fi
+        # Trained but never tested (interrupted after the checkpoint was written): only test it.
+        echo "run_setting.sh: step $step has a checkpoint but no row in $CSV: testing it" >&2
+        STATE_FLAGS=(--test)
     fi
     if (( step == 0 )); then lr=$LR0; else lr=$LR; fi
     PREV_FLAGS=()
@@ -146,11 +159,11 @@ for (( step = FIRST; step < NSTEPS; step++ )); do
         --name "$NAME" --checkpoint "$CHECKPOINT_DIR" --results_dir "$RESULTS_DIR" --date "$DATE" \
         ${WORKER_FLAGS[@]+"${WORKER_FLAGS[@]}"} \
         ${PREV_FLAGS[@]+"${PREV_FLAGS[@]}"} \
+        ${STATE_FLAGS[@]+"${STATE_FLAGS[@]}"} \
         ${1+"$@"} \
         ${EXTRA_FLAGS[@]+"${EXTRA_FLAGS[@]}"}
 done
 
-CSV="$RESULTS_DIR/${DATE}_${DATASET}_${TASK}_${NAME}.csv"
 if [[ $DRY_RUN == 1 || -f $CSV ]]; then
     run "$PYTHON" report.py "$CSV"
 else

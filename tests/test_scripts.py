@@ -1,0 +1,250 @@
+"""The reproduction scripts: syntax, generated wrappers in sync, every run.py command line parses, skip / redo."""
+from __future__ import annotations
+
+import glob
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+RUNNER = os.path.join(ROOT, "scripts", "run_setting.sh")
+WRAPPERS = sorted(glob.glob(os.path.join(ROOT, "scripts", d, "*.sh")) for d in ("voc", "ade", "cityscapes"))
+WRAPPERS = [w for group in WRAPPERS for w in group]
+SETTING_WRAPPERS = [w for w in WRAPPERS if not w.endswith("-orders.sh")]
+
+
+def _env(tmp_path, **extra):
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "DATA_ROOT", "NB_GPU", "EXTRA", "EPOCHS", "CROP", "BACKBONE", "NAME", "CHECKPOINT_DIR", "REDO", "LAUNCHER",
+        "BATCH_SIZE", "GRAD_ACCUM", "OVERLAP", "DISJOINT", "DATE", "RESULTS_DIR", "STEP0_FROM", "ATT", "LR", "LR0",
+        "AMP_LEVEL", "NUM_WORKERS")}
+    env.update(PYTHON=sys.executable, DRY_RUN="1", CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+               RESULTS_DIR=str(tmp_path / "results"), DATE="d")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _dry(cmd: list[str], env) -> tuple[list[list[str]], list[str], str]:
+    """Run a script with DRY_RUN=1: (run.py argument lists, report command, stderr)."""
+    proc = subprocess.run(["bash", *cmd], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    runs, report = [], []
+    for line in proc.stdout.splitlines():
+        toks = shlex.split(line)
+        if "run.py" in toks:
+            runs.append(toks[toks.index("run.py") + 1:])
+        elif any(t.endswith("report.py") for t in toks):
+            report = toks
+    return runs, report, proc.stderr
+
+
+def _flag(args: list[str], name: str):
+    """Value of the last occurrence of ``name`` (argparse semantics), or True for a bare flag, None if absent."""
+    value = None
+    for i, tok in enumerate(args):
+        if tok == name:
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            value = nxt if nxt is not None and not nxt.startswith("--") else True
+    return value
+
+
+def test_every_script_passes_bash_n():
+    scripts = [RUNNER] + WRAPPERS
+    assert len(WRAPPERS) > 100
+    for path in scripts:
+        proc = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{path}: {proc.stderr}"
+
+
+def test_wrappers_match_their_generator():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import generate_wrappers
+    finally:
+        sys.path.pop(0)
+    expected = generate_wrappers.all_wrappers()
+    assert generate_wrappers.main(["--check"]) == 0
+    on_disk = {os.path.relpath(w, os.path.join(ROOT, "scripts")) for w in WRAPPERS}
+    assert on_disk == set(expected), "wrappers on disk that the generator does not write (or missing)"
+    for path in WRAPPERS:
+        assert os.access(path, os.X_OK), f"{path} is not executable"
+
+
+def test_expected_settings_and_methods_exist():
+    names = {os.path.relpath(w, os.path.join(ROOT, "scripts")) for w in WRAPPERS}
+    for setting in ["19-1", "15-5", "15-1", "10-1", "5-3"] + [f"15-1{o}" for o in "abcdefghij"]:
+        for method in ["ft", "mib", "mib_awt", "plop", "plop_awt"]:
+            assert f"voc/{method}_{setting}.sh" in names
+    for setting in ["19-1", "15-5", "15-1"]:
+        for method in ["lwf", "lwf-mc", "ilt", "ewc", "rw", "pi"]:
+            assert f"voc/{method}_{setting}.sh" in names
+    for setting in ["100-50", "100-10", "100-5", "50-50"]:
+        assert f"ade/mib_awt_{setting}.sh" in names and f"ade/plop_{setting}.sh" in names
+    for setting in ["14-1", "10-1", "14-5", "18-1"]:
+        assert f"cityscapes/mib_awt_{setting}.sh" in names and f"cityscapes/ft_{setting}.sh" in names
+
+
+def test_every_wrapper_command_parses_with_the_real_parser(tmp_path):
+    parse_config = pytest.importorskip("utils.config").parse_config
+    from dataset.tasks import num_steps
+
+    env = _env(tmp_path)
+    for path in SETTING_WRAPPERS:
+        runs, report, _ = _dry([path], env)
+        body = open(path).read().split("run_setting.sh\" ")[1].split()
+        dataset, task, method_name = body[0], body[1], body[2]
+        assert [int(_flag(a, "--step")) for a in runs] == list(range(num_steps(dataset, task))), path
+        for args in runs:
+            cfg = parse_config(args)
+            step = cfg.step[0]
+            assert (cfg.dataset, cfg.task) == (dataset, task)
+            assert cfg.lr == [0.02 if step == 0 else 0.001]
+            assert cfg.epochs == (60 if dataset == "ade" else 30)
+            assert cfg.batch_size * cfg.grad_accum == 24 and cfg.crop_size == 512
+            assert cfg.backbone == "resnet101" and cfg.overlap is True and cfg.opt_level == "O1"
+            assert cfg.method == method_name.replace("_AWT", "") and cfg.name == method_name
+            if method_name.endswith("_AWT"):
+                assert cfg.att == 25 and cfg.mask_att
+                assert cfg.att_per_class == ((dataset, task) in {("ade", "100-10"), ("ade", "100-50"), ("ade", "50")})
+            else:
+                assert cfg.att == 0
+        assert report[-1] == str(tmp_path / "results" / f"d_{dataset}_{task}_{method_name}.csv")
+
+
+def test_environment_overrides(tmp_path):
+    parse_config = pytest.importorskip("utils.config").parse_config
+    env = _env(tmp_path, NB_GPU=2, GRAD_ACCUM=3, DISJOINT=1, EPOCHS=2, CROP=64, BACKBONE="resnet50", ATT=50,
+               DATA_ROOT="rel/data", EXTRA="--loss_kd 100 --num_workers 0")
+    runs, report, _ = _dry([os.path.join(ROOT, "scripts", "voc", "mib_awt_15-5.sh"), "--random_seed", "7"], env)
+    assert len(runs) == 2
+    cfg = parse_config(runs[1])
+    assert cfg.batch_size == 4 and cfg.grad_accum == 3  # 4 x 2 GPUs x 3 = 24
+    assert not cfg.overlap and cfg.name == "MiB_AWT_disjoint"
+    assert (cfg.epochs, cfg.crop_size, cfg.backbone, cfg.att) == (2, 64, "resnet50", 50)
+    assert cfg.loss_kd == 100 and cfg.random_seed == 7 and cfg.num_workers == 0
+    assert cfg.data_root == os.path.join(ROOT, "rel/data")  # relative to where the script was called (ROOT here)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "voc", "mib_15-5.sh")],
+                          env=_env(tmp_path, LAUNCHER="python"), capture_output=True, text=True, cwd=ROOT)
+    assert proc.stdout.splitlines()[0].startswith("python run.py ")
+    default = subprocess.run(["bash", os.path.join(ROOT, "scripts", "voc", "mib_15-5.sh")], env=_env(tmp_path, NB_GPU=2),
+                             capture_output=True, text=True, cwd=ROOT).stdout.splitlines()[0]
+    assert "-m torch.distributed.run --standalone --nproc_per_node=2 run.py" in default
+
+
+def test_bad_input_fails_with_one_line(tmp_path):
+    for args, extra, needle in [(["voc", "15-9", "MiB"], {}, "unknown task"),
+                                (["voc", "15-1", "MIBX"], {}, "unknown METHOD_NAME"),
+                                (["mnist", "15-1", "MiB"], {}, "unknown dataset"),
+                                (["voc", "15-1", "MiB"], {"NB_GPU": 5}, "not divisible")]:
+        proc = subprocess.run(["bash", RUNNER, *args], env=_env(tmp_path, **extra), capture_output=True, text=True)
+        assert proc.returncode == 2, args
+        assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _touch_step(tmp_path, step, name="MiB", task="15-1", csv_row=True):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir(exist_ok=True)
+    (ckpt / f"{task}-voc_{name}_{step}.pth").write_bytes(b"fake")
+    if csv_row:
+        results = tmp_path / "results"
+        results.mkdir(exist_ok=True)
+        with open(results / f"d_voc_{task}_{name}.csv", "a") as handle:
+            handle.write(f"{step}," + ",".join(["0.5"] * 21) + ",0.5\n")
+
+
+def test_finished_steps_are_skipped_and_redo_runs_them(tmp_path):
+    script = os.path.join(ROOT, "scripts", "voc", "mib_15-1.sh")
+    for step in (0, 1):
+        _touch_step(tmp_path, step)
+    runs, _, err = _dry([script], _env(tmp_path))
+    assert [_flag(a, "--step") for a in runs] == ["2", "3", "4", "5"]
+    assert "step 0 of voc 15-1 MiB already done" in err
+    assert not any(_flag(a, "--overwrite") for a in runs)
+
+    runs, _, _ = _dry([script], _env(tmp_path, REDO=1))
+    assert [_flag(a, "--step") for a in runs] == ["0", "1", "2", "3", "4", "5"]
+    assert all(_flag(a, "--overwrite") and _flag(a, "--no_auto_resume") for a in runs)
+
+
+def test_checkpoint_without_csv_row_is_only_tested(tmp_path):
+    _touch_step(tmp_path, 0)
+    _touch_step(tmp_path, 1, csv_row=False)  # interrupted between the checkpoint and the test
+    runs, _, err = _dry([os.path.join(ROOT, "scripts", "voc", "mib_15-1.sh")], _env(tmp_path))
+    assert [_flag(a, "--step") for a in runs] == ["1", "2", "3", "4", "5"]
+    assert _flag(runs[0], "--test") is True and _flag(runs[1], "--test") is None
+    assert "no row" in err
+
+
+def test_date_is_kept_across_calls(tmp_path):
+    env = _env(tmp_path)
+    del env["DATE"]
+    env["DRY_RUN"] = "0"
+    env["LAUNCHER"] = "true"  # every step "runs" instantly and writes nothing
+    script = os.path.join(ROOT, "scripts", "voc", "mib_15-5.sh")
+    subprocess.run(["bash", script], env=env, capture_output=True, text=True, check=True)
+    date_file = tmp_path / "ckpt" / "15-5-voc_MiB.date"
+    date_file.write_text("2020-01-01\n")
+    env["DRY_RUN"] = "1"
+    runs, report, _ = _dry([script], env)
+    assert _flag(runs[0], "--date") == "2020-01-01"
+    runs, _, _ = _dry([script], {**env, "REDO": "1"})
+    assert _flag(runs[0], "--date") != "2020-01-01"
+
+
+def test_step0_can_be_shared(tmp_path):
+    shared = tmp_path / "MiB_0.pth"
+    shared.write_bytes(b"fake")
+    runs, _, _ = _dry([os.path.join(ROOT, "scripts", "voc", "plop_awt_15-1.sh")], _env(tmp_path, STEP0_FROM=shared))
+    assert [_flag(a, "--step") for a in runs] == ["1", "2", "3", "4", "5"]
+    assert _flag(runs[0], "--step_ckpt") == str(shared) and _flag(runs[1], "--step_ckpt") is None
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "voc", "ewc_15-1.sh")],
+                          env=_env(tmp_path, STEP0_FROM=shared), capture_output=True, text=True)
+    assert proc.returncode == 2 and "regularizer state" in proc.stderr
+
+
+def test_orders_wrapper_runs_all_ten_orders(tmp_path):
+    runs, _, _ = _dry([os.path.join(ROOT, "scripts", "voc", "mib_awt_15-1-orders.sh")], _env(tmp_path))
+    assert sorted({_flag(a, "--task") for a in runs}) == [f"15-1{o}" for o in "abcdefghij"]
+    assert len(runs) == 60
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# End to end on the synthetic data (ResNet-18, 32 px, one epoch), through the real wrappers.
+
+def _smoke(tmp_path, script, data_root):
+    if not os.path.isfile(os.path.join(ROOT, "run.py")):
+        pytest.skip("run.py is not in the tree yet")
+    out = tmp_path / "out"
+    extra = (f"--no_pretrained --norm_act abn --num_workers 0 --no_progress --visualize "
+             f"--logdir {out}/logs --cache_root {out}/cache --channels_dir {out}/channels")
+    env = _env(out, DRY_RUN=0, LAUNCHER=sys.executable, DATA_ROOT=data_root, EPOCHS=1, CROP=32, BACKBONE="resnet18",
+               BATCH_SIZE=8, AMP_LEVEL="O0", EXTRA=extra)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", *script.split("/"))], env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| method |" in proc.stdout  # the final table
+    return out, proc
+
+
+@pytest.mark.slow
+def test_smoke_voc_mib_awt_15_5(tmp_path, synthetic_voc):
+    out, proc = _smoke(tmp_path, "voc/mib_awt_15-5.sh", synthetic_voc)
+    assert (out / "ckpt" / "15-5-voc_MiB_AWT_1.pth").is_file()
+    lines = (out / "results" / "d_voc_15-5_MiB_AWT.csv").read_text().splitlines()
+    assert [ln.split(",")[0] for ln in lines] == ["0", "1"]
+    # a second call finds every step done and only prints the table again
+    env = _env(out, DRY_RUN=0, LAUNCHER="false")
+    again = subprocess.run(["bash", os.path.join(ROOT, "scripts", "voc", "mib_awt_15-5.sh")], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already done" in again.stderr and "| voc | 15-5 | MiB+AWT |" in again.stdout
+
+
+@pytest.mark.slow
+def test_smoke_ade_mib_awt_100_50(tmp_path, synthetic_ade):
+    out, _ = _smoke(tmp_path, "ade/mib_awt_100-50.sh", synthetic_ade)
+    lines = (out / "results" / "d_ade_100-50_MiB_AWT.csv").read_text().splitlines()
+    assert [ln.split(",")[0] for ln in lines] == ["0", "1"]
