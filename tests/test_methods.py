@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import methods
 from methods import PRESETS, TERMS, Batch, StepContext, add_method_args, build_criterion, check_supported
 from utils import loss as L
 from utils.errors import UserError
