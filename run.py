@@ -55,7 +55,6 @@ def build_loaders(cfg, step: int, device: torch.device):
 
 def prepare_models(cfg, step: int, device: torch.device, first_step_of_call: bool):
     """The model of ``step`` (previous weights loaded and new classifier initialised) and the frozen old model."""
-    from methods.awt import prepare_new_classifier
     from utils.builders import build_model, load_old_model, previous_ckpt_path
     from utils.checkpoint import safe_load
 
@@ -69,6 +68,8 @@ def prepare_models(cfg, step: int, device: torch.device, first_step_of_call: boo
         raise UserError(f"previous-step model does not fit step {step}: missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}")
     model.to(device)
+    from methods.awt import prepare_new_classifier
+
     prepare_new_classifier(cfg, step, model, model_old, device)
     prev = safe_load(previous_ckpt_path(cfg, step, first_step_of_call=first_step_of_call), "previous-step checkpoint")
     trainer_state = prev.get("trainer_state") or {} if isinstance(prev, dict) else {}

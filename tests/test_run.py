@@ -1,0 +1,78 @@
+"""End-to-end runs through run.py's command line on the synthetic dataset."""
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, smoke_args
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args):
+    import run
+
+    return run.main(args)
+
+
+def _csv_rows(out, task="15-5", name="Experiment"):
+    with open(os.path.join(out, "results", f"test_voc_{task}_{name}.csv")) as handle:
+        return list(csv.reader(handle))
+
+
+@pytest.mark.parametrize("method", ["FT", "MiB"])
+def test_two_steps_write_checkpoints_csv_and_summary(synthetic_voc, tmp_path, method):
+    args = smoke_args(synthetic_voc, tmp_path, steps=(0, 1), extra=["--lr", "0.01", "0.001", "--method", method,
+                                                                       "--name", method, "--overlap"])
+    assert _run(args) == 0
+    for step in (0, 1):
+        assert os.path.isfile(tmp_path / "ckpt" / f"15-5-voc_{method}_{step}.pth")
+    rows = _csv_rows(tmp_path, name=method)
+    assert [r[0] for r in rows] == ["0", "1"]
+    assert len(rows[0]) == 1 + 21 + 1
+    assert rows[0][17:22] == ["x"] * 5  # classes 16-20 not learnt at step 0
+    assert all(c not in ("x",) for c in rows[1][1:22])
+    summary = (tmp_path / "results" / f"test_voc_15-5_{method}_summary.md").read_text()
+    assert "| 0 |" in summary and "| 1 |" in summary
+
+
+def test_step_checkpoint_holds_reference_keys(synthetic_voc, tmp_path):
+    import torch
+
+    assert _run(smoke_args(synthetic_voc, tmp_path, extra=["--lr", "0.01"])) == 0
+    ckpt = torch.load(tmp_path / "ckpt" / "15-5-voc_Experiment_0.pth", weights_only=True)
+    for key in ("epoch", "model_state", "optimizer_state", "scheduler_state", "best_score", "trainer_state"):
+        assert key in ckpt
+    assert "cls.0.weight" in ckpt["model_state"]
+
+
+def test_existing_step_is_not_overwritten(synthetic_voc, tmp_path, capsys):
+    args = smoke_args(synthetic_voc, tmp_path, extra=["--lr", "0.01"])
+    assert _run(args) == 0
+    path = tmp_path / "ckpt" / "15-5-voc_Experiment_0.pth"
+    before = path.read_bytes()
+    assert _run(args) == 2
+    assert "already trained" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_ddp(synthetic_voc, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           os.path.join(ROOT, "run.py"), *smoke_args(synthetic_voc, tmp_path, steps=(0, 1),
+                                                     extra=["--lr", "0.01", "0.001", "--method", "MiB"])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _csv_rows(tmp_path)
+    assert [r[0] for r in rows] == ["0", "1"]
