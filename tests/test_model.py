@@ -229,7 +229,7 @@ def test_abn_forward_matches_hand_computation(name, use_abs, training):
     layer.train(training)
     x = torch.randn(3, 4, 5, 6)
     rm, rv = layer.running_mean.clone(), layer.running_var.clone()
-    out = layer(x)
+    out = layer(x.clone())  # In-Place ABN (when installed) overwrites its input
     if training:
         mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
         n = x.numel() / 4
@@ -375,6 +375,7 @@ def _sync_worker(rank, world, port, x, dy, weight, result_dir):
         out.backward(dy.chunk(world)[rank])
         torch.save({"out": out.detach(), "dx": xs.grad, "dw": layer.weight.grad, "db": layer.bias.grad,
                     "rm": layer.running_mean, "rv": layer.running_var}, os.path.join(result_dir, f"{rank}.pt"))
+        dist.barrier()  # nobody tears gloo down while the peer is still communicating
     finally:
         dist.destroy_process_group()
 
@@ -386,7 +387,12 @@ def test_abn_sync_matches_full_batch(tmp_path):
     x = torch.randn(4, 3, 5, 5) * 2 + 1
     dy = torch.randn(4, 3, 5, 5)
     weight = torch.tensor([0.7, -1.2, 0.0])
-    mp.spawn(_sync_worker, args=(2, _free_port(), x, dy, weight, str(tmp_path)), nprocs=2, join=True)
+    try:
+        mp.spawn(_sync_worker, args=(2, _free_port(), x, dy, weight, str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessExitedException:
+        # gloo occasionally aborts while tearing down after the work is done; only the saved results matter here
+        if not all((tmp_path / f"{r}.pt").exists() for r in range(2)):
+            raise
     ref = ABN(3, abs_weight=True).train()
     with torch.no_grad():
         ref.weight.copy_(weight)
