@@ -167,14 +167,27 @@ def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, b
         for k, v in means.items():
             board.scalar(f"E-{k}/{step}", v, epoch)
         if (epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs:
+            samples = sample_collector(cfg, step) if cfg.sample_num > 0 and board.writer else None
             cm = evaluate(model, val_loader, n_classes=sum(model.classes), device=device,
-                          precision=setup.precision, show_progress=not cfg.no_progress)
+                          precision=setup.precision, show_progress=not cfg.no_progress, sample_hook=samples)
             score = cm.results()["Mean IoU"]
             log.info("step %d epoch %d validation mIoU %.4f", step, epoch, score)
             board.scalar(f"Val_MeanIoU/{step}", score, epoch)
+            for k, picture in enumerate(samples.panels if samples else []):
+                board.image(f"Sample_{k}/{step}", picture.transpose(2, 0, 1), epoch)
         if (epoch + 1) % cfg.ckpt_interval == 0 and epoch + 1 < cfg.epochs and is_main_process():
             save_checkpoint(partial_ckpt_path(final_path), **checkpoint_content(cfg, model, setup, epoch + 1, score))
     return score
+
+
+def sample_collector(cfg, step: int):
+    """Collects ``--sample_num`` validation panels (image | ground truth | prediction) in the dataset palette."""
+    from dataset import READERS
+    from dataset.tasks import order
+    from utils.visualize import SampleCollector, index_to_class_lut
+
+    return SampleCollector(cfg.sample_num, READERS[cfg.dataset].colorize,
+                           index_to_class_lut(order(cfg.dataset, cfg.task, step)))
 
 
 def test_step(cfg, step: int, model, test_loader, precision, device, board) -> dict:

@@ -1,0 +1,122 @@
+"""Evaluate a step checkpoint on a data split and write pictures of its predictions.
+
+    python evaluate.py --dataset voc --data_root PascalVOC12 --task 15-1 --name MiB --step 5 \
+        [--ckpt PATH] [--split val|train] [--crop_val] [--out_dir samples/ --save_samples 16]
+
+Takes the same flags as run.py (model, task, checkpoint naming). Passing ``--crop_val`` evaluates at full resolution
+(batch 1), as in the reference. Prints per-class IoU and old/new/all mean IoU; with ``--out_dir`` writes
+``metrics.json`` and PNG panels (image | ground truth | prediction, in the dataset palette).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+
+import torch
+
+from utils.errors import UserError
+
+log = logging.getLogger("evaluate")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    from utils.argparser import get_argparser
+
+    parser = argparse.ArgumentParser(parents=[get_argparser(add_help=False)], description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("evaluate")
+    g.add_argument("--split", default="val", choices=["val", "train"], help="data split to evaluate on")
+    g.add_argument("--out_dir", default=None, help="folder for metrics.json and PNG panels")
+    g.add_argument("--save_samples", type=int, default=8, help="PNG panels written to --out_dir")
+    return parser
+
+
+def save_png(array, path: str) -> None:
+    from PIL import Image
+
+    from utils.io import atomic_write
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+def format_report(res: dict, split: dict, class_names: list[str]) -> str:
+    lines = ["| class | IoU (%) |", "|---|---:|"]
+    for i, v in res["Class IoU"].items():
+        name = class_names[i] if i < len(class_names) else str(i)
+        lines.append(f"| {i} {name} | {'absent' if v == 'X' else f'{100 * v:.2f}'} |")
+    lines += ["", f"overall acc {100 * res['Overall Acc']:.2f} | mIoU {100 * res['Mean IoU']:.2f} | "
+                  f"old {100 * split['old']:.2f} | new {100 * split['new']:.2f} | all {100 * split['all']:.2f}"]
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(cfg) -> dict:
+    """Load the step's checkpoint, evaluate it on the chosen split, optionally write pictures."""
+    from dataset import READERS
+    from dataset.tasks import order
+    from metrics.stream_metrics import old_new_all
+    from run import resolve_precision
+    from train import evaluate
+    from utils.builders import build_model, build_step_datasets, ckpt_path, load_weights, select_device
+    from utils.config import replace
+    from utils.data import build_loader
+    from utils.visualize import SampleCollector, index_to_class_lut
+
+    step = cfg.step[0]
+    device = select_device(cfg)
+    model = build_model(cfg, step, pretrained=False).to(device)
+    load_weights(model, cfg.ckpt or ckpt_path(cfg, step), strict=cfg.strict_weights, what="step checkpoint")
+    data_cfg = replace(cfg, val_on_trainset=cfg.split == "train")
+    test_ds = build_step_datasets(data_cfg, step)[2]
+    loader = build_loader(test_ds, batch_size=cfg.batch_size if cfg.crop_val else 1, train=False,
+                          num_workers=cfg.num_workers, seed=cfg.random_seed)
+    reader = READERS[cfg.dataset]
+    lut = index_to_class_lut(order(cfg.dataset, cfg.task, step))
+    samples = SampleCollector(cfg.save_samples if cfg.out_dir else 0, reader.colorize, lut)
+    cm = evaluate(model, loader, n_classes=sum(model.classes), device=device,
+                  precision=resolve_precision(cfg, device), show_progress=not cfg.no_progress, sample_hook=samples)
+    res = cm.results()
+    split = old_new_all(res["Class IoU"], model.classes[0], sum(model.classes))
+    names = [reader.CLASS_NAMES[c] for c in order(cfg.dataset, cfg.task, step)]
+    print(format_report(res, split, names))
+    if cfg.out_dir:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        for k, picture in enumerate(samples.panels):
+            save_png(picture, os.path.join(cfg.out_dir, f"sample_{k:03d}.png"))
+        metrics = {"step": step, "split": cfg.split, "full_resolution": not cfg.crop_val, **split,
+                   "mIoU": res["Mean IoU"], "overall_acc": res["Overall Acc"],
+                   "class_iou": {names[i]: v for i, v in res["Class IoU"].items()}}
+        from utils.io import atomic_write_text
+
+        atomic_write_text(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(metrics, indent=2))
+    return {**res, **split}
+
+
+def main(argv=None) -> int:
+    from utils.config import parse_config
+    from utils.logger import setup_logging
+
+    cfg = None
+    try:
+        cfg = parse_config(argv, parser=get_parser())
+        setup_logging(cfg.debug)
+        if len(cfg.step) != 1:
+            raise UserError("evaluate.py takes one --step")
+        with torch.no_grad():
+            evaluate_checkpoint(cfg)
+        return 0
+    except UserError as exc:
+        if cfg is not None and cfg.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
