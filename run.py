@@ -128,14 +128,15 @@ def checkpoint_content(cfg, model, setup, epoch: int, best_score: float) -> dict
 
 def resume_if_possible(cfg, model, setup, final_path: str) -> int:
     """Restore an interrupted step (``.partial.pth`` or ``--ckpt``); returns the epoch to start from."""
-    from utils.checkpoint import model_state, partial_ckpt_path, safe_load
+    from utils.checkpoint import check_resume_config, model_state, partial_ckpt_path, safe_load
 
     path = cfg.ckpt or partial_ckpt_path(final_path)
     if not os.path.isfile(path) or (cfg.no_auto_resume and not cfg.ckpt):
-        if cfg.resume or cfg.ckpt:
-            raise UserError(f"nothing to resume: {path} does not exist")
+        if cfg.ckpt:  # --resume without an in-step checkpoint is refused up front (utils/validate.py)
+            raise UserError(f"nothing to resume: --ckpt {path} does not exist")
         return 0
     ckpt = safe_load(path, "resume checkpoint")
+    check_resume_config(ckpt, cfg, path)
     model.load_state_dict(model_state(ckpt, path), strict=cfg.strict_weights)
     setup.optimizer.load_state_dict(ckpt["optimizer_state"])
     setup.scheduler.load_state_dict(ckpt["scheduler_state"])
@@ -290,7 +291,9 @@ def main(argv=None) -> int:
     except (UserError, _non_finite()) as exc:
         if cfg is not None and cfg.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        from utils.errors import one_line
+
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to continue the step from its last checkpoint", file=sys.stderr)

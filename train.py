@@ -75,13 +75,15 @@ def _compute_losses(model, model_old, images, labels, setup: EpochSetup) -> dict
         return criterion(batch)
 
 
-def _check_finite(sums: dict[str, torch.Tensor], last: dict[str, torch.Tensor], step: int, iteration: int) -> None:
+def _check_finite(sums: dict[str, torch.Tensor], window: list, step: int, epoch: int, n_iter: int) -> None:
+    """``window``: (iteration, loss terms) since the last check; reports the first non-finite iteration in it."""
     values = {k: float(v) for k, v in sums.items()}
     if all(math.isfinite(v) for v in values.values()):
         return
+    it, last = next(((i, t) for i, t in window if not all(math.isfinite(float(v)) for v in t.values())), window[-1])
     terms = ", ".join(f"{k}={float(v):.6g}" for k, v in last.items())
-    raise NonFiniteLoss(f"non-finite loss at step {step}, iteration {iteration}: {terms}; the last good checkpoint "
-                        "is kept; lower --lr, check the data, or use --amp off")
+    raise NonFiniteLoss(f"non-finite loss at step {step}, epoch {epoch}, iteration {it + 1}/{n_iter}: {terms}; the "
+                        "last good checkpoint is kept; lower --lr, check the data, or use --amp off")
 
 
 def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, epoch: int, board=None,
@@ -90,6 +92,7 @@ def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, e
     model.train()
     sums: dict[str, torch.Tensor] = {}
     last: dict[str, torch.Tensor] = {}
+    window: list = []  # (iteration, terms) since the last finiteness check (checked with the log, no extra syncs)
     n_iter = len(loader)
     setup.optimizer.zero_grad(set_to_none=True)
     for it, (images, labels) in enumerate(progress(loader, enabled=setup.show_progress, desc=f"step {step} "
@@ -113,10 +116,12 @@ def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, e
             setup.optimizer.zero_grad(set_to_none=True)
             setup.scheduler.step()
         last = {k: v.detach() for k, v in losses.items()}
+        window.append((it, last))
         for k, v in last.items():
             sums[k] = sums.get(k, torch.zeros((), device=device)) + v.float()
         if (it + 1) % setup.log_interval == 0 or it + 1 == n_iter:
-            _check_finite(sums, last, step, it)
+            _check_finite(sums, window, step, epoch, n_iter)
+            window = []
             _log_iteration(board, last, setup, step, epoch, it, n_iter)
     return _epoch_means(sums, n_iter, device)
 

@@ -11,6 +11,15 @@ import numpy as np
 import torch
 
 
+def _file_mode(path: str) -> int:
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb") -> Iterator[io.IOBase]:
     """Open a temporary file next to ``path``; on success flush, fsync and rename it onto ``path``."""
@@ -18,6 +27,7 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[io.IOBase]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp creates 0600; keep the old file's mode or follow the umask
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -27,6 +37,17 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[io.IOBase]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename itself durable (a power loss right after it keeps the new file)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_save_torch(obj, path: str) -> None:

@@ -8,12 +8,68 @@ from utils.errors import UserError
 
 
 def _check_writable(folder: str, flag: str) -> None:
+    """Probe the folder (or its nearest existing parent) without creating anything that stays."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
+        if not os.path.isdir(probe):
+            raise NotADirectoryError(20, "Not a directory")
+        with tempfile.NamedTemporaryFile(dir=probe):
             pass
     except OSError as exc:
-        raise UserError(f"cannot write to {folder} ({exc.strerror}): choose another folder with {flag}") from exc
+        raise UserError(f"cannot write to {folder} ({exc.strerror} at {probe}): choose another folder with "
+                        f"{flag}") from exc
+
+
+def _check_data_root(cfg) -> None:
+    from dataset import READERS
+
+    root = str(cfg.data_root)
+    if os.path.isdir(root) and not os.listdir(root):
+        raise UserError(f"data root {root!r} is an empty folder: download the dataset there, point --data_root to it "
+                        f"or {READERS[cfg.dataset].hint(root)}")
+    READERS[cfg.dataset](root, "train")
+    READERS[cfg.dataset](root, "val")
+
+
+def _check_resume(cfg) -> None:
+    from utils.builders import ckpt_path
+    from utils.checkpoint import partial_ckpt_path
+
+    if cfg.ckpt and len(cfg.step) > 1:
+        raise UserError(f"--ckpt names the checkpoint of one step but --step has {len(cfg.step)} values; run the "
+                        "step it belongs to on its own")
+    if cfg.ckpt and not os.path.isfile(cfg.ckpt):
+        raise UserError(f"--ckpt {cfg.ckpt} does not exist; give the path of a checkpoint of step {cfg.step[0]}")
+    if cfg.resume and not cfg.ckpt and not cfg.test:
+        partial = partial_ckpt_path(ckpt_path(cfg, cfg.step[0]))
+        if cfg.no_auto_resume:
+            raise UserError("--resume and --no_auto_resume contradict each other; pass one of them")
+        if not os.path.isfile(partial) and os.path.isfile(ckpt_path(cfg, cfg.step[0])):
+            raise UserError(f"--resume: step {cfg.step[0]} has finished, {ckpt_path(cfg, cfg.step[0])} exists; drop "
+                            "--resume (use --test to evaluate it, --overwrite to train it again)")
+        if not os.path.isfile(partial):
+            raise UserError(f"--resume: nothing to resume for step {cfg.step[0]}, {partial} does not exist (the step "
+                            "was not interrupted after a checkpoint, or other --checkpoint/--name/--task); drop "
+                            "--resume to start the step")
+
+
+def _check_channel_masks(cfg, channels: int) -> None:
+    """An AWT channel mask that already exists must fit the model (it is loaded, not recomputed)."""
+    from dataset.tasks import classes_per_step
+    from methods.awt import channels_path, classifier_init_plan, load_mask, resolve_per_class
+
+    plan = classifier_init_plan(cfg)
+    if cfg.test or not plan or plan["mask_source"] != "attribution":
+        return
+    for step in cfg.step:
+        if step < 1:
+            continue
+        per_class = resolve_per_class(cfg, step)
+        path = channels_path(cfg, step, per_class=per_class)
+        if os.path.isfile(path):
+            load_mask(path, channels, int(classes_per_step(cfg.dataset, cfg.task, step)[-1]) if per_class else None)
 
 
 def _check_protocol(cfg) -> None:
@@ -36,24 +92,27 @@ def _check_protocol(cfg) -> None:
         raise UserError("--batch_size, --epochs and --grad_accum must be at least 1")
 
 
-def _check_checkpoints(cfg) -> None:
+def _check_checkpoints(cfg) -> int:
+    """Returns the classifier-input channels of the previous-step model (256 when none is loaded)."""
     from utils.builders import ckpt_path, classes_for_step, previous_ckpt_path
     from utils.checkpoint import check_class_layout, model_state, safe_load
 
-    first = cfg.step[0]
+    first, channels = cfg.step[0], 256
     if first > 0 and not cfg.test:
         path = previous_ckpt_path(cfg, first, first_step_of_call=True)
         if not os.path.isfile(path):
             raise UserError(f"previous-step checkpoint not found: {path}; run step {first - 1} first "
                             f"(python run.py ... --step {first - 1}) or give it with --step_ckpt")
-        check_class_layout(model_state(safe_load(path, "previous-step checkpoint"), path),
-                           classes_for_step(cfg, first - 1), path)
+        state = model_state(safe_load(path, "previous-step checkpoint"), path)
+        check_class_layout(state, classes_for_step(cfg, first - 1), path)
+        channels = int(state["cls.0.weight"].shape[1])
     for step in cfg.step:
         if cfg.test and not cfg.ckpt and not os.path.isfile(ckpt_path(cfg, step)):
             raise UserError(f"--test: checkpoint of step {step} not found: {ckpt_path(cfg, step)}")
         if not cfg.test and not cfg.overwrite and os.path.isfile(ckpt_path(cfg, step)):
             raise UserError(f"step {step} is already trained: {ckpt_path(cfg, step)} exists; pass --overwrite to "
                             "train it again or --test to evaluate it")
+    return channels
 
 
 def validate_run(cfg) -> None:
@@ -66,11 +125,9 @@ def validate_run(cfg) -> None:
     check_supported(cfg)
     if cfg.att and not 0 < cfg.att <= 100:
         raise UserError(f"--att {cfg.att} is outside (0, 100]: it is the percentage of channels to transfer")
-    from dataset import READERS
-
-    READERS[cfg.dataset](cfg.data_root, "train")
-    READERS[cfg.dataset](cfg.data_root, "val")
-    _check_checkpoints(cfg)
+    _check_data_root(cfg)
+    _check_resume(cfg)
+    _check_channel_masks(cfg, _check_checkpoints(cfg))
     if not cfg.test:
         _check_writable(cfg.checkpoint, "--checkpoint")
     _check_writable(cfg.results_dir, "--results_dir")
