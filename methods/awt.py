@@ -372,37 +372,44 @@ class ExactAttributor:
 
     @torch.no_grad()
     def _baseline(self, shape, device, dtype):
+        """``(z', a)`` for an input size: one forward of a batch of 3 zero images; images 1 and 2 get a
+        perturbation of the classifier input (random, and aligned with the background weights so that no
+        cancellation hides a non-linearity) to check numerically that F is affine there."""
         key = (tuple(shape), str(device), dtype)
         if key not in self._cache:
-            zeros = torch.zeros(1, 3, *shape, device=device, dtype=dtype)
-            logits, extras = self.model(zeros)
-            z0 = extras["pre_logits"]
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            w = self.model.cls[0].weight[0, :, 0, 0].detach()
+            deltas = {}
+
+            def perturb(_module, inp):
+                z = inp[0]
+                rand = torch.randn(z.shape[1:], generator=gen, dtype=torch.float64)
+                aligned = rand.abs() * torch.sign(w.double().cpu())[:, None, None]
+                deltas["d"] = torch.stack([torch.zeros_like(rand), rand, aligned]).to(z.device)
+                return (z + deltas["d"].to(z.dtype),)
+
+            zeros = torch.zeros(3 if self.verify else 1, 3, *shape, device=device, dtype=dtype)
+            hook = self.model.cls[0].register_forward_pre_hook(perturb) if self.verify else None
+            try:
+                logits, extras = self.model(zeros)
+            finally:
+                if hook is not None:
+                    hook.remove()
+            z0 = extras["pre_logits"][:1]
             a = upsample_column_sums(z0.shape[-2:], logits.shape[-2:], device=device, dtype=z0.dtype)
             if self.verify:
-                self._verify_affine(zeros, logits, z0, a)
+                self._verify_affine(logits, deltas["d"], w, a)
             self._cache[key] = (z0, a)
         return self._cache[key]
 
-    def _verify_affine(self, zeros, logits, z0, a) -> None:
-        """Numerical check: perturb the classifier input twice (a random direction, and one aligned with the
-        background weights so that no cancellation hides a non-linearity) and compare the change of F with the
-        affine prediction ``sum(delta * W_bg * a)``."""
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        w = self.model.cls[0].weight[0, :, 0, 0].double()
-        grad = w[None, :, None, None] * a.double()  # dF/dz if F is affine
-        base = float(logits[:, 0].double().sum())
-        rand = torch.randn(z0.shape, generator=gen, dtype=torch.float64)
-        aligned = rand.abs() * torch.sign(grad.cpu())
-        for delta in (rand, aligned):
-            delta = delta.to(z0.device)
-            hook = self.model.cls[0].register_forward_pre_hook(lambda _m, inp: (inp[0] + delta.to(inp[0].dtype),))
-            try:
-                logits_d, _ = self.model(zeros)
-            finally:
-                hook.remove()
-            actual = float(logits_d[:, 0].double().sum()) - base
-            predicted = float((delta * grad).sum())
-            scale = float((delta.abs() * grad.abs()).sum()) + 1e-12
+    @staticmethod
+    def _verify_affine(logits, deltas, w, a) -> None:
+        grad = w.double()[:, None, None] * a.double()  # dF/dz if F is affine
+        sums = logits[:, 0].double().sum(dim=(1, 2))
+        for i in (1, 2):
+            actual = float(sums[i] - sums[0])
+            predicted = float((deltas[i] * grad).sum())
+            scale = float((deltas[i].abs() * grad.abs()).sum()) + 1e-12
             if abs(actual - predicted) > 1e-3 * abs(predicted) + 1e-5 * scale:
                 raise UserError("--attribution exact: the background logit sum is not affine in the input of "
                                 f"cls[0] for this model (perturbation check {actual:.6g} vs {predicted:.6g}); "
