@@ -215,13 +215,13 @@ def test_orders_wrapper_runs_all_ten_orders(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 # End to end on the synthetic data (ResNet-18, 32 px, one epoch), through the real wrappers.
 
-def _smoke(tmp_path, script, data_root):
+def _smoke(tmp_path, script, data_root, crop=32):
     if not os.path.isfile(os.path.join(ROOT, "run.py")):
         pytest.skip("run.py is not in the tree yet")
     out = tmp_path / "out"
     extra = (f"--no_pretrained --norm_act abn --num_workers 0 --no_progress --visualize "
              f"--logdir {out}/logs --cache_root {out}/cache --channels_dir {out}/channels")
-    env = _env(out, DRY_RUN=0, LAUNCHER=sys.executable, DATA_ROOT=data_root, EPOCHS=1, CROP=32, BACKBONE="resnet18",
+    env = _env(out, DRY_RUN=0, LAUNCHER=sys.executable, DATA_ROOT=data_root, EPOCHS=1, CROP=crop, BACKBONE="resnet18",
                BATCH_SIZE=8, AMP_LEVEL="O0", EXTRA=extra)
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", *script.split("/"))], env=env, cwd=str(tmp_path),
                           capture_output=True, text=True, timeout=300)
@@ -243,8 +243,19 @@ def test_smoke_voc_mib_awt_15_5(tmp_path, synthetic_voc):
     assert again.returncode == 0 and "already done" in again.stderr and "| voc | 15-5 | MiB+AWT |" in again.stdout
 
 
+@pytest.fixture(scope="module")
+def small_ade(tmp_path_factory):
+    """Synthetic ADE20K with just over one single-object image per class and split (150 classes), 32 px."""
+    from dataset.synthetic import generate
+
+    root = tmp_path_factory.mktemp("small_ade") / "ADE"
+    generate(str(root), "ade", size=32, n_train=160, n_val=152, seed=0)
+    return str(root)
+
+
 @pytest.mark.slow
-def test_smoke_ade_mib_awt_100_50(tmp_path, synthetic_ade):
-    out, _ = _smoke(tmp_path, "ade/mib_awt_100-50.sh", synthetic_ade)
+def test_smoke_ade_mib_awt_100_50(tmp_path, small_ade):
+    # 64 px crops: per-class AWT masks need each new class to cover a cell of the (crop / 16)^2 attribution grid
+    out, _ = _smoke(tmp_path, "ade/mib_awt_100-50.sh", small_ade, crop=64)
     lines = (out / "results" / "d_ade_100-50_MiB_AWT.csv").read_text().splitlines()
     assert [ln.split(",")[0] for ln in lines] == ["0", "1"]
