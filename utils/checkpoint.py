@@ -27,6 +27,15 @@ try:  # numpy >= 2
 except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core.multiarray import _reconstruct, scalar
 _NUMPY_ALLOWED += [scalar, _reconstruct]
+# Files written with numpy 1.x (the reference code's era) name these functions numpy.core.multiarray.*.
+_NUMPY_ALLOWED += [(scalar, "numpy.core.multiarray.scalar"), (_reconstruct, "numpy.core.multiarray._reconstruct")]
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The informative line of torch's weights-only refusal (which global was refused), else its first line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    hits = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln]
+    return (hits or lines or [type(exc).__name__])[0][:200]
 
 
 def step_ckpt_path(checkpoint: str, task: str, dataset: str, name: str, step: int) -> str:
@@ -48,9 +57,8 @@ def safe_load(path: str, what: str = "checkpoint") -> Any:
         with torch.serialization.safe_globals(_NUMPY_ALLOWED):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0][:200]
-        raise UserError(f"{what} {path} holds objects outside the safe allow-list ({first}); "
-                        "re-save it with tensors and plain Python types only") from exc
+        raise UserError(f"{what} {path} holds objects outside the safe allow-list ({_unpickling_reason(exc)}); "
+                        "it was not loaded; re-save it with tensors and plain Python types only") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise UserError(f"{what} {path} cannot be read ({str(exc).splitlines()[0][:200]}); "
                         "the file is damaged or not a PyTorch checkpoint") from exc
