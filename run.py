@@ -285,19 +285,29 @@ def main(argv=None) -> int:
 
         device = select_device(cfg)
         init_distributed(device.type)
+        setup_logging(cfg.debug)  # again: the rank (log prefix, rank-0-only INFO) is known only now
         for i, (step, lr) in enumerate(step_lrs(cfg)):
             run_step(cfg, step, lr, first_step_of_call=(i == 0), device=device)
         return 0
     except (UserError, _non_finite()) as exc:
         if cfg is not None and cfg.debug:
             raise
+        from utils.dist import get_rank, is_distributed
         from utils.errors import one_line
 
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {f'rank {get_rank()}: ' if is_distributed() else ''}{one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to continue the step from its last checkpoint", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # a collective broken by another rank that failed, exited or timed out
+        from utils.dist import peer_failure_message
+
+        message = peer_failure_message(exc)
+        if message is None or (cfg is not None and cfg.debug):
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     finally:
         cleanup()
 

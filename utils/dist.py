@@ -59,6 +59,23 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+_PEER_FAILURE_MARKERS = ("closed by peer", "Connection reset", "Broken pipe", "timed out", "Timed out", "Timeout",
+                         "communicator was aborted")
+
+
+def peer_failure_message(exc: BaseException) -> str | None:
+    """One line for an error raised in a collective because another rank failed, exited or timed out; None when
+    ``exc`` is something else (or the run is not distributed)."""
+    if not is_distributed():
+        return None
+    text = str(exc).strip()
+    if not (isinstance(exc, getattr(dist, "DistError", ())) or any(m in text for m in _PEER_FAILURE_MARKERS)):
+        return None
+    first = text.splitlines()[0][:120] if text else type(exc).__name__
+    return (f"rank {get_rank()} stopped: another process of the job failed, exited or timed out ({first}); the "
+            "failing rank's own 'error:' line names the cause (timeout: CISS_DIST_TIMEOUT_MIN minutes)")
+
+
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
