@@ -74,3 +74,35 @@ def test_arbitrary_bytes(tmp_path, payload):
     img.write_bytes(payload)
     lbl.write_bytes(payload)
     _check(img, lbl, None, 151)
+
+
+def _presence(lbl_path, lut, num_classes):
+    from dataset.incremental import label_presence
+
+    try:
+        return label_presence(str(lbl_path), lut, num_classes)
+    except UserError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return None
+
+
+@FUZZ
+@given(data=st.data(), values=st.lists(st.integers(0, 255), min_size=1, max_size=6), seed=st.integers(0, 2**16),
+       mode=st.sampled_from(["L", "P", "I;16"]), corrupt=st.booleans(), cityscapes=st.booleans())
+def test_label_presence_agrees_with_load_pair(tmp_path, data, values, seed, mode, corrupt, cityscapes):
+    """The class-presence pass (index caches) reads labels with the same rules as training: only UserError, and
+    when a pair loads, the presence vector is exactly the set of train ids in the loaded label."""
+    rng = np.random.default_rng(seed)
+    img, lbl = tmp_path / "i.png", tmp_path / "l.png"
+    img.write_bytes(_encode(np.full((6, 7, 3), 90, np.uint8), "PNG"))
+    blob = bytearray(_encode(rng.choice(values, (6, 7)).astype(np.uint8), "PNG", mode))
+    if corrupt:
+        for _ in range(data.draw(st.integers(1, 6))):
+            blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    lbl.write_bytes(bytes(blob))
+    lut, n = (CityscapesReader.LABEL_LUT, 20) if cityscapes else (None, 21)
+    present = _presence(lbl, lut, n)
+    arr = _check(img, lbl, lut, n)
+    if arr is not None:
+        assert present is not None
+        assert np.flatnonzero(present).tolist() == np.unique(arr).tolist()
