@@ -3,8 +3,8 @@
 * A run killed with SIGKILL in the middle of a step and restarted with the same command ends with the same weights,
   optimiser state and results CSV as an uninterrupted run (the killed run also uses 2 loader workers, the
   uninterrupted one none: the worker count must not change results either).
-* An interrupted step with a regulariser (EWC at step 1) resumes exactly too (in-process, crash simulated after an
-  in-step checkpoint).
+* An interrupted step 1 with a regulariser (EWC) or with PLOP (pseudo-label thresholds, POD) resumes exactly too
+  (in-process, crash simulated after an in-step checkpoint).
 """
 from __future__ import annotations
 
@@ -114,8 +114,10 @@ def test_sigkill_mid_step_then_rerun_gives_the_uninterrupted_result(tiny_voc, tm
     _assert_same_run(full, killed)
 
 
-def test_resume_with_ewc_regularizer_is_exact(tiny_voc, tmp_path, monkeypatch):
-    """Step 1 with EWC: a crash after the epoch-1 checkpoint, then the same command, equals one uninterrupted run."""
+@pytest.mark.parametrize("method", ["EWC", "PLOP"])
+def test_resume_at_step_1_is_exact(tiny_voc, tmp_path, monkeypatch, method):
+    """Step 1 with EWC (regulariser statistics) or PLOP (pseudo-label thresholds recomputed on resume, POD): a crash
+    after the epoch-0 checkpoint, then the same command, equals one uninterrupted run."""
     import run
     import train
 
@@ -130,7 +132,7 @@ def test_resume_with_ewc_regularizer_is_exact(tiny_voc, tmp_path, monkeypatch):
     step0 = str(tmp_path / "step0.pth")
     torch.save({"epoch": 1, "model_state": model0.state_dict(), "best_score": 0.0,
                 "trainer_state": {"regularizer": {"type": "ewc", "iteration": 5, "fisher": fisher}}}, step0)
-    extra = ["--method", "EWC", "--step_ckpt", step0, "--epochs", "2", "--val_interval", "10"]
+    extra = ["--method", method, "--step_ckpt", step0, "--epochs", "2", "--val_interval", "10"]
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     assert run.main(_args(tiny_voc, full, steps=(1,), extra=[*extra, "--lr", "0.001"])) == 0
 
@@ -148,7 +150,8 @@ def test_resume_with_ewc_regularizer_is_exact(tiny_voc, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train_one_epoch", original)
     assert run.main(args) == 0
     a, b = _load(full, 1), _load(crashed, 1)
-    assert a["trainer_state"]["regularizer"]["type"] == "ewc" and a["trainer_state"]["regularizer"]["iteration"] > 0
+    if method == "EWC":
+        assert a["trainer_state"]["regularizer"]["type"] == "ewc" and a["trainer_state"]["regularizer"]["iteration"] > 0
     _assert_same_state(a["model_state"], b["model_state"], "model_state")
     _assert_same_state(a["optimizer_state"], b["optimizer_state"], "optimizer_state")
     _assert_same_state(a["trainer_state"], b["trainer_state"], "trainer_state")
