@@ -76,6 +76,13 @@ def prepare_models(cfg, step: int, device: torch.device, first_step_of_call: boo
     return model, model_old, trainer_state
 
 
+def configure_backends(cfg, device: torch.device) -> None:
+    """cuDNN autotuning on CUDA (fixed input sizes), deterministic cuDNN kernels instead with --deterministic."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cudnn.deterministic = bool(cfg.deterministic)
+
+
 def wrap_for_training(cfg, model, device: torch.device):
     """Channels-last, DDP and torch.compile as asked; returns the module the training loop calls."""
     from utils.dist import get_world_size
@@ -229,6 +236,7 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
 
     seed_everything(cfg.random_seed)
     precision = resolve_precision(cfg, device)
+    configure_backends(cfg, device)
     final_path = ckpt_path(cfg, step)
     log.info("step %d: lr %g, %s", step, lr, describe_batch(cfg))
     loaders = build_loaders(cfg, step, device)
@@ -242,6 +250,8 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
     start_epoch = resume_if_possible(cfg, model, setup, final_path)
     setup.criterion.before_step(ctx)
     train_model = wrap_for_training(cfg, model, device)
+    if cfg.channels_last and model_old is not None:  # same layout as the images it sees
+        model_old.to(memory_format=torch.channels_last)
     score = fit(cfg, step, model, train_model, model_old, loaders, setup, device, board, start_epoch, final_path)
     if is_main_process():
         save_checkpoint(final_path, **checkpoint_content(cfg, model, setup, cfg.epochs, score))

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from methods.base import Batch
+from methods.base import Batch, LossTerm
 from metrics.stream_metrics import ConfusionMatrix
 from utils.dist import all_reduce_sum
 from utils.logger import progress
@@ -70,9 +70,20 @@ def _compute_losses(model, model_old, images, labels, setup: EpochSetup) -> dict
     logits_old, extras_old = forward_old(model_old, images, criterion.needs_features, setup.precision)
     with setup.precision.autocast():
         logits, extras = model(images, ret_intermediate=criterion.needs_features)
+        if setup.precision.channels_last:  # losses see the standard layout (CPU nll_loss backward needs it)
+            logits = logits.contiguous()
+            logits_old = logits_old.contiguous() if logits_old is not None else None
         batch = Batch(images=images, labels=labels, logits=logits, extras=extras, logits_old=logits_old,
                       extras_old=extras_old, n_old=setup.n_old, n_new=setup.n_new, original_labels=labels)
         return criterion(batch)
+
+
+def _uses_after_backward(criterion) -> bool:
+    """Whether a term overrides ``LossTerm.after_backward`` (unknown criterion types: assume it does)."""
+    terms = getattr(criterion, "terms", None)
+    if terms is None:
+        return True
+    return any(type(t).after_backward is not LossTerm.after_backward for t in terms)
 
 
 def _check_finite(sums: dict[str, torch.Tensor], window: list, step: int, epoch: int, n_iter: int) -> None:
@@ -106,7 +117,9 @@ def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, e
             total = sum(losses.values())
             setup.scaler.scale(total / setup.grad_accum).backward()
         if boundary:
-            scale = setup.scaler.get_scale() if setup.scaler.is_enabled() else 1.0
+            # get_scale() synchronises with the device: only ask for it when a term uses after_backward
+            scale = setup.scaler.get_scale() if setup.scaler.is_enabled() and _uses_after_backward(
+                setup.criterion) else 1.0
             extra = setup.criterion.after_backward(getattr(model, "module", model), grad_scale=scale)
             if extra:  # reference order: statistics from the task-loss gradients, then the penalty's own backward
                 setup.scaler.scale(sum(extra.values())).backward()

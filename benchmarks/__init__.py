@@ -1,0 +1,1 @@
+"""Speed measurements (``python -m benchmarks.train_step|data_loader|evaluation``); never timed tests."""

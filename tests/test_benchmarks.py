@@ -1,0 +1,58 @@
+"""Smoke tests of benchmarks/ (tiny CPU configurations, in-process). Nothing here asserts on timings."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import common, data_loader, evaluation, train_step
+
+
+def test_flop_counter_matches_hand_count():
+    conv = nn.Conv2d(3, 8, kernel_size=3, stride=2, padding=1, bias=False)  # 10x10 -> 5x5
+    grouped = nn.Conv2d(8, 4, kernel_size=1, groups=2)
+    lin = nn.Linear(4 * 5 * 5, 7)
+    model = nn.Sequential(conv, grouped, nn.Flatten(), lin)
+    with common.FlopCounter(model) as fc:
+        model(torch.zeros(2, 3, 10, 10))
+    by_hand = 2 * (2 * 8 * 5 * 5 * 3 * 3 * 3)  # 2 x MACs: B * Cout * Hout * Wout * Cin * k * k
+    by_hand += 2 * (2 * 4 * 5 * 5 * (8 // 2) * 1 * 1)
+    by_hand += 2 * (2 * 7 * 100)
+    assert fc.total == by_hand
+    assert fc.per_module == {"0": 2 * 2 * 8 * 25 * 27, "1": 2 * 2 * 4 * 25 * 4, "3": 2 * 2 * 7 * 100}
+    assert not conv._forward_hooks  # hooks removed
+    assert common.training_step_flops(10, 4) == 34
+
+
+def test_parse_variant():
+    assert train_step.parse_variant("bf16+cl+compile") == {"amp": "bf16", "channels_last": True, "compile": True}
+    assert train_step.parse_variant("cl") == {"amp": "off", "channels_last": True, "compile": False}
+    with pytest.raises(SystemExit):
+        train_step.parse_variant("bf16+fp16")
+    with pytest.raises(SystemExit):
+        train_step.parse_variant("tf32")
+
+
+def test_train_step_benchmark_runs(capsys):
+    out = train_step.main(["--device", "cpu", "--norm_act", "abn", "--size", "32", "--batch", "2", "--iters", "1",
+                           "--repeats", "1", "--variants", "fp32,bf16,cl", "--peak_n", "128"])
+    assert list(out["variants"]) == ["fp32", "bf16", "cl"]
+    assert out["step_flops"] == 2 * (3 * out["forward_flops_new"] + out["forward_flops_old"])
+    assert out["variants"]["fp32"]["speedup_vs_fp32"] == 1.0
+    assert out["variants"]["bf16"]["warmup_loss"] == pytest.approx(out["variants"]["fp32"]["warmup_loss"], rel=5e-2)
+    text = capsys.readouterr().out
+    assert "| variant | speed vs fp32 |" in text and "ms/step" not in text  # CPU: ratios only
+
+
+def test_data_loader_benchmark_runs(capsys):
+    out = data_loader.main(["--workers", "0,1", "--crop_size", "32", "--batch", "4", "--batches", "2"])
+    assert set(out["workers"]) == {0, 1} and out["pin_memory"] is False
+    assert "images/s per worker" in capsys.readouterr().out
+
+
+def test_evaluation_benchmark_runs(capsys):
+    out = evaluation.main(["--device", "cpu", "--norm_act", "abn", "--size", "32", "--batch", "2", "--batches", "2",
+                           "--repeats", "1", "--forward_variants", "fp32,cl"])
+    assert out["metric"]["equal"] and out["metric"]["equal_candidate"]
+    assert out["forward"]["cl"]["pixel_agreement"] == 1.0
+    assert "equal to the reference" in capsys.readouterr().out
