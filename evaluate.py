@@ -24,9 +24,9 @@ log = logging.getLogger("evaluate")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    from utils.argparser import get_argparser
+    from utils.argparser import ArgumentParser, get_argparser
 
-    parser = argparse.ArgumentParser(parents=[get_argparser(add_help=False)], description=__doc__,
+    parser = ArgumentParser(parents=[get_argparser(add_help=False)], description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("evaluate")
     g.add_argument("--split", default="val", choices=["val", "train"], help="data split to evaluate on")

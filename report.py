@@ -7,7 +7,7 @@
     python report.py a.csv b.csv --label "MiB (ours)" "MiB+AWT (ours)"
 
 File names follow run.py: {date}_{dataset}_{task}_{name}.csv (the date may be empty). Definitions and the
-difference from the reference's average_csv.py: utils/report.py and docs/reproducing.md.
+difference from the reference's average_csv.py: utils/report.py and the README ("Reproducing the paper").
 """
 from __future__ import annotations
 

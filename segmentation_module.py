@@ -175,11 +175,12 @@ def load_pretrained_body(body: nn.Module, path: str) -> None:
     hint = "download it (see pretrained/README.md) or pass --no_pretrained"
     if not os.path.isfile(path):
         raise UserError(f"pretrained backbone weights not found: {path}; {hint}")
+    from utils.checkpoint import safe_load  # weights_only loading with the explicit allow-list
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any read failure is the user's file
-        raise UserError(f"cannot read pretrained backbone weights {path} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}); {hint}") from exc
+        obj = safe_load(path, "pretrained backbone weights")
+    except UserError as exc:
+        raise UserError(f"{exc}; {hint}") from exc
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"pretrained backbone weights {path} are not a state dict of tensors; {hint}")

@@ -9,7 +9,7 @@ differ from ``15-1``.
 they were produced once with ``numpy.random.RandomState(2021)``: repeatedly ``[0] + permutation(1..20)``, skipping
 any order equal to ``15-1a`` or an earlier one; the first 16 ids form step 0, the last five are the single steps.
 The lists are hard-coded below; replace them with the reference lists for exact reproduction
-(docs/deviations_data.md).
+(docs/deviations.md).
 """
 from __future__ import annotations
 

@@ -847,5 +847,7 @@ def attribute_main(argv=None, *, per_class: bool = False) -> int:
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        from utils.errors import one_line
+
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

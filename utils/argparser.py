@@ -10,8 +10,11 @@ import argparse
 IGNORED = "(ignored: dead flag in the reference code, accepted so published command lines run) "
 
 
-def _str2bool_flag(parser, name: str, help_text: str, **kw) -> None:
-    parser.add_argument(name, action="store_true", default=False, help=help_text, **kw)
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage block of ~150 flags would bury the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def _add_performance(parser: argparse.ArgumentParser) -> None:
@@ -128,7 +131,7 @@ def get_argparser(add_help: bool = True) -> argparse.ArgumentParser:
     from methods import add_method_args
     from methods.awt import add_awt_args
 
-    parser = argparse.ArgumentParser(add_help=add_help, description="Class-incremental semantic segmentation")
+    parser = ArgumentParser(add_help=add_help, description="Class-incremental semantic segmentation")
     for add in (_add_performance, _add_dataset, _add_training, _add_validation, _add_logging, _add_model,
                 _add_checkpoint, _add_protocol):
         add(parser)

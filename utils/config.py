@@ -44,7 +44,9 @@ def dump(cfg) -> str:
 
 
 def _method_from_argv(parser: argparse.ArgumentParser, argv: Sequence[str]):
-    pre = argparse.ArgumentParser(add_help=False)
+    from utils.argparser import ArgumentParser
+
+    pre = ArgumentParser(add_help=False)
     method_action = next(a for a in parser._actions if a.dest == "method")
     pre.add_argument("--method", type=method_action.type, choices=method_action.choices, default=None)
     known, _ = pre.parse_known_args(list(argv))
