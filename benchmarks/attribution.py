@@ -17,7 +17,6 @@ absolute score, whether the selected channels are identical, and a markdown tabl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess

@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Callable, Iterable, Sequence
 
+import logging
+
 import torch
 from torch import nn
 
@@ -33,6 +35,16 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda asked for but no CUDA device is visible; use --device cpu")
     return torch.device(name)
+
+
+def start(args) -> tuple[torch.device, bool]:
+    """Device, thread count and backend flags of a benchmark run; returns (device, on_gpu)."""
+    logging.getLogger("train").setLevel(logging.WARNING)
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup_backends(device)
+    return device, device.type == "cuda"
 
 
 def default_backbone(device: torch.device) -> str:

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 
 import numpy as np
 import torch
 
-from benchmarks.common import (default_backbone, describe_device, interleaved, markdown_table, median, pick_device,
-                               setup_backends, str_list)
+from benchmarks.common import (start, default_backbone, describe_device, interleaved, markdown_table, median, str_list)
 from metrics.stream_metrics import ConfusionMatrix
 
 
@@ -155,12 +153,7 @@ def _forward_part(args, device, gpu: bool, names: list[str]) -> dict:
 
 def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
-    logging.getLogger("train").setLevel(logging.WARNING)
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    setup_backends(device)
-    gpu = device.type == "cuda"
+    device, gpu = start(args)
     args.size = args.size or (512 if gpu else 64)
     args.batches = args.batches or (20 if gpu else 4)
     args.backbone = args.backbone or default_backbone(device)

@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import logging
 
 import torch
 
-from benchmarks.common import (default_backbone, describe_device, forward_flops, gib, interleaved, markdown_table,
-                               measured_peak, median, peak_memory_bytes, pick_device, reset_peak_memory,
-                               setup_backends, str_list, training_step_flops, time_once)
+from benchmarks.common import (start, default_backbone, describe_device, forward_flops, gib, interleaved, markdown_table,
+                               measured_peak, median, peak_memory_bytes, reset_peak_memory, str_list, training_step_flops, time_once)
 
 TOKENS = ("fp32", "bf16", "fp16", "cl", "compile")
 DEFAULT_GPU = "fp32,bf16,fp16,bf16+cl,bf16+cl+compile"
@@ -123,12 +121,7 @@ def build_variant(args, name: str, base_new, base_old, loader, device):
 
 def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
-    logging.getLogger("train").setLevel(logging.WARNING)
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    setup_backends(device)
-    gpu = device.type == "cuda"
+    device, gpu = start(args)
     args.backbone = args.backbone or default_backbone(device)
     args.size = args.size or (512 if gpu else 64)
     args.iters = args.iters or (10 if gpu else 2)
