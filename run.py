@@ -55,12 +55,11 @@ def build_loaders(cfg, step: int, device: torch.device):
 
 def prepare_models(cfg, step: int, device: torch.device, first_step_of_call: bool):
     """The model of ``step`` (previous weights loaded and new classifier initialised) and the frozen old model."""
-    from utils.builders import build_model, load_old_model, previous_ckpt_path
-    from utils.checkpoint import safe_load
+    from utils.builders import build_model, load_previous_step
 
     if step == 0:
         return build_model(cfg, 0, pretrained=True).to(device), None, {}
-    model_old = load_old_model(cfg, step, device, first_step_of_call=first_step_of_call)
+    model_old, prev = load_previous_step(cfg, step, device, first_step_of_call=first_step_of_call)
     model = build_model(cfg, step, pretrained=False)
     missing, unexpected = model.load_state_dict(model_old.state_dict(), strict=False)
     new_keys = {f"cls.{len(model.cls) - 1}.weight", f"cls.{len(model.cls) - 1}.bias"}
@@ -71,8 +70,7 @@ def prepare_models(cfg, step: int, device: torch.device, first_step_of_call: boo
     from methods.awt import prepare_new_classifier
 
     prepare_new_classifier(cfg, step, model, model_old, device)
-    prev = safe_load(previous_ckpt_path(cfg, step, first_step_of_call=first_step_of_call), "previous-step checkpoint")
-    trainer_state = prev.get("trainer_state") or {} if isinstance(prev, dict) else {}
+    trainer_state = prev.get("trainer_state") or {}
     return model, model_old, trainer_state
 
 
@@ -239,6 +237,10 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
     configure_backends(cfg, device)
     final_path = ckpt_path(cfg, step)
     log.info("step %d: lr %g, %s", step, lr, describe_batch(cfg))
+    published_lr = PUBLISHED_LR[0] if step == 0 else PUBLISHED_LR[1]
+    if lr != published_lr:
+        log.warning("lr %g at step %d differs from the published %g (0.02 at step 0, 0.001 after)", lr, step,
+                    published_lr)
     loaders = build_loaders(cfg, step, device)
     board = Board(os.path.join(cfg.logdir, f"{cfg.task}-{cfg.dataset}", cfg.name) if cfg.visualize else None)
     if cfg.test:
@@ -277,6 +279,7 @@ def describe_batch(cfg) -> str:
 
 
 PUBLISHED_BATCH = 24  # 2 GPUs x 12 in every AWT/PLOP script
+PUBLISHED_LR = (0.02, 0.001)  # step 0, later steps (AWT/PLOP scripts)
 
 
 def main(argv=None) -> int:

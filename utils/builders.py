@@ -59,18 +59,24 @@ def load_weights(model, path: str, *, strict: bool = True, what: str = "checkpoi
     return ckpt if isinstance(ckpt, dict) else {"model_state": state}
 
 
-def load_old_model(cfg, step: int, device, *, first_step_of_call: bool = True):
-    """The frozen model of step - 1 in eval mode. A missing checkpoint is an error, never a random model."""
+def load_previous_step(cfg, step: int, device, *, first_step_of_call: bool = True):
+    """(frozen model of step - 1 in eval mode, its checkpoint dict). A missing file is an error, never a random
+    model."""
     path = previous_ckpt_path(cfg, step, first_step_of_call=first_step_of_call)
     if not os.path.isfile(path):
         raise UserError(f"previous-step checkpoint not found: {path}; run step {step - 1} first "
                         f"(python run.py ... --step {step - 1}) or pass --step_ckpt")
     model_old = build_model(cfg, step - 1, pretrained=False)
-    load_weights(model_old, path, strict=cfg.strict_weights, what="previous-step checkpoint")
+    ckpt = load_weights(model_old, path, strict=cfg.strict_weights, what="previous-step checkpoint")
     model_old.to(device).eval()
     for p in model_old.parameters():
         p.requires_grad_(False)
-    return model_old
+    return model_old, ckpt
+
+
+def load_old_model(cfg, step: int, device, *, first_step_of_call: bool = True):
+    """The frozen model of step - 1 in eval mode."""
+    return load_previous_step(cfg, step, device, first_step_of_call=first_step_of_call)[0]
 
 
 def select_device(cfg) -> torch.device:
