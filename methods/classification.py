@@ -60,7 +60,8 @@ class Classification(LossTerm):
                             help=no + "per-pixel loss weight of new classes")
 
     def __init__(self, *, kind: str, n_old: int, icarl: str | None, icarl_importance: float, icarl_bkg: bool,
-                 alpha: float, gamma: float, ce_on_pseudo: bool):
+                 alpha: float, gamma: float, ce_on_pseudo: bool, pseudo_soft: str | None = None,
+                 pseudo_soft_factor: float = 1.0):
         self.kind = kind  # "ce" | "unce" | "bce" | "focal" | "focal_new"
         self.n_old = n_old
         self.icarl = icarl  # None | "combined" | "disjoint"  (only at steps > 0)
@@ -69,6 +70,8 @@ class Classification(LossTerm):
         self.alpha = alpha
         self.gamma = gamma
         self.ce_on_pseudo = ce_on_pseudo
+        self.pseudo_soft = pseudo_soft  # None | "soft_certain" | "soft_uncertain" (PLOP ablation)
+        self.pseudo_soft_factor = pseudo_soft_factor
         self.needs_old_model = icarl is not None
 
     @classmethod
@@ -90,7 +93,9 @@ class Classification(LossTerm):
             icarl_mode = "disjoint" if getattr(cfg, "icarl_disjoint", False) else "combined"
         return cls(kind=kind, n_old=n_old, icarl=icarl_mode, icarl_importance=getattr(cfg, "icarl_importance", 1.0),
                    icarl_bkg=getattr(cfg, "icarl_bkg", False), alpha=getattr(cfg, "alpha", 1.0),
-                   gamma=getattr(cfg, "focal_loss_gamma", 2), ce_on_pseudo=getattr(cfg, "ce_on_pseudo", False))
+                   gamma=getattr(cfg, "focal_loss_gamma", 2), ce_on_pseudo=getattr(cfg, "ce_on_pseudo", False),
+                   pseudo_soft=getattr(cfg, "pseudo_soft", None) if n_old > 0 else None,
+                   pseudo_soft_factor=getattr(cfg, "pseudo_soft_factor", 1.0))
 
     def per_pixel(self, logits: Tensor, labels: Tensor) -> Tensor:
         """The selected criterion, (B, C, H, W), (B, H, W) -> (B, H, W)."""
@@ -108,7 +113,9 @@ class Classification(LossTerm):
         if self.icarl == "disjoint":
             loss = L.icarl_disjoint(batch.logits, batch.labels, batch.logits_old, bkg=self.icarl_bkg)
             return {"loss_ce": pixel_mean(loss, batch.pixel_weight)}
-        if self.ce_on_pseudo and batch.pseudo_mask is not None:
+        if self.pseudo_soft and batch.pseudo_mask is not None:
+            loss = self._soft(batch)
+        elif self.ce_on_pseudo and batch.pseudo_mask is not None:
             loss = self._ce_on_pseudo(batch)
         else:
             loss = self.per_pixel(batch.logits, batch.labels)
@@ -117,6 +124,13 @@ class Classification(LossTerm):
             n_old = batch.logits_old.shape[1]
             out["loss_icarl"] = self.icarl_importance * n_old * L.icarl_distillation(batch.logits, batch.logits_old)
         return out
+
+    def _soft(self, batch: Batch) -> Tensor:
+        """``--pseudo_soft``: hard labels on certain pixels, the old model's distribution elsewhere. soft_certain:
+        only non-background pixels are certain; soft_uncertain: confidently pseudo-labelled background pixels too."""
+        not_background = batch.original_labels >= self.n_old  # new classes and 255
+        certain = not_background if self.pseudo_soft == "soft_certain" else not_background | batch.pseudo_mask
+        return L.soft_cross_entropy(batch.logits, batch.labels, batch.logits_old, certain, self.pseudo_soft_factor)
 
     def _ce_on_pseudo(self, batch: Batch) -> Tensor:
         """``--ce_on_pseudo``: the selected criterion on the original labels of non-pseudo-labelled pixels + plain CE

@@ -70,8 +70,6 @@ class PseudoLabel(LossTerm):
     name = "pseudo"
     needs_old_model = True
     unsupported = (
-        ("pseudo_soft", None, "soft pseudo-labels (its uncertain term has the wrong sign in the reference)"),
-        ("pseudo_soft_factor", 1.0, "weight of --pseudo_soft"),
         ("pseudo_ablation", None, "pseudo-label error correction with the ground truth"),
     )
 
@@ -104,8 +102,10 @@ class PseudoLabel(LossTerm):
                                  "indices instead of counts)")
         no = "(not implemented: rejected unless left at the default) "
         parser.add_argument("--pseudo_soft", default=None, choices=["soft_certain", "soft_uncertain"],
-                            help=no + "soft pseudo-labels")
-        parser.add_argument("--pseudo_soft_factor", type=float, default=1.0, help=no + "weight of --pseudo_soft")
+                            help="with --pseudo entropy: soft targets from the old model instead of hard labels on "
+                                 "all background pixels (soft_certain) or on the uncertain ones (soft_uncertain); "
+                                 "the reference's sign error is fixed")
+        parser.add_argument("--pseudo_soft_factor", type=float, default=1.0, help="weight of the --pseudo_soft term")
         parser.add_argument("--pseudo_ablation", default=None, choices=["corrected_errors", "removed_errors"],
                             help=no + "correct pseudo-labels with the ground truth")
 
@@ -114,6 +114,8 @@ class PseudoLabel(LossTerm):
         mode = getattr(cfg, "pseudo", None)
         if mode is not None:
             parse_mode(mode)
+        if getattr(cfg, "pseudo_soft", None) and mode != "entropy":
+            raise UserError("--pseudo_soft needs --pseudo entropy (as in PLOP); add it or remove --pseudo_soft")
         if getattr(cfg, "ce_on_pseudo", False) and mode != "entropy":
             raise UserError("--ce_on_pseudo needs --pseudo entropy (as in PLOP); add it or remove --ce_on_pseudo")
         bins = getattr(cfg, "pseudo_nb_bins", None)

@@ -169,3 +169,23 @@ def test_entropies():
     uniform = torch.full((1, 4, 1, 1), 0.25)
     assert L.normalized_entropy(uniform).item() == pytest.approx(1.0, abs=1e-6)
     assert L.plop_entropy(uniform).item() == pytest.approx(0.25, abs=1e-6)
+
+
+def test_soft_cross_entropy_sign_fixed_and_masks():
+    from utils.loss import soft_cross_entropy
+
+    torch.manual_seed(3)
+    logits, logits_old = torch.randn(2, 5, 4, 4), torch.randn(2, 3, 4, 4)
+    labels = torch.randint(0, 5, (2, 4, 4))
+    certain = torch.rand(2, 4, 4) > 0.5
+    loss = soft_cross_entropy(logits, labels, logits_old, certain, factor=0.5)
+    for b in range(2):
+        for i in range(4):
+            for j in range(4):
+                if certain[b, i, j]:
+                    expected = -torch.log_softmax(logits[b, :, i, j], 0)[labels[b, i, j]]
+                else:
+                    p_new = torch.softmax(logits[b, :3, i, j], 0)
+                    expected = 0.5 * -(p_new * torch.log_softmax(logits_old[b, :, i, j], 0)).sum()
+                    assert expected > 0  # a cross-entropy: the reference's sign made this negative
+                assert torch.allclose(loss[b, i, j], expected, atol=1e-6)

@@ -215,3 +215,20 @@ def test_regularizer_state_goes_through_the_criterion():
     sum(crit1(batch1).values()).backward()
     extra = crit1.after_backward(model1)
     assert set(extra) == {"loss_reg"}
+
+
+@pytest.mark.parametrize("mode", ["soft_certain", "soft_uncertain"])
+def test_pseudo_soft_replaces_the_hard_loss_on_uncertain_pixels(mode):
+    from utils.loss import soft_cross_entropy
+
+    crit, batch, _ = _step("PLOP", ["--pseudo_soft", mode, "--pseudo_soft_factor", "0.5"])
+    losses = crit(batch)
+    not_bg = batch.original_labels >= batch.n_old
+    certain = not_bg if mode == "soft_certain" else not_bg | batch.pseudo_mask
+    expected = soft_cross_entropy(batch.logits, batch.labels, batch.logits_old, certain, 0.5)
+    assert torch.allclose(losses["loss_ce"], (expected * batch.pixel_weight).mean())
+
+
+def test_pseudo_soft_needs_entropy_pseudo_labels():
+    with pytest.raises(UserError, match="--pseudo entropy"):
+        check_supported(_parse(["--pseudo_soft", "soft_certain"]))

@@ -106,6 +106,21 @@ def focal_loss_new(logits: Tensor, labels: Tensor, n_old: int, alpha: float = 1.
     return torch.where(labels >= n_old, focal, ce)
 
 
+def soft_cross_entropy(logits: Tensor, labels: Tensor, logits_old: Tensor, certain: Tensor,
+                       factor: float = 1.0) -> Tensor:
+    """PLOP's ``--pseudo_soft`` loss, per pixel (B, H, W), with the sign of its soft term corrected.
+
+    Certain pixels: CE on ``labels``. Other pixels: ``factor * -sum_c softmax(x[:, :C_old])_c log softmax(x_old)_c``,
+    a cross-entropy between the new model's distribution over the old classes and the old model's. The reference
+    added ``+sum_c ...`` (a negative cross-entropy: minimising it pushed away from the old model, behaviour.md 8.1 #20).
+    """
+    n_old = logits_old.shape[1]
+    hard = cross_entropy(logits, labels)
+    p_new = torch.softmax(upcast(logits[:, :n_old]), dim=1)  # (B, C_old, H, W)
+    soft = -(p_new * torch.log_softmax(upcast(logits_old), dim=1)).sum(dim=1)
+    return torch.where(certain, hard, factor * soft)
+
+
 def knowledge_distillation(logits: Tensor, logits_old: Tensor, alpha: float = 1.0) -> Tensor:
     """LwF KD (behaviour.md 2.3): new logits restricted to old classes, mean over classes.
 
