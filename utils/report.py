@@ -32,8 +32,6 @@ from typing import Iterable, Sequence
 
 from utils.errors import UserError
 
-NUM_CLASSES = {"voc": 21, "ade": 151, "cityscapes": 20}
-DATASETS = tuple(NUM_CLASSES)
 DEFAULT_COLUMNS = "remapped"
 ORDER_RE = re.compile(r"^(\d+-\d+)([a-z])$")
 DISJOINT_SUFFIX = "_disjoint"
@@ -44,6 +42,15 @@ def _tasks():
     from dataset import tasks  # noqa: PLC0415
 
     return tasks
+
+
+def _datasets() -> tuple[str, ...]:
+    return tuple(_tasks().dataset_names())
+
+
+def _num_classes(dataset: str) -> int:
+    """All classes of ``dataset`` (background included): the single step of its offline task."""
+    return sum(_tasks().classes_per_step(dataset, "offline", 0))
 
 
 def get_task_labels(dataset: str, task: str, step: int) -> tuple[list[int], list[int]]:
@@ -63,20 +70,10 @@ def canonical_task(dataset: str, task: str) -> str:
 
 
 def class_names(dataset: str) -> list[str]:
-    """Class names for the per-class table (numbers when the reader is not importable)."""
-    try:
-        if dataset == "voc":
-            from dataset.voc import CLASS_NAMES  # noqa: PLC0415
-        elif dataset == "ade":
-            from dataset.ade import CLASS_NAMES  # noqa: PLC0415
-        else:
-            from dataset.cityscapes import CLASS_NAMES  # noqa: PLC0415
-        names = list(CLASS_NAMES)
-    except Exception:  # noqa: BLE001 - names are cosmetic
-        names = []
-    if len(names) != NUM_CLASSES[dataset]:
-        names = [str(i) for i in range(NUM_CLASSES[dataset])]
-    return names
+    """Class names for the per-class table, from the dataset's reader."""
+    from dataset import READERS  # noqa: PLC0415
+
+    return list(READERS[dataset].CLASS_NAMES)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -123,7 +120,7 @@ def parse_filename(path: str) -> tuple[str, str, str, str]:
         raise UserError(f"{path}: not a .csv file (expected results/{{date}}_{{dataset}}_{{task}}_{{name}}.csv)")
     parts = base[:-4].split("_")
     for i in range(len(parts) - 2):
-        if parts[i] not in DATASETS:
+        if parts[i] not in _datasets():
             continue
         try:
             task = canonical_task(parts[i], parts[i + 1])
@@ -133,7 +130,7 @@ def parse_filename(path: str) -> tuple[str, str, str, str]:
         if name:
             return "_".join(parts[:i]), parts[i], task, name
     raise UserError(f"{path}: cannot read dataset/task/name from the file name; expected "
-                    f"{{date}}_{{dataset}}_{{task}}_{{name}}.csv with dataset one of {', '.join(DATASETS)} "
+                    f"{{date}}_{{dataset}}_{{task}}_{{name}}.csv with dataset one of {', '.join(_datasets())} "
                     "and a task of dataset/tasks.py, e.g. 2024-05-01_voc_15-1_MiB_AWT.csv")
 
 
@@ -173,7 +170,7 @@ def read_run(path: str, label: str | None = None, columns: str = "auto") -> Run:
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     date, dataset, task, name = parse_filename(path)
-    n = NUM_CLASSES[dataset]
+    n = _num_classes(dataset)
     total = num_steps(dataset, task)
     auto_label, protocol = method_label(name)
     rows: dict[int, list[str]] = {}
@@ -298,7 +295,7 @@ def step_scores(run: Run, step: int | None = None, reference_average: bool = Fal
     vals = run.values[step]
     _order, step0 = _step_order(run.dataset, run.task, step)
     if reference_average:
-        n = NUM_CLASSES[run.dataset]
+        n = _num_classes(run.dataset)
         n_base = len(step0)
         if run.columns == "remapped":
             cells = run.raw[step]
@@ -376,7 +373,7 @@ def fmt(mean: float | None, std: float | None = None, decimals: int = 1) -> str:
 
 
 def _sort_key(group: Group):
-    return (DATASETS.index(group.dataset), group.setting, group.protocol, group.label)
+    return (_datasets().index(group.dataset), group.setting, group.protocol, group.label)
 
 
 def _table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
@@ -401,7 +398,7 @@ def summary_table(groups: Sequence[Group], reference_average: bool = False, deci
 def per_class_table(groups: Sequence[Group], decimals: int = 1) -> str:
     """Last-step IoU per class (original ids), one column per group, one table per dataset."""
     out = []
-    for dataset in DATASETS:
+    for dataset in _datasets():
         gs = sorted((g for g in groups if g.dataset == dataset), key=_sort_key)
         if not gs:
             continue
@@ -409,7 +406,7 @@ def per_class_table(groups: Sequence[Group], decimals: int = 1) -> str:
         header = ["id", "class"] + [f"{g.label} {g.setting}" + (" disj." if g.protocol == "disjoint" else "")
                                     for g in gs]
         rows = []
-        for c in range(NUM_CLASSES[dataset]):
+        for c in range(_num_classes(dataset)):
             cells = []
             for g in gs:
                 vals = [r.values[r.last_step][c] for r in g.runs]
@@ -447,7 +444,7 @@ def plot_curves(groups: Sequence[Group], path: str, reference_average: bool = Fa
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     settings = sorted({(g.dataset, g.setting, g.protocol) for g in groups},
-                      key=lambda k: (DATASETS.index(k[0]), k[1], k[2]))
+                      key=lambda k: (_datasets().index(k[0]), k[1], k[2]))
     fig, axes = plt.subplots(len(settings), 3, figsize=(13, 3.4 * len(settings)), squeeze=False)
     for row, key in enumerate(settings):
         for g in sorted((g for g in groups if (g.dataset, g.setting, g.protocol) == key), key=_sort_key):
