@@ -39,6 +39,8 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default="voc", help="voc, ade or cityscapes")
     g.add_argument("--num_classes", type=int, default=None, help="(ignored: always taken from the dataset)")
     g.add_argument("--dont_predict_bg", action="store_true", help=IGNORED)
+    g.add_argument("--ignore_test_bg", action="store_true",
+                   help="(not implemented: rejected) ADE: ignore background pixels in the test metrics")
     g.add_argument("--cache_root", default="data", help="folder of the index caches data/{dataset}/{task}[-ov]/*.npy")
 
 
@@ -102,6 +104,9 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fusion-mode", dest="fusion_mode", default="mean", help=IGNORED)
     g.add_argument("--pooling", type=int, default=32, help="ASPP image-pooling window in evaluation")
     g.add_argument("--code_directory", default=".", help="root of pretrained/")
+    g.add_argument("--disable_background", action="store_true",
+                   help="(not implemented: rejected) zero the background logit in evaluation (PLOP's "
+                        "Cityscapes-domain leftover)")
 
 
 def _add_checkpoint(parser: argparse.ArgumentParser) -> None:

@@ -85,6 +85,10 @@ def _check_protocol(cfg) -> None:
     if cfg.no_mask:
         raise UserError("--no_mask is not supported (the reference hit 'assert False' for VOC and Cityscapes); "
                         "use --data_masking current+old to keep old-class labels")
+    for flag in ("ignore_test_bg", "disable_background"):
+        if getattr(cfg, flag):
+            raise UserError(f"--{flag} is not implemented (a PLOP-era ablation no published AWT script uses); "
+                            "remove it")
     if cfg.data_masking == "all":
         raise UserError("--data_masking all is not implemented (neither in the reference); use current, "
                         "current+old or new")
