@@ -67,12 +67,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_ddp(synthetic_voc, tmp_path):
+@pytest.mark.parametrize("awt", [False, True], ids=["MiB", "MiB+AWT"])
+def test_two_process_gloo_ddp(synthetic_voc, tmp_path, awt):
+    extra = ["--lr", "0.01", "0.001", "--method", "MiB"] + (["--att", "25", "--mask_att"] if awt else [])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           os.path.join(ROOT, "run.py"), *smoke_args(synthetic_voc, tmp_path, steps=(0, 1),
-                                                     extra=["--lr", "0.01", "0.001", "--method", "MiB"])]
+           os.path.join(ROOT, "run.py"), *smoke_args(synthetic_voc, tmp_path, steps=(0, 1), extra=extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _csv_rows(tmp_path)
     assert [r[0] for r in rows] == ["0", "1"]
+    if awt:  # rank 0 computed the mask, the other rank loaded the same file
+        assert len(list((tmp_path / "channels").rglob("step1_union_att25_*[0-9a-f].pt"))) == 1
+        assert "wrote channel mask" in proc.stdout
