@@ -12,6 +12,7 @@ previous steps (0 is stripped from both). ``order = [0] + labels_old + labels``;
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -94,11 +95,13 @@ def test_on_val_split(idxs: np.ndarray, train: bool) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- class presence
 def listing_key(reader: Reader) -> str:
-    """Hash of the split listing (paths relative to the reader root), the label LUT and the class count."""
+    """Hash of the split listing (paths relative to the reader root), each label file's size and modification
+    time (labels rewritten under the same names invalidate the caches), the label LUT and the class count."""
     digest = hashlib.sha1()
     for img, lbl in reader.samples:
+        stat = os.stat(lbl)
         digest.update(os.path.relpath(img, reader.root).encode() + b"\0")
-        digest.update(os.path.relpath(lbl, reader.root).encode() + b"\n")
+        digest.update(os.path.relpath(lbl, reader.root).encode() + f"\0{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     if reader.LABEL_LUT is not None:
         digest.update(np.asarray(reader.LABEL_LUT, dtype=np.uint8).tobytes())
     digest.update(str(reader.NUM_CLASSES).encode())
@@ -235,6 +238,20 @@ class IncrementalSegmentation(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------- builder
+def _cross_val_split(train: IncrementalSegmentation, seed: int, description: str) -> IncrementalSegmentation:
+    """Reference ``--cross_val``: ``random_split(train, [int(0.8 n), n - int(0.8 n)])``; ``train`` keeps the first
+    part (modified in place), the returned view (same reader, transform and masking) holds the rest."""
+    perm = torch.randperm(len(train.idxs), generator=torch.Generator().manual_seed(seed)).numpy()
+    cut = int(0.8 * len(perm))
+    val = copy.copy(train)
+    train.idxs, val.idxs = train.idxs[perm[:cut]], train.idxs[perm[cut:]]
+    val.description = description
+    if len(val.idxs) == 0 or len(train.idxs) == 0:
+        raise UserError(f"--cross_val: {len(perm)} training image(s) for {train.description} cannot be split "
+                        f"80/20; use a larger dataset or drop --cross_val")
+    return val
+
+
 def step_cache_dir(cache_root: str, dataset: str, task: str, overlap: bool) -> str:
     """``{cache_root}/{dataset}/{task}[-ov]`` (the reference's index-cache folder)."""
     return os.path.join(cache_root, dataset, canonical_task(dataset, task) + ("-ov" if overlap else ""))
@@ -242,11 +259,14 @@ def step_cache_dir(cache_root: str, dataset: str, task: str, overlap: bool) -> s
 
 def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bool, data_masking: str = "current",
                    crop_size: int, crop_val: bool = True, cache_root: str = "data", test_on_val: bool = False,
-                   val_on_trainset: bool = False):
-    """``(train, val, test)`` for one step, as the reference ``get_dataset`` (no ``--cross_val``).
+                   val_on_trainset: bool = False, cross_val: bool = False, seed: int = 42):
+    """``(train, val, test)`` for one step, as the reference ``get_dataset``.
 
     train: train split, ``overlap`` filtering, masked; val: val split, overlap filtering, masked the same way
-    (old classes -> 0); test: val split (train split with ``val_on_trainset``), cumulative labels, unseen -> 0."""
+    (old classes -> 0); test: val split (train split with ``val_on_trainset``), cumulative labels, unseen -> 0.
+    ``cross_val``: the reference's ``random_split`` of the train dataset, 80 % train / 20 % val, drawn from a
+    generator seeded with ``seed`` (= the reference's global RNG right after ``torch.manual_seed(random_seed)``);
+    the val part keeps the train transform and masking, as in the reference."""
     from dataset import READERS  # late import: dataset/__init__ imports this module
 
     if dataset not in READERS:
@@ -267,10 +287,13 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
         train_reader, labels=labels, labels_old=labels_old, overlap=overlap, masking=data_masking, train=True,
         transform=train_preset(crop_size), idxs_path=os.path.join(folder, f"train-{step}.npy"),
         presence_dir=presence_dir, test_on_val=test_on_val, description=describe("train"))
-    val = IncrementalSegmentation(
-        val_reader, labels=labels, labels_old=labels_old, overlap=True, masking=data_masking, train=False,
-        transform=eval_preset(crop_size, crop_val), idxs_path=os.path.join(folder, f"val-{step}.npy"),
-        presence_dir=presence_dir, description=describe("val"))
+    if cross_val:
+        val = _cross_val_split(train, seed, describe("cross-validation"))
+    else:
+        val = IncrementalSegmentation(
+            val_reader, labels=labels, labels_old=labels_old, overlap=True, masking=data_masking, train=False,
+            transform=eval_preset(crop_size, crop_val), idxs_path=os.path.join(folder, f"val-{step}.npy"),
+            presence_dir=presence_dir, description=describe("val"))
     test_split = "train" if val_on_trainset else "val"
     test = IncrementalSegmentation(
         train_reader if val_on_trainset else val_reader, labels=labels_old + labels, labels_old=(), overlap=True,

@@ -73,7 +73,8 @@ class RandomResizedCrop:
         top, left, h, w = self.get_params(*image.size)
         box = (left, top, left + w, top + h)
         out = (self.size[1], self.size[0])
-        return (image.resize(out, Image.BILINEAR, box=box), label.resize(out, Image.NEAREST, box=box))
+        # crop, then resize (torchvision's resized_crop); resize(box=...) samples differently at the crop border
+        return (image.crop(box).resize(out, Image.BILINEAR), label.crop(box).resize(out, Image.NEAREST))
 
     def __repr__(self) -> str:
         return f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio})"

@@ -94,4 +94,4 @@ def build_step_datasets(cfg, step: int):
     return build_datasets(dataset=cfg.dataset, root=cfg.data_root, task=cfg.task, step=step, overlap=cfg.overlap,
                           data_masking=cfg.data_masking, crop_size=cfg.crop_size, crop_val=cfg.crop_val,
                           cache_root=cfg.cache_root, test_on_val=cfg.test_on_val,
-                          val_on_trainset=cfg.val_on_trainset)
+                          val_on_trainset=cfg.val_on_trainset, cross_val=cfg.cross_val, seed=cfg.random_seed)
