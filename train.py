@@ -78,6 +78,12 @@ def _compute_losses(model, model_old, images, labels, setup: EpochSetup) -> dict
         return criterion(batch)
 
 
+def unwrap(model):
+    """The plain module under ``torch.compile`` and DDP wrappers (terms key their statistics by parameter name)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile: parameter names would start with "_orig_mod."
+    return getattr(model, "module", model)
+
+
 def _uses_after_backward(criterion) -> bool:
     """Whether a term overrides ``LossTerm.after_backward`` (unknown criterion types: assume it does)."""
     terms = getattr(criterion, "terms", None)
@@ -120,7 +126,7 @@ def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, e
             # get_scale() synchronises with the device: only ask for it when a term uses after_backward
             scale = setup.scaler.get_scale() if setup.scaler.is_enabled() and _uses_after_backward(
                 setup.criterion) else 1.0
-            extra = setup.criterion.after_backward(getattr(model, "module", model), grad_scale=scale)
+            extra = setup.criterion.after_backward(unwrap(model), grad_scale=scale)
             if extra:  # reference order: statistics from the task-loss gradients, then the penalty's own backward
                 setup.scaler.scale(sum(extra.values())).backward()
                 losses = {**losses, **extra}

@@ -116,6 +116,9 @@ class Regularizer(LossTerm):
         fisher = {n: t.to(self.old_params[n].device) for n, t in previous.get("fisher", {}).items()
                   if n in self.old_params}
         self.old_score_raw = score
+        for n, f in fisher.items():  # the Fisher EMA continues from the previous step's; new keys start at ones
+            if n in self.fisher and self.fisher[n].shape == f.shape:
+                self.fisher[n] = f.detach().clone().to(self.fisher[n])
         if self.kind == "ewc":
             self.old_importance = {n: norm(f) for n, f in fisher.items()}
         elif self.kind == "pi":
