@@ -37,7 +37,8 @@ def resolve_precision(cfg, device: torch.device):
 
 
 def build_loaders(cfg, step: int, device: torch.device):
-    """Train, validation and test loaders of ``step``; evaluation uses batch 1 on full images."""
+    """Train, validation and test loaders of ``step``; evaluation batch = --batch_size on centre crops (default),
+    1 on full images with --crop_val (reference)."""
     from utils.builders import build_step_datasets
     from utils.data import build_loader
 
@@ -59,8 +60,9 @@ def prepare_models(cfg, step: int, device: torch.device, first_step_of_call: boo
 
     if step == 0:
         return build_model(cfg, 0, pretrained=True).to(device), None, {}
-    model_old, prev = load_previous_step(cfg, step, device, first_step_of_call=first_step_of_call)
+    # new model first: its new classifier's default init is drawn right after the seed, as in the reference
     model = build_model(cfg, step, pretrained=False)
+    model_old, prev = load_previous_step(cfg, step, device, first_step_of_call=first_step_of_call)
     missing, unexpected = model.load_state_dict(model_old.state_dict(), strict=False)
     new_keys = {f"cls.{len(model.cls) - 1}.weight", f"cls.{len(model.cls) - 1}.bias"}
     if unexpected or set(missing) - new_keys:
@@ -176,14 +178,24 @@ def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, b
             samples = sample_collector(cfg, step) if cfg.sample_num > 0 and board.writer else None
             cm = evaluate(model, val_loader, n_classes=sum(model.classes), device=device,
                           precision=setup.precision, show_progress=not cfg.no_progress, sample_hook=samples)
-            score = cm.results()["Mean IoU"]
+            res = cm.results()
+            score = res["Mean IoU"]
             log.info("step %d epoch %d validation mIoU %.4f", step, epoch, score)
             board.scalar(f"Val_MeanIoU/{step}", score, epoch)
+            board.scalar(f"Val_Overall_Acc/{step}", res["Overall Acc"], epoch)
+            board.text(f"Val_Class_IoU/{step}", class_table(res["Class IoU"]), epoch)
+            board.text(f"Val_Acc_IoU/{step}", class_table(res["Class Acc"]), epoch)
             for k, picture in enumerate(samples.panels if samples else []):
                 board.image(f"Sample_{k}/{step}", picture.transpose(2, 0, 1), epoch)
         if (epoch + 1) % cfg.ckpt_interval == 0 and epoch + 1 < cfg.epochs and is_main_process():
             save_checkpoint(partial_ckpt_path(final_path), **checkpoint_content(cfg, model, setup, epoch + 1, score))
     return score
+
+
+def class_table(values: dict) -> str:
+    """Markdown table ``class | value`` for the TensorBoard text tabs (the reference's ``add_table``)."""
+    rows = [f"| {k} | {v if isinstance(v, str) else f'{v:.4f}'} |" for k, v in values.items()]
+    return "\n".join(["| class | value |", "|---:|---:|", *rows])
 
 
 def sample_collector(cfg, step: int):
@@ -214,6 +226,9 @@ def test_step(cfg, step: int, model, test_loader, precision, device, board) -> d
              split["new"], split["all"])
     board.scalar("T_MeanIoU", res["Mean IoU"], step)
     board.scalar("T_Overall_Acc", res["Overall Acc"], step)
+    board.scalar("T_MeanAcc", res["Mean Acc"], step)
+    board.text("Test_Class_IoU", class_table(res["Class IoU"]), step)
+    board.text("Test_Class_Acc", class_table(res["Class Acc"]), step)
     if is_main_process():
         path = results_csv_path(cfg.results_dir, cfg.date, cfg.dataset, cfg.task, cfg.name)
         n_total = READERS[cfg.dataset].NUM_CLASSES

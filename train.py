@@ -116,6 +116,7 @@ def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, e
                                                     f"epoch {epoch}", total=n_iter)):
         images = setup.precision.images(images, device)
         labels = labels.to(device, non_blocking=True)
+        lr = setup.optimizer.param_groups[0]["lr"]  # the lr this iteration trains with (logged below)
         boundary = (it + 1) % setup.grad_accum == 0 or it + 1 == n_iter
         sync = model.no_sync() if (not boundary and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with sync:
@@ -141,13 +142,12 @@ def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, e
         if (it + 1) % setup.log_interval == 0 or it + 1 == n_iter:
             _check_finite(sums, window, step, epoch, n_iter)
             window = []
-            _log_iteration(board, last, setup, step, epoch, it, n_iter)
+            _log_iteration(board, last, lr, step, epoch, it, n_iter)
     return _epoch_means(sums, n_iter, device)
 
 
-def _log_iteration(board, last, setup: EpochSetup, step, epoch, it, n_iter) -> None:
+def _log_iteration(board, last, lr: float, step, epoch, it, n_iter) -> None:
     text = " ".join(f"{k}={float(v):.4f}" for k, v in last.items())
-    lr = setup.optimizer.param_groups[0]["lr"]
     log.info("step %d epoch %d iter %d/%d lr %.6f %s", step, epoch, it + 1, n_iter, lr, text)
     if board is not None:
         x = epoch * n_iter + it

@@ -1,8 +1,9 @@
 """Checkpoint paths, safe loading and atomic saving.
 
 Step checkpoints keep the reference layout and keys (``model_state``, ``optimizer_state``, ``scheduler_state``,
-``best_score``, ``epoch``, ``trainer_state``) so files from either code base load in the other. A step checkpoint
-exists only once its step is complete; an interrupted step leaves a separate ``.partial.pth`` for resuming.
+``best_score``, ``epoch``, ``trainer_state``); reference files (``module.`` keys) load here, ours are written without
+the DDP prefix (docs/deviations.md). A step checkpoint exists only once its step is complete; an interrupted step
+leaves a separate ``.partial.pth`` for resuming.
 """
 from __future__ import annotations
 
