@@ -5,6 +5,7 @@ Runs on the CPU or one GPU without a launcher, and under ``torchrun --nproc_per_
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import sys
@@ -42,10 +43,14 @@ def build_loaders(cfg, step: int, device: torch.device):
     from utils.builders import build_step_datasets
     from utils.data import build_loader
 
+    from utils.dist import get_world_size
+
     train_ds, val_ds, test_ds = build_step_datasets(cfg, step)
-    if len(train_ds) < cfg.batch_size:
-        raise UserError(f"step {step} of {cfg.dataset} {cfg.task} has {len(train_ds)} training images, fewer than "
-                        f"--batch_size {cfg.batch_size}: lower --batch_size or use a larger dataset")
+    per_process = len(train_ds) // get_world_size()
+    if per_process < cfg.batch_size:
+        raise UserError(f"step {step} of {cfg.dataset} {cfg.task} has {len(train_ds)} training images, "
+                        f"{per_process} per process, fewer than --batch_size {cfg.batch_size}: lower --batch_size "
+                        "or use a larger dataset")
     pin = device.type == "cuda"
     eval_bs = cfg.batch_size if cfg.crop_val else 1
     common = {"num_workers": cfg.num_workers, "seed": cfg.random_seed, "pin_memory": pin}
@@ -222,8 +227,8 @@ def test_step(cfg, step: int, model, test_loader, precision, device, board) -> d
                   show_progress=not cfg.no_progress)
     res = cm.results()
     split = old_new_all(res["Class IoU"], model.classes[0], sum(model.classes))
-    log.info("step %d test: mIoU %.4f old %.4f new %.4f all %.4f", step, res["Mean IoU"], split["old"],
-             split["new"], split["all"])
+    log.info("step %d test: mIoU %.4f, old / new / all %s", step, res["Mean IoU"],
+             " / ".join("-" if math.isnan(split[k]) else f"{split[k]:.4f}" for k in ("old", "new", "all")))
     board.scalar("T_MeanIoU", res["Mean IoU"], step)
     board.scalar("T_Overall_Acc", res["Overall Acc"], step)
     board.scalar("T_MeanAcc", res["Mean Acc"], step)

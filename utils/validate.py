@@ -129,6 +129,10 @@ def validate_run(cfg) -> None:
     check_supported(cfg)
     if cfg.att and not 0 < cfg.att <= 100:
         raise UserError(f"--att {cfg.att} is outside (0, 100]: it is the percentage of channels to transfer")
+    if 0 in cfg.step and not cfg.test:
+        from utils.builders import pretrained_path
+
+        pretrained_path(cfg)  # a missing ImageNet file is an error before the datasets are built
     _check_data_root(cfg)
     _check_resume(cfg)
     _check_channel_masks(cfg, _check_checkpoints(cfg))
