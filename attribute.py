@@ -9,16 +9,59 @@ run.py computes the same file itself when it is missing; see docs/awt.md.
 """
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from methods import awt
+from methods.channel_masks import write_mask
+from utils.errors import UserError
 
-from methods.awt import attribute_main  # noqa: E402
+
+def run_attribution(argv=None, *, per_class: bool = False) -> int:
+    """attribute.py / attribute_class.py: same flags as run.py; writes the channel mask of every ``--step`` > 0
+    (always recomputed, overwriting an existing file). Exit 0 on success, 2 with ``error: ...`` on a UserError."""
+    from utils.config import parse_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        cfg = parse_config(argv)
+        from utils.logger import setup_logging
+
+        setup_logging(cfg.debug)
+        awt.validate_awt_args(cfg)
+        if cfg.no_att or cfg.random_channels:
+            raise UserError("nothing to attribute with --no_att or --random_channels (run.py needs no mask then)")
+        if float(cfg.att) <= 0:
+            raise UserError("pass --att in (0, 100], e.g. --att 25: the percentage of channels to select")
+        if per_class and not cfg.mask_att:
+            raise UserError("attribute_class.py needs --mask_att (per-class masks come from each class's pixels)")
+        from utils.builders import load_old_model, select_device
+
+        device = select_device(cfg)
+        steps = [int(s) for s in cfg.step]
+        if any(s < 1 for s in steps):
+            raise UserError(f"attribution is for incremental steps: --step must be >= 1, got {steps}")
+        for i, step in enumerate(steps):
+            model_old = load_old_model(cfg, step, device, first_step_of_call=(i == 0))
+            mask, result, meta = awt.compute_mask(cfg, step, model_old, device, per_class=per_class)
+            path = awt.channels_path(cfg, step, per_class=per_class)
+            write_mask(path, mask, result, meta, plot=bool(cfg.att_plot))
+            print(f"step {step}: wrote {path} ({meta['selected']} of {mask.shape[-1]} channels"
+                  f"{f' x {mask.shape[0]} classes' if per_class else ''}; {result.n_images} images, skipped "
+                  f"{result.n_skipped.tolist()})")
+            del model_old
+        return 0
+    except UserError as exc:
+        if debug:
+            raise
+        from utils.errors import one_line
+
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 def main(argv=None) -> int:
-    return attribute_main(argv, per_class=False)
+    return run_attribution(argv, per_class=False)
 
 
 if __name__ == "__main__":

@@ -9,16 +9,13 @@ script, where class k's mask came from the attributions of classes 1..k. run.py 
 """
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from methods.awt import attribute_main  # noqa: E402
+from attribute import run_attribution
 
 
 def main(argv=None) -> int:
-    return attribute_main(argv, per_class=True)
+    return run_attribution(argv, per_class=True)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def _inputs(args, device):
 
 def _worker(args) -> None:
     """One implementation in a fresh process: time and peak memory."""
-    from methods import awt
+    from methods import attribution
     from segmentation_module import make_model
 
     device = torch.device(args.device)
@@ -90,7 +90,7 @@ def _worker(args) -> None:
     bs = args.batch_size if args.only == "exact" else 1
     batches = [(images[i:i + bs], labels[i:i + bs]) for i in range(0, args.images, bs)]
     # warm-up on the first batch: one-off kernel/primitive setup for these shapes is not part of the timing
-    awt.channel_importance(model, batches[:1], [NEW_CLASS], method=args.only, n_steps=args.ig_steps,
+    attribution.channel_importance(model, batches[:1], [NEW_CLASS], method=args.only, n_steps=args.ig_steps,
                            internal_batch_size=args.ig_batch_size)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -100,7 +100,7 @@ def _worker(args) -> None:
         base = _rss_bytes()
         peak_before = _max_rss_bytes()
     t0 = time.perf_counter()
-    result = awt.channel_importance(model, batches, [NEW_CLASS], method=args.only, n_steps=args.ig_steps,
+    result = attribution.channel_importance(model, batches, [NEW_CLASS], method=args.only, n_steps=args.ig_steps,
                                     internal_batch_size=args.ig_batch_size)
     if device.type == "cuda":
         torch.cuda.synchronize()

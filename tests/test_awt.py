@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from methods import awt  # noqa: E402
+from methods import attribution, awt, channel_masks  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 pytest.importorskip("captum")
@@ -63,8 +63,8 @@ def labels():
 @pytest.fixture(scope="module")
 def attributions(model, images):
     """Per-image layer attributions from both implementations (Captum in the reference configuration)."""
-    exact = awt.ExactAttributor(model)(images)
-    captum = awt.CaptumAttributor(model, n_steps=50, internal_batch_size=25)(images)
+    exact = attribution.ExactAttributor(model)(images)
+    captum = attribution.CaptumAttributor(model, n_steps=50, internal_batch_size=25)(images)
     return exact, captum
 
 
@@ -91,15 +91,15 @@ def test_exact_matches_captum_with_plain_reference_call(model, images, attributi
     assert close(attributions[0][:1], att)
 
 
-@pytest.mark.parametrize("aggregation", awt.AGGREGATIONS)
+@pytest.mark.parametrize("aggregation", attribution.AGGREGATIONS)
 @pytest.mark.parametrize("per_class", [False, True])
 def test_aggregations_same_scores_and_channels(attributions, labels, aggregation, per_class):
     exact, captum = attributions
     groups = [[3], [4]] if per_class else [[3, 4]]
-    masks = awt.attribution_masks(labels, exact.shape[-2:], groups)
+    masks = attribution.attribution_masks(labels, exact.shape[-2:], groups)
     results = []
     for att in (exact, captum):
-        acc = awt.ScoreAccumulator(len(groups), aggregation)
+        acc = attribution.ScoreAccumulator(len(groups), aggregation)
         acc.update(att[:2], masks[:2])  # streamed in two batches
         acc.update(att[2:], masks[2:])
         results.append(acc.scores()[0])
@@ -122,11 +122,11 @@ def naive_scores(att, masks, aggregation):
     return a.mean(0).mean(dim=(1, 2))
 
 
-@pytest.mark.parametrize("aggregation", awt.AGGREGATIONS)
+@pytest.mark.parametrize("aggregation", attribution.AGGREGATIONS)
 def test_streaming_equals_reference_formula(attributions, labels, aggregation):
     exact = attributions[0]
-    masks = awt.attribution_masks(labels, exact.shape[-2:], [[3, 4]])
-    acc = awt.ScoreAccumulator(1, aggregation)
+    masks = attribution.attribution_masks(labels, exact.shape[-2:], [[3, 4]])
+    acc = attribution.ScoreAccumulator(1, aggregation)
     for i in range(N_IMAGES):
         acc.update(exact[i:i + 1], masks[i:i + 1])
     scores, used = acc.scores()
@@ -136,8 +136,8 @@ def test_streaming_equals_reference_formula(attributions, labels, aggregation):
 
 def test_accumulate_classes_is_cumulative(attributions, labels):
     exact = attributions[0]
-    masks = awt.attribution_masks(labels, exact.shape[-2:], [[3], [4]])
-    acc = awt.ScoreAccumulator(2, "max_after_mean")
+    masks = attribution.attribution_masks(labels, exact.shape[-2:], [[3], [4]])
+    acc = attribution.ScoreAccumulator(2, "max_after_mean")
     acc.update(exact, masks)
     reset, _ = acc.scores()
     cum, used = acc.scores(accumulate_groups=True)
@@ -150,34 +150,34 @@ def test_accumulate_classes_is_cumulative(attributions, labels):
 
 def test_channel_importance_end_to_end_both_methods(model, images, labels):
     batches = [(images[:2], labels[:2]), (images[2:], labels[2:])]
-    res = {m: awt.channel_importance(model, batches, [3, 4], method=m, n_steps=20, internal_batch_size=20)
+    res = {m: attribution.channel_importance(model, batches, [3, 4], method=m, n_steps=20, internal_batch_size=20)
            for m in ("exact", "captum")}
     assert close(res["exact"].scores, res["captum"].scores)
     assert res["exact"].n_images == 4 and res["exact"].n_used.tolist() == [3]
     assert res["exact"].n_skipped.tolist() == [1]
-    per = awt.channel_importance(model, batches, [3, 4], per_class=True)
+    per = attribution.channel_importance(model, batches, [3, 4], per_class=True)
     assert per.scores.shape == (2, 256) and per.n_used.tolist() == [2, 2]
-    whole = awt.channel_importance(model, batches, [3, 4], mask_att=False)  # no --mask_att: whole image
+    whole = attribution.channel_importance(model, batches, [3, 4], mask_att=False)  # no --mask_att: whole image
     assert whole.n_used.tolist() == [4] and whole.n_skipped.tolist() == [0]
 
 
 def test_all_images_skipped_is_an_error(model, images):
     background_only = torch.zeros(2, SIZE, SIZE, dtype=torch.long)
     with pytest.raises(UserError, match="skipped"):
-        awt.channel_importance(model, [(images[:2], background_only)], [3, 4])
+        attribution.channel_importance(model, [(images[:2], background_only)], [3, 4])
 
 
 def test_column_sums_generic_sizes():
-    assert torch.allclose(awt.upsample_column_sums((32, 32), (512, 512)), torch.full((32, 32), 256.0))
-    a = awt.upsample_column_sums((3, 5), (40, 70))
+    assert torch.allclose(attribution.upsample_column_sums((32, 32), (512, 512)), torch.full((32, 32), 256.0))
+    a = attribution.upsample_column_sums((3, 5), (40, 70))
     assert a.shape == (3, 5)
     assert abs(float(a.sum()) - 40 * 70) < 1e-3  # every output pixel's weights sum to 1
 
 
 def test_non_square_input_matches_captum(model):
     x = torch.randn(1, 3, 48, 80, generator=torch.Generator().manual_seed(3))
-    exact = awt.ExactAttributor(model)(x)
-    captum = awt.CaptumAttributor(model, n_steps=10, internal_batch_size=10)(x)
+    exact = attribution.ExactAttributor(model)(x)
+    captum = attribution.CaptumAttributor(model, n_steps=10, internal_batch_size=10)(x)
     assert close(exact, captum)
 
 
@@ -219,20 +219,20 @@ def _bad_models(model):
 def test_exact_refuses_non_affine_models(model):
     for name, bad in _bad_models(model).items():
         with pytest.raises(UserError, match="captum"):
-            awt.ExactAttributor(bad)
+            attribution.ExactAttributor(bad)
         assert name
 
 
 def test_exact_refuses_cosine_and_multimodal_flags(model):
     with pytest.raises(UserError, match="cosine"):
-        awt.check_exact_supported(model, cfg_of("--cosine"))
+        attribution.check_exact_supported(model, cfg_of("--cosine"))
     with pytest.raises(UserError, match="multi-modal"):
-        awt.check_exact_supported(model, cfg_of("--nb_background_modes", "2"))
+        attribution.check_exact_supported(model, cfg_of("--nb_background_modes", "2"))
 
 
 def test_numerical_affinity_check_catches_a_non_affine_forward(model, images):
     bad = _bad_models(model)["softmax forward"]
-    attributor = awt.ExactAttributor.__new__(awt.ExactAttributor)
+    attributor = attribution.ExactAttributor.__new__(attribution.ExactAttributor)
     attributor.model, attributor.verify, attributor._cache = bad, True, {}
     with pytest.raises(UserError, match="not affine"):
         attributor(images[:1])
@@ -326,7 +326,7 @@ def test_channels_path_is_stable_and_from_config():
         assert awt.channels_path(cfg_of(*BASE, *extra), 1) != path, extra
     assert "_nomask_" in awt.channels_path(cfg_of(*[a for a in BASE if a != "--mask_att"]), 1)
     assert "_cum_" in awt.channels_path(cfg_of(*BASE, "--att_accumulate_classes"), 2, per_class=True)
-    assert awt.scores_path(path).endswith("_scores.pt")
+    assert channel_masks.scores_path(path).endswith("_scores.pt")
 
 
 def _fake_dataset(n=4, size=SIZE, new=16):
@@ -355,7 +355,7 @@ def test_compute_or_load_mask_writes_then_reuses(tmp_path, voc_old_model, monkey
     saved = torch.load(path, weights_only=True)
     assert saved.dtype == torch.bool and saved.shape == (256,) and saved.device.type == "cpu"
     assert int(mask.sum()) == 64 and torch.equal(saved, mask)
-    meta = torch.load(awt.scores_path(path), weights_only=True)
+    meta = torch.load(channel_masks.scores_path(path), weights_only=True)
     assert meta["scores"].shape == (1, 256) and meta["meta"]["new_classes"] == [16]
 
     def boom(*a, **k):
@@ -400,7 +400,7 @@ def test_prepare_new_classifier_applies_the_mask(tmp_path, voc_old_model):
     cfg = cfg_of(*BASE, "--channels_dir", str(tmp_path))
     mask = torch.zeros(256, dtype=torch.bool)
     mask[::4] = True
-    awt.write_mask(awt.channels_path(cfg, 1), mask)
+    channel_masks.write_mask(awt.channels_path(cfg, 1), mask)
     torch.manual_seed(0)
     new = segmentation_module.make_model(backbone="resnet18", norm_act="abn", output_stride=16, classes=[16, 1])
     new.load_state_dict(voc_old_model.state_dict(), strict=False)

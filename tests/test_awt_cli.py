@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
 pytest.importorskip("dataset.synthetic")
 segmentation_module = pytest.importorskip("segmentation_module")
 
-from methods import awt  # noqa: E402
+from methods import awt, channel_masks  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +59,9 @@ def test_attribute_writes_the_mask_run_py_finds(workdir):
     assert os.path.isabs(path) and os.path.isfile(path), proc.stdout  # run.py computes the same path
     mask = torch.load(path, weights_only=True)
     assert mask.dtype == torch.bool and mask.shape == (256,) and int(mask.sum()) == 64
-    scores = torch.load(awt.scores_path(path), weights_only=True)
+    scores = torch.load(channel_masks.scores_path(path), weights_only=True)
     assert scores["meta"]["new_classes"] == [16] and scores["n_images"] > 0
-    assert os.path.isfile(awt.plot_path(path))
+    assert os.path.isfile(channel_masks.plot_path(path))
     # run.py's entry point loads (and validates) exactly this file for the old model of the same checkpoint
     from utils.builders import load_old_model
 
