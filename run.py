@@ -134,7 +134,7 @@ def checkpoint_content(cfg, model, setup, epoch: int, best_score: float) -> dict
     state = setup.criterion.state_dict()
     return {"epoch": epoch, "model_state": model.state_dict(), "optimizer_state": setup.optimizer.state_dict(),
             "scheduler_state": setup.scheduler.state_dict(), "scaler_state": setup.scaler.state_dict(),
-            "best_score": best_score, "trainer_state": {"regularizer": state.get("regularizer"), **state},
+            "best_score": best_score, "trainer_state": {"regularizer": None, **state},
             "rng_state": {"torch": torch.get_rng_state()}, "config": dump(cfg), "version": VERSION}
 
 
@@ -215,13 +215,13 @@ def sample_collector(cfg, step: int):
 
 def test_step(cfg, step: int, model, test_loader, precision, device, board) -> dict:
     """Evaluate on the cumulative test set; write the CSV row and the old/new/all summary (rank 0)."""
-    from metrics.results import csv_row, format_summary, read_summary_rows, results_csv_path, summary_path, \
-        upsert_row
+    from metrics.results import csv_row, format_summary, results_csv_path, summary_path, upsert_row
     from metrics.stream_metrics import old_new_all
     from dataset import READERS
     from train import evaluate
     from utils.dist import is_main_process
     from utils.io import atomic_write_text
+    from utils.report import read_run, step_scores
 
     cm = evaluate(model, test_loader, n_classes=sum(model.classes), device=device, precision=precision,
                   show_progress=not cfg.no_progress)
@@ -238,7 +238,8 @@ def test_step(cfg, step: int, model, test_loader, precision, device, board) -> d
         path = results_csv_path(cfg.results_dir, cfg.date, cfg.dataset, cfg.task, cfg.name)
         n_total = READERS[cfg.dataset].NUM_CLASSES
         upsert_row(path, step, csv_row(step, res["Class IoU"], sum(model.classes), n_total, res["Mean IoU"]))
-        rows = read_summary_rows(path, model.classes[0])
+        written = read_run(path, columns="remapped")
+        rows = [{"step": s, **step_scores(written, s)} for s in sorted(written.values)]
         text = format_summary(rows, f"{cfg.dataset} {cfg.task} {cfg.name} (mIoU %, test set)")
         atomic_write_text(summary_path(path), text)
         log.info("results: %s\n%s", path, text)
@@ -322,7 +323,7 @@ def main(argv=None) -> int:
         for i, (step, lr) in enumerate(step_lrs(cfg)):
             run_step(cfg, step, lr, first_step_of_call=(i == 0), device=device)
         return 0
-    except (UserError, _non_finite()) as exc:
+    except UserError as exc:
         if cfg is not None and cfg.debug:
             raise
         from utils.dist import get_rank, is_distributed
@@ -343,12 +344,6 @@ def main(argv=None) -> int:
         return 1
     finally:
         cleanup()
-
-
-def _non_finite():
-    from train import NonFiniteLoss
-
-    return NonFiniteLoss
 
 
 if __name__ == "__main__":

@@ -160,12 +160,6 @@ class IncrementalSegmentationModule(nn.Module):
         return iter(self.cls[-1].parameters())
 
 
-def _strip_prefix(state: dict, prefix: str) -> dict:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
 def load_pretrained_body(body: nn.Module, path: str) -> None:
     """Load an ImageNet backbone file in the In-Place ABN layout strictly into ``body``.
 
@@ -175,7 +169,7 @@ def load_pretrained_body(body: nn.Module, path: str) -> None:
     hint = "download it (see pretrained/README.md) or pass --no_pretrained"
     if not os.path.isfile(path):
         raise UserError(f"pretrained backbone weights not found: {path}; {hint}")
-    from utils.checkpoint import safe_load  # weights_only loading with the explicit allow-list
+    from utils.checkpoint import safe_load, strip_module_prefix  # weights_only loading with an allow-list
 
     try:
         obj = safe_load(path, "pretrained backbone weights")
@@ -184,7 +178,7 @@ def load_pretrained_body(body: nn.Module, path: str) -> None:
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"pretrained backbone weights {path} are not a state dict of tensors; {hint}")
-    state = _strip_prefix(dict(state), "module.")
+    state = strip_module_prefix(dict(state))
     state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     own = body.state_dict()
     for key, value in own.items():

@@ -15,12 +15,13 @@ import torch
 from methods.base import Batch, LossTerm
 from metrics.stream_metrics import ConfusionMatrix
 from utils.dist import all_reduce_sum
+from utils.errors import UserError
 from utils.logger import progress
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError):
     """A loss became NaN or infinite; the message names the step, iteration and every loss term."""
 
 

@@ -31,15 +31,11 @@ import numpy as np
 from PIL import Image
 
 from dataset.base import bit_palette
-from dataset.cityscapes import RAW_TO_TRAIN
+from dataset.ade import ADEReader
+from dataset.cityscapes import RAW_TO_TRAIN, CityscapesReader
+from dataset.voc import VOCReader
 from utils.errors import UserError
 
-LAYOUTS = {
-    #             classes  default size (h, w)   train  val
-    "voc": dict(num_classes=21, train=600, val=150, aspect=1.0),
-    "ade": dict(num_classes=151, train=600, val=300, aspect=1.0),
-    "cityscapes": dict(num_classes=20, train=400, val=100, aspect=2.0),
-}
 CITYSCAPES_IGNORED_IDS = (1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30)
 TRAIN_TO_RAW = {train: raw for raw, train in RAW_TO_TRAIN.items()}
 SHAPES = ("ellipse", "rectangle", "triangle", "diamond")
@@ -187,75 +183,97 @@ def schedule(rng: np.random.Generator, n_images: int, num_fg: int) -> list[tuple
 
 
 # ----------------------------------------------------------------------------------------------- layouts
-def _voc_writer(root, split, index, image, label, palette):
-    name = f"syn{'t' if split == 'train' else 'v'}_{index:06d}"
-    Image.fromarray(image).save(os.path.join(root, "JPEGImages", name + ".jpg"), quality=92)
-    lbl = Image.fromarray(label)
-    if split == "val":  # real VOC val labels are palette PNGs; the SBD-aug ones are grey
-        lbl = lbl.convert("P")
-        lbl.putpalette(palette.ravel().tolist())
-    lbl.save(os.path.join(root, "SegmentationClassAug", name + ".png"))
-    return f"/JPEGImages/{name}.jpg /SegmentationClassAug/{name}.png"
+class _VOCLayout:
+    """PascalVOC12/: JPEGImages, SegmentationClassAug (255 boundary rings) and the split listings."""
+    num_classes, train, val, aspect = VOCReader.NUM_CLASSES, 600, 150, 1.0
+    dirs = ("JPEGImages", "SegmentationClassAug", "splits")
+    clutter_ids: tuple = ()
+    palette = bit_palette(256)
+
+    @classmethod
+    def write(cls, root, split, index, image, label, clutter_map) -> str:
+        label[boundary_ring(label)] = 255
+        name = f"syn{'t' if split == 'train' else 'v'}_{index:06d}"
+        Image.fromarray(image).save(os.path.join(root, "JPEGImages", name + ".jpg"), quality=92)
+        lbl = Image.fromarray(label)
+        if split == "val":  # real VOC val labels are palette PNGs; the SBD-aug ones are grey
+            lbl = lbl.convert("P")
+            lbl.putpalette(cls.palette.ravel().tolist())
+        lbl.save(os.path.join(root, "SegmentationClassAug", name + ".png"))
+        return f"/JPEGImages/{name}.jpg /SegmentationClassAug/{name}.png"
+
+    @staticmethod
+    def finish(root, split, lines) -> None:
+        name = "train_aug.txt" if split == "train" else "val.txt"
+        with open(os.path.join(root, "splits", name), "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
 
 
-def _ade_writer(root, split, index, image, label):
-    sub, prefix = ("training", "train") if split == "train" else ("validation", "val")
-    name = f"ADE_{prefix}_{index + 1:08d}"
-    base = os.path.join(root, "ADEChallengeData2016")
-    Image.fromarray(image).save(os.path.join(base, "images", sub, name + ".jpg"), quality=92)
-    Image.fromarray(label).save(os.path.join(base, "annotations", sub, name + ".png"))
+class _ADELayout:
+    """ADEChallengeData2016/{images,annotations}/{training,validation}."""
+    num_classes, train, val, aspect = ADEReader.NUM_CLASSES, 600, 300, 1.0
+    dirs = tuple(os.path.join("ADEChallengeData2016", top, sub)
+                 for top in ("images", "annotations") for sub in ("training", "validation"))
+    clutter_ids: tuple = ()
+
+    @staticmethod
+    def write(root, split, index, image, label, clutter_map) -> None:
+        sub, prefix = ("training", "train") if split == "train" else ("validation", "val")
+        name = f"ADE_{prefix}_{index + 1:08d}"
+        base = os.path.join(root, "ADEChallengeData2016")
+        Image.fromarray(image).save(os.path.join(base, "images", sub, name + ".jpg"), quality=92)
+        Image.fromarray(label).save(os.path.join(base, "annotations", sub, name + ".png"))
+
+    @staticmethod
+    def finish(root, split, lines) -> None:
+        pass
 
 
-CITIES = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau")}
+class _CityscapesLayout:
+    """leftImg8bit/{split}/{city} and gtFine/{split}/{city} with raw label ids (the reader maps them to train ids)."""
+    num_classes, train, val, aspect = CityscapesReader.NUM_CLASSES, 400, 100, 2.0  # twice as wide as high
+    dirs: tuple = ()
+    clutter_ids = CITYSCAPES_IGNORED_IDS
+    cities = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau")}
+
+    @classmethod
+    def write(cls, root, split, index, image, label, clutter_map) -> None:
+        raw = np.zeros_like(label)
+        for train_id, raw_id in TRAIN_TO_RAW.items():
+            raw[label == train_id] = raw_id
+        raw[clutter_map > 0] = clutter_map[clutter_map > 0]
+        cities = cls.cities[split]
+        city = cities[index % len(cities)]
+        stem = f"{city}_{index // len(cities):06d}_000019"
+        for top, suffix, array in (("leftImg8bit", "_leftImg8bit.png", image), ("gtFine", "_gtFine_labelIds.png", raw)):
+            folder = os.path.join(root, top, split, city)
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(array).save(os.path.join(folder, stem + suffix))
+
+    @staticmethod
+    def finish(root, split, lines) -> None:
+        pass
 
 
-def _cityscapes_writer(root, split, index, image, label):
-    city = CITIES[split][index % len(CITIES[split])]
-    stem = f"{city}_{index // len(CITIES[split]):06d}_000019"
-    for top, suffix, array in (("leftImg8bit", "_leftImg8bit.png", image),
-                               ("gtFine", "_gtFine_labelIds.png", label)):
-        folder = os.path.join(root, top, split, city)
-        os.makedirs(folder, exist_ok=True)
-        Image.fromarray(array).save(os.path.join(folder, stem + suffix))
-
-
-def _make_dirs(root: str, layout: str) -> None:
-    if layout == "voc":
-        for sub in ("JPEGImages", "SegmentationClassAug", "splits"):
-            os.makedirs(os.path.join(root, sub))
-    elif layout == "ade":
-        for top in ("images", "annotations"):
-            for sub in ("training", "validation"):
-                os.makedirs(os.path.join(root, "ADEChallengeData2016", top, sub))
+# Each layout: real class count, default image counts, width/height, and how its files are written.
+LAYOUTS = {"voc": _VOCLayout, "ade": _ADELayout, "cityscapes": _CityscapesLayout}
 
 
 def _write_split(tmp: str, layout: str, split: str, n_images: int, size: int, seed: int) -> None:
-    spec = LAYOUTS[layout]
-    num_fg = spec["num_classes"] - 1
-    height, width = size, int(round(size * spec["aspect"]))
+    writer = LAYOUTS[layout]
+    num_fg = writer.num_classes - 1
+    height, width = size, int(round(size * writer.aspect))
     split_id = 0 if split == "train" else 1
     plan = schedule(np.random.default_rng([seed, split_id, 1 << 20]), n_images, num_fg)
-    palette = bit_palette(256)
     lines = []
     for index, (classes, single) in enumerate(plan):
         rng = np.random.default_rng([seed, split_id, index])
-        clutter = CITYSCAPES_IGNORED_IDS if layout == "cityscapes" else ()
-        image, label, clutter_map = render(rng, classes, num_fg, height, width, single, clutter_ids=clutter)
-        if layout == "voc":
-            label[boundary_ring(label)] = 255
-            lines.append(_voc_writer(tmp, split, index, image, label, palette))
-        elif layout == "ade":
-            _ade_writer(tmp, split, index, image, label)
-        else:
-            raw = np.zeros_like(label)
-            for train_id, raw_id in TRAIN_TO_RAW.items():
-                raw[label == train_id] = raw_id
-            raw[clutter_map > 0] = clutter_map[clutter_map > 0]
-            _cityscapes_writer(tmp, split, index, image, raw)
-    if layout == "voc":
-        name = "train_aug.txt" if split == "train" else "val.txt"
-        with open(os.path.join(tmp, "splits", name), "w", encoding="utf-8") as handle:
-            handle.write("\n".join(lines) + "\n")
+        image, label, clutter_map = render(rng, classes, num_fg, height, width, single,
+                                           clutter_ids=writer.clutter_ids)
+        line = writer.write(tmp, split, index, image, label, clutter_map)
+        if line is not None:
+            lines.append(line)
+    writer.finish(tmp, split, lines)
 
 
 def generate(root: str, layout: str = "voc", *, size: int = 96, n_train: int | None = None,
@@ -266,8 +284,8 @@ def generate(root: str, layout: str = "voc", *, size: int = 96, n_train: int | N
     if size < 16:
         raise UserError(f"--size {size} is too small; use at least 16 pixels")
     spec = LAYOUTS[layout]
-    n_train = spec["train"] if n_train is None else n_train
-    n_val = spec["val"] if n_val is None else n_val
+    n_train = spec.train if n_train is None else n_train
+    n_val = spec.val if n_val is None else n_val
     root = os.path.abspath(root)
     if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)) and not force:
         raise UserError(f"{root!r} exists and is not empty; choose another folder or pass --force to replace it")
@@ -278,7 +296,8 @@ def generate(root: str, layout: str = "voc", *, size: int = 96, n_train: int | N
     start = time.perf_counter()
     try:
         os.makedirs(tmp)
-        _make_dirs(tmp, layout)
+        for sub in spec.dirs:
+            os.makedirs(os.path.join(tmp, sub))
         _write_split(tmp, layout, "train", n_train, size, seed)
         _write_split(tmp, layout, "val", n_val, size, seed)
         if os.path.exists(root):

@@ -15,11 +15,12 @@ from torch import Tensor
 
 from methods.attribution import AGGREGATIONS, channel_importance, unwrap
 from methods.channel_masks import classifier_fingerprint, load_mask, write_mask
+from utils.argparser import IGNORED
+from utils.data import seeded_rng
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IGNORED = "(ignored: dead flag in the reference code, accepted so published command lines run) "
 
 
 def add_awt_args(parser: argparse.ArgumentParser) -> None:
@@ -206,35 +207,6 @@ def channels_path(cfg, step: int, *, per_class: bool = False) -> str:
 
 
 # ================================================================================================ pipeline
-class _IsolatedRNG:
-    """Seed torch/numpy/random for a reproducible pass and restore the callers' RNG states afterwards, so that
-    computing a mask inside run.py does not change the training randomness that follows."""
-
-    def __init__(self, seed: int):
-        self.seed = int(seed)
-
-    def __enter__(self):
-        import random
-
-        import numpy as np
-
-        self._states = (torch.get_rng_state(), random.getstate(), np.random.get_state())
-        torch.manual_seed(self.seed)  # also seeds CUDA generators; they are unused by the (eval) attribution pass
-        random.seed(self.seed)
-        np.random.seed(self.seed)
-        return self
-
-    def __exit__(self, *exc):
-        import random
-
-        import numpy as np
-
-        torch.set_rng_state(self._states[0])
-        random.setstate(self._states[1])
-        np.random.set_state(self._states[2])
-        return False
-
-
 def _collate_list(items):
     return items
 
@@ -296,7 +268,7 @@ def compute_mask(cfg, step: int, model_old, device, *, per_class: bool = False, 
     was_training = model_old.training
     model_old.eval()
     try:
-        with _IsolatedRNG(cfg.random_seed):
+        with seeded_rng(int(cfg.random_seed)):  # same mask in attribute.py and run.py; training RNG untouched
             batches = attribution_batches(dataset, batch_size=cfg.batch_size if method == "exact" else 1,
                                           max_images=max_images, seed=cfg.random_seed)
             result = channel_importance(model_old, batches, new_classes, aggregation=aggregation,

@@ -50,23 +50,3 @@ def format_summary(rows: list[dict], title: str) -> str:
     out = [f"### {title}", "", "| step | old | new | all |", "|---:|---:|---:|---:|"]
     out += [f"| {r['step']} | {pct(r['old'])} | {pct(r['new'])} | {pct(r['all'])} |" for r in rows]
     return "\n".join(out) + "\n"
-
-
-def read_summary_rows(csv_path: str, n_base: int) -> list[dict]:
-    """Old/new/all per step from a results CSV (``x``/``X`` cells left out of the means)."""
-    rows = []
-    with open(csv_path) as handle:
-        for line in handle:
-            cells = line.strip().split(",")
-            if len(cells) < 3:
-                continue
-            values = cells[1:-1]
-            seen = [i for i, c in enumerate(values) if c != "x"]
-
-            def mean(ids):
-                vals = [float(values[i]) for i in ids if values[i] not in ("x", "X")]
-                return sum(vals) / len(vals) if vals else float("nan")
-
-            rows.append({"step": int(cells[0]), "old": mean([i for i in seen if i < n_base]),
-                         "new": mean([i for i in seen if i >= n_base]), "all": mean(seen)})
-    return rows

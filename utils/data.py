@@ -6,15 +6,31 @@ batches as epoch e of an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.dist import get_rank, get_world_size, is_distributed
 
 _SEED_MIX = 1_000_003  # spreads (seed, epoch) pairs apart
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int):
+    """Run a block under ``seed`` (torch, numpy, random) and give the caller its own CPU random states back."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 class SeededDataset(Dataset):
@@ -28,17 +44,8 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key):
         index, seed = key
-        py_state = random.getstate()
-        np_state = np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        with seeded_rng(seed):
+            return self.dataset[index]
 
 
 class EpochSampler(Sampler):
@@ -101,4 +108,4 @@ class _EvalShardSampler(Sampler):
         return len(self.indices)
 
 
-__all__ = ["build_loader", "SeededDataset", "EpochSampler", "DistributedSampler"]
+__all__ = ["build_loader", "seeded_rng", "SeededDataset", "EpochSampler"]

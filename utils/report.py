@@ -323,7 +323,8 @@ def setting_of(run: Run, separate_orders: bool = False) -> str:
     m = ORDER_RE.match(run.task)
     if m and not separate_orders:
         return f"{m.group(1)} (orders)"
-    return "50-50" if (run.dataset, run.task) == ("ade", "50") else run.task
+    aliases = {canonical: alias for alias, canonical in _tasks().ALIASES[run.dataset].items()}
+    return aliases.get(run.task, run.task)
 
 
 @dataclass
