@@ -201,28 +201,29 @@ class PseudoLabel(LossTerm):
 
     # ---- per batch ---------------------------------------------------------------------------------------------
     def prepare(self, batch: Batch) -> None:
-        labels = batch.labels.clone()
+        # torch.where instead of boolean indexing: a boolean index is a nonzero(), i.e. a host-device
+        # synchronisation per iteration on CUDA (tests/test_host_sync.py)
+        labels = batch.labels
         background = labels < self.n_old  # old classes were masked to 0; 255 is never below n_old
         probs = torch.softmax(batch.logits_old.float(), dim=1)  # (B, C_old, H, W)
         max_probs, predicted = probs.max(dim=1)
         weight = None
         pseudo_mask = None
-        if self.mode == "naive":
-            labels[background] = predicted[background]
+        if self.mode in ("naive", "confidence"):
+            labels = torch.where(background, predicted, labels)
+            if self.mode == "confidence":
+                weight = torch.where(background, max_probs, torch.ones_like(max_probs))
         elif self.mode == "threshold":
             candidate = predicted.masked_fill(max_probs < self.mode_value, IGNORE_INDEX)
-            labels[background] = candidate[background]
-        elif self.mode == "confidence":
-            labels[background] = predicted[background]
-            weight = torch.where(background, max_probs, torch.ones_like(max_probs))
+            labels = torch.where(background, candidate, labels)
         elif self.mode == "median":
             candidate = predicted.masked_fill(max_probs < self._thresholds(probs)[predicted], IGNORE_INDEX)
-            labels[background] = candidate[background]
+            labels = torch.where(background, candidate, labels)
         else:  # entropy
             valid = self.uncertainty(probs) < self._thresholds(probs)[predicted]
             pseudo_mask = background & valid
-            labels[background & ~valid] = IGNORE_INDEX
-            labels[pseudo_mask] = predicted[pseudo_mask]
+            labels = torch.where(background & ~valid, IGNORE_INDEX, labels)
+            labels = torch.where(pseudo_mask, predicted, labels)
             if self.adaptive_factor:
                 factor = pseudo_mask.float().sum(dim=(1, 2)) / (background.float().sum(dim=(1, 2)) + ADAPTIVE_EPS)
                 if self.adaptive_min_factor:

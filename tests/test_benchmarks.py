@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import common, data_loader, evaluation, train_step
+from benchmarks import common, data_loader, evaluation, host_sync, train_step
 
 
 def test_flop_counter_matches_hand_count():
@@ -53,6 +53,11 @@ def test_data_loader_benchmark_runs(capsys):
 def test_evaluation_benchmark_runs(capsys):
     out = evaluation.main(["--device", "cpu", "--norm_act", "abn", "--size", "32", "--batch", "2", "--batches", "2",
                            "--repeats", "1", "--forward_variants", "fp32,cl"])
-    assert out["metric"]["equal"] and out["metric"]["equal_candidate"]
+    assert out["metric"]["equal"] and out["metric"]["equal_masked"]
     assert out["forward"]["cl"]["pixel_agreement"] == 1.0
     assert "equal to the reference" in capsys.readouterr().out
+
+
+def test_host_sync_audit_cli(capsys):
+    assert host_sync.main(["--args", "--method MiB", "--iters", "2", "--log_interval", "2"]) == 0
+    assert "| --method MiB | 1 | 6 | none |" in capsys.readouterr().out  # 2 terms x (check, log line, mean)

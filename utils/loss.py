@@ -54,9 +54,10 @@ def _one_hot_ignore(labels: Tensor, n_classes: int, ignore_index: int,
                     dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """(B,H,W) labels -> ((B,C,H,W) float one-hot with all-zero rows at ignored pixels, (B,H,W) bool valid)."""
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.full_like(labels, n_classes))  # dummy extra class for ignored pixels
-    onehot = F.one_hot(safe, n_classes + 1)[..., :n_classes]  # (B,H,W,C)
-    return onehot.permute(0, 3, 1, 2).to(dtype), valid
+    # a comparison, not F.one_hot: one_hot checks the label range with .item() (a host sync) on some devices
+    classes = torch.arange(n_classes, device=labels.device).view(1, n_classes, 1, 1)
+    onehot = (labels.unsqueeze(1) == classes) & valid.unsqueeze(1)
+    return onehot.to(dtype), valid
 
 
 def bce_with_ignore(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
