@@ -96,70 +96,80 @@ def outside_logging(syncs: list[Sync]) -> list[Sync]:
     return [s for s in syncs if (s.file, s.function) not in LOGGING]
 
 
-def _models(classes: list[int], seed: int = 0):
+def _models(classes: list[int], device, seed: int = 0):
     from segmentation_module import make_model
 
     torch.manual_seed(seed)
     kw = dict(backbone="resnet18", norm_act="abn", output_stride=16)
-    old = make_model(classes=classes[:-1], **kw).eval()
+    old = make_model(classes=classes[:-1], **kw).to(device).eval()
     for p in old.parameters():
         p.requires_grad_(False)
-    new = make_model(classes=classes, **kw)
+    new = make_model(classes=classes, **kw).to(device)
     new.load_state_dict(old.state_dict(), strict=False)
     return new, old
 
 
-def _batches(n_classes: int, iters: int, size: int, seed: int = 1) -> list:
+def _batches(n_classes: int, iters: int, size: int, device, seed: int = 1) -> list:
+    """Batches already on the device (the loader's host-to-device copy is not what is audited)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(iters):
         y = torch.randint(0, n_classes, (2, size, size), generator=g)
         y[:, :3] = 255
-        out.append((torch.randn(2, 3, size, size, generator=g), y))
+        out.append((torch.randn(2, 3, size, size, generator=g).to(device), y.to(device)))
     return out
 
 
-def _train(argv: list[str], step: int, classes: list[int], trainer_state: dict, *, iters: int, log_interval: int,
-           amp: str, record: bool):
-    """One epoch of ``iters`` iterations at ``step``; returns (criterion, syncs recorded inside the epoch)."""
+def train_epoch(argv: list[str], step: int, classes: list[int], trainer_state: dict, *, iters: int,
+                log_interval: int, amp: str = "off", device: str = "cpu", watch=None, warmup_epochs: int = 0):
+    """One epoch of ``iters`` iterations of the method ``argv`` (run.py flags) at ``step`` on a small model, built
+    as run.py builds it (criterion, ``before_step``, SGD, GradScaler for fp16); ``watch``: a context manager entered
+    around that epoch only, after ``warmup_epochs`` unwatched ones (cuDNN autotuning, allocator).
+    Returns (criterion, epoch means of the loss terms)."""
     from methods import StepContext, build_criterion
     from train import EpochSetup, Precision, train_one_epoch
     from utils.config import parse_config
 
+    device = torch.device(device)
     cfg = parse_config(list(argv) + ["--dataset", "voc", "--task", "15-5", "--no_pretrained"])
-    precision = Precision("cpu", {"off": None, "bf16": torch.bfloat16}[amp])
-    new, old = _models(classes)
-    batches = _batches(sum(classes), iters, size=32)
-    ctx = StepContext(step=step, classes=classes, model=new, model_old=old, device="cpu", train_loader=batches,
+    precision = Precision(device.type, {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+    new, old = _models(classes, device)
+    batches = _batches(sum(classes), iters, 32, device)
+    ctx = StepContext(step=step, classes=classes, model=new, model_old=old, device=device, train_loader=batches,
                       trainer_state=trainer_state, autocast=precision.autocast)
     criterion = build_criterion(cfg, ctx)
     criterion.before_step(ctx)
     optimizer = torch.optim.SGD([p for p in new.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     setup = EpochSetup(criterion=criterion, optimizer=optimizer,
                        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-                       scaler=torch.amp.GradScaler("cpu", enabled=False), precision=precision, n_old=ctx.n_old,
-                       n_new=ctx.n_new, log_interval=log_interval)
-    recorder = HostSyncRecorder()
-    with recorder if record else contextlib.nullcontext():
-        train_one_epoch(new, old, batches, setup, step=step, epoch=0, device=torch.device("cpu"))
-    return criterion, recorder.syncs
+                       scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"), precision=precision,
+                       n_old=ctx.n_old, n_new=ctx.n_new, log_interval=log_interval)
+    for epoch in range(warmup_epochs):
+        train_one_epoch(new, old, batches, setup, step=step, epoch=epoch, device=device)
+    with watch if watch is not None else contextlib.nullcontext():
+        means = train_one_epoch(new, old, batches, setup, step=step, epoch=warmup_epochs, device=device)
+    return criterion, means
+
+
+def previous_state(argv: list[str], step: int, *, amp: str = "off", device: str = "cpu") -> dict:
+    """What a term sees of the previous step at ``step`` 2: a step-1 run's ``trainer_state`` (EWC/RW/PI statistics),
+    as run.py hands it over through the checkpoint; {} at step 1."""
+    if step == 1:
+        return {}
+    criterion, _ = train_epoch(argv, 1, [3, 2], {}, iters=2, log_interval=2, amp=amp, device=device)
+    return criterion.state_dict()
 
 
 def audit(argv: list[str], step: int = 1, *, iters: int = 4, log_interval: int = 2, amp: str = "off") -> list[Sync]:
-    """Synchronising operations of ``iters`` training iterations of the method given by ``argv`` (run.py flags).
-
-    ``step`` 2 first trains step 1 (not recorded) so that the terms see the previous step's state (the EWC/RW/PI
-    statistics), as ``run.py`` hands it over through the checkpoint's ``trainer_state``.
-    """
+    """Synchronising operations of ``iters`` CPU training iterations of the method given by ``argv``."""
     import logging
 
     logging.getLogger("methods").setLevel(logging.ERROR)
-    state: dict = {}
-    if step == 2:
-        criterion, _ = _train(argv, 1, [3, 2], {}, iters=2, log_interval=2, amp=amp, record=False)
-        state = criterion.state_dict()
-    classes = [3, 2] if step == 1 else [3, 2, 2]
-    return _train(argv, step, classes, state, iters=iters, log_interval=log_interval, amp=amp, record=True)[1]
+    state = previous_state(argv, step, amp=amp)
+    recorder = HostSyncRecorder()
+    train_epoch(argv, step, [3, 2] if step == 1 else [3, 2, 2], state, iters=iters, log_interval=log_interval,
+                amp=amp, watch=recorder)
+    return recorder.syncs
 
 
 def main(argv=None) -> int:
