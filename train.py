@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from dataset.transform import images_to_device, labels_to_device
 from methods.base import Batch, LossTerm
 from metrics.stream_metrics import ConfusionMatrix
 from utils.dist import all_reduce_sum
@@ -38,8 +39,8 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def images(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-        images = images.to(device, non_blocking=True)
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        """A loader batch (uint8 pixels) as the model's input on ``device``, in the training layout."""
+        return images_to_device(images, device, channels_last=self.channels_last)
 
 
 @dataclass
@@ -116,7 +117,7 @@ def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, e
     for it, (images, labels) in enumerate(progress(loader, enabled=setup.show_progress, desc=f"step {step} "
                                                     f"epoch {epoch}", total=n_iter)):
         images = setup.precision.images(images, device)
-        labels = labels.to(device, non_blocking=True)
+        labels = labels_to_device(labels, device)
         lr = setup.optimizer.param_groups[0]["lr"]  # the lr this iteration trains with (logged below)
         boundary = (it + 1) % setup.grad_accum == 0 or it + 1 == n_iter
         sync = model.no_sync() if (not boundary and hasattr(model, "no_sync")) else contextlib.nullcontext()
@@ -175,7 +176,7 @@ def evaluate(model, loader, *, n_classes: int, device: torch.device, precision: 
     cm = ConfusionMatrix(n_classes, device)
     for i, (images, labels) in enumerate(progress(loader, enabled=show_progress, desc="eval", total=len(loader))):
         images = precision.images(images, device)
-        labels = labels.to(device, non_blocking=True)
+        labels = labels_to_device(labels, device)
         with precision.autocast():
             logits, _ = model(images)
         pred = logits.argmax(dim=1)

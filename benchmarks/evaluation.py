@@ -115,7 +115,7 @@ def _forward_part(args, device, gpu: bool, names: list[str]) -> dict:
     base = make_model(backbone=args.backbone, norm_act=args.norm_act, output_stride=16,
                       classes=[args.n_classes]).to(device).eval()
     g = torch.Generator().manual_seed(args.seed + 1)
-    x = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
+    x = torch.randint(0, 256, (args.batch, 3, args.size, args.size), generator=g, dtype=torch.uint8).to(device)
     y = torch.randint(0, args.n_classes, (args.batch, args.size, args.size), generator=g).to(device)
     loader = [(x, y)] * args.batches
     preds, fns = {}, {}

@@ -110,13 +110,14 @@ def _models(classes: list[int], device, seed: int = 0):
 
 
 def _batches(n_classes: int, iters: int, size: int, device, seed: int = 1) -> list:
-    """Batches already on the device (the loader's host-to-device copy is not what is audited)."""
+    """uint8 pixels and labels as the loader hands them over, already on the device (the copy is not audited)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(iters):
-        y = torch.randint(0, n_classes, (2, size, size), generator=g)
+        y = torch.randint(0, n_classes, (2, size, size), generator=g, dtype=torch.uint8)
         y[:, :3] = 255
-        out.append((torch.randn(2, 3, size, size, generator=g).to(device), y.to(device)))
+        x = torch.randint(0, 256, (2, 3, size, size), generator=g, dtype=torch.uint8)
+        out.append((x.to(device), y.to(device)))
     return out
 
 

@@ -137,9 +137,10 @@ def main(argv=None) -> dict:
 
     base_new, base_old = build_base(args, device)
     g = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
+    # uint8 pixels and labels, as the loader hands them over (normalised on the device inside the timed step)
+    images = torch.randint(0, 256, (args.batch, 3, args.size, args.size), generator=g, dtype=torch.uint8).to(device)
     n_classes = sum(base_new.classes)
-    labels = torch.randint(0, n_classes, (args.batch, args.size, args.size), generator=g)
+    labels = torch.randint(0, n_classes, (args.batch, args.size, args.size), generator=g, dtype=torch.uint8)
     labels[:, :2] = 255
     loader = [(images, labels.to(device))] * args.iters
 

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from dataset.base import Reader, _decode, _label_array
 from dataset.tasks import canonical_task, get_task_labels
-from dataset.transform import ToTensorNormalize, eval_preset, train_preset
+from dataset.transform import ToTensor, eval_preset, train_preset
 from utils.constants import BACKGROUND, IGNORE_INDEX
 from utils.errors import UserError
 from utils.io import atomic_save_numpy, atomic_write_text
@@ -53,7 +53,8 @@ def inverted_order_lut(labels: Sequence[int], labels_old: Sequence[int]) -> np.n
 
 
 def masking_lut(labels: Sequence[int], labels_old: Sequence[int], masking: str = "current") -> torch.Tensor:
-    """int64 tensor [256] mapping a train-id label to the target seen by the model (see module docstring)."""
+    """uint8 tensor [256] mapping a train-id label to the target seen by the model (see module docstring); uint8
+    so that label batches stay 8x smaller than int64 until ``labels_to_device``."""
     if masking == "all":
         raise UserError("--data_masking all is not implemented (as in the reference); use current, current+old "
                         "or new")
@@ -67,7 +68,7 @@ def masking_lut(labels: Sequence[int], labels_old: Sequence[int], masking: str =
     lut = np.full(256, fill, dtype=np.int64)
     lut[keep] = inverted[keep]
     lut[IGNORE_INDEX] = IGNORE_INDEX
-    return torch.from_numpy(lut)
+    return torch.from_numpy(lut.astype(np.uint8))
 
 
 def filter_images(presence: np.ndarray, labels: Sequence[int], labels_old: Sequence[int], overlap: bool
@@ -228,10 +229,10 @@ class IncrementalSegmentation(Dataset):
 
     def __getitem__(self, index: int):
         image, label = self.reader.load(int(self.idxs[index]))
-        image, label = (self.transform or ToTensorNormalize())(image, label)
+        image, label = (self.transform or ToTensor())(image, label)
         if not torch.is_tensor(label):
-            label = torch.from_numpy(np.asarray(label, dtype=np.int64))
-        return image, torch.take(self.lut, label.long())  # LUT remap (take: much faster than indexing)
+            label = torch.from_numpy(np.asarray(label, dtype=np.uint8))
+        return image, torch.take(self.lut, label.long())  # LUT remap (take: much faster than indexing); uint8
 
     def sample_path(self, index: int) -> tuple[str, str]:
         return self.reader.samples[int(self.idxs[index])]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dataset.transform import images_to_device, labels_to_device
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -291,8 +292,7 @@ def channel_importance(model_old, batches: Iterable, new_classes: Sequence[int],
     acc = ScoreAccumulator(len(groups) if groups else 1, aggregation)
     n_images, t0 = 0, time.time()
     for images, labels in batches:
-        if device is not None:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = images_to_device(images, device), labels_to_device(labels, device)
         attributions = attributor(images.float())
         acc.update(attributions, attribution_masks(labels, attributions.shape[-2:], groups))
         n_images += images.shape[0]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dataset.transform import images_to_device, labels_to_device
 from methods import register_term
 from methods.base import Batch, LossTerm, StepContext
 from utils import loss as L
@@ -179,7 +180,7 @@ class PseudoLabel(LossTerm):
         was_training = model_old.training
         model_old.eval()
         for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images, labels = images_to_device(images, device), labels_to_device(labels, device)
             with autocast():
                 logits_old = model_old(images)[0]
             probs = torch.softmax(logits_old.float(), dim=1)

@@ -45,8 +45,10 @@ def test_train_step_benchmark_runs(capsys):
 
 
 def test_data_loader_benchmark_runs(capsys):
-    out = data_loader.main(["--workers", "0,1", "--crop_size", "32", "--batch", "4", "--batches", "2"])
-    assert set(out["workers"]) == {0, 1} and out["pin_memory"] is False
+    out = data_loader.main(["--workers", "0,2", "--crop_size", "32", "--batch", "4", "--batches", "3"])
+    assert set(out["workers"]) == {0, 2} and out["pin_memory"] is False
+    assert out["workers"][0]["timed_batches"] == 3 and out["workers"][2]["timed_batches"] == 4  # whole waves of 2
+    assert out["workers"][2]["per_worker"] == pytest.approx(out["workers"][2]["images_per_s"] / 2)
     assert "images/s per worker" in capsys.readouterr().out
 
 

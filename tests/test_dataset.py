@@ -64,8 +64,8 @@ def test_filter_is_pure():
 def test_training_masking_current(voc_root):
     ds = _ds(voc_root, overlap=True)
     item_img, item_lbl = ds[1]  # x4: classes 0, 2, 3 -> 3 is future -> 0
-    assert item_img.dtype == torch.float32 and item_img.shape == (3, 8, 8)
-    assert item_lbl.dtype == torch.int64 and _classes(ds, 1) == [0, 2]
+    assert item_img.dtype == torch.uint8 and item_img.shape == (3, 8, 8)  # normalised on the device
+    assert item_lbl.dtype == torch.uint8 and _classes(ds, 1) == [0, 2]
     old = _ds(voc_root, labels_old=[2], labels=[1], overlap=True)  # x2: 1 current (index 2), 3 future
     assert old.idxs.tolist() == [0, 2] and _classes(old, 1) == [0, 2]
 
@@ -83,7 +83,7 @@ def test_masking_variants_and_permuted_order(voc_root):
 
 def test_lut_keeps_ignore():
     lut = masking_lut([0, 5], [1, 2, 3], "current")
-    assert lut[255] == 255 and lut[5] == 4 and lut[2] == 0 and lut[7] == 0 and lut.dtype == torch.int64
+    assert lut[255] == 255 and lut[5] == 4 and lut[2] == 0 and lut[7] == 0 and lut.dtype == torch.uint8
     assert masking_lut([5], [], "new")[7] == 255
 
 
@@ -184,7 +184,7 @@ def test_transforms_shapes_and_determinism():
     a = train_preset(24)(img, lbl)
     torch.manual_seed(3)
     b = train_preset(24)(img, lbl)
-    assert a[0].shape == (3, 24, 24) and a[1].shape == (24, 24) and a[1].dtype == torch.int64
+    assert a[0].shape == (3, 24, 24) and a[1].shape == (24, 24) and a[1].dtype == torch.uint8
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert set(torch.unique(a[1]).tolist()) <= {0, 3, 255}  # nearest: no blended ids
     e = eval_preset(32, True)(img, lbl)
@@ -205,7 +205,7 @@ def test_build_datasets_voc_synthetic(tmp_path):
     for name in ("train-1", "val-1", "test_on_val-1"):
         assert os.path.isfile(os.path.join(cache, "voc", "15-1", name + ".npy"))
     x, y = train[0]
-    assert x.shape == (3, 24, 24) and y.dtype == torch.int64
+    assert x.shape == (3, 24, 24) and x.dtype == torch.uint8 and y.dtype == torch.uint8
     assert set(torch.unique(y).tolist()) <= {0, 16, 255}
     assert all(set(torch.unique(val[i][1]).tolist()) <= {0, 16, 255} for i in range(len(val)))
     seen = set()
@@ -225,3 +225,24 @@ def test_build_datasets_cityscapes_test_on_val_and_ade_relative_root(tmp_path, m
     generate(str(tmp_path / "ade"), "ade", size=16, n_train=150, n_val=150, seed=0)
     monkeypatch.chdir(tmp_path)
     assert len(ADEReader("ade", "val")) == 150 and len(ADEReader("ade/ADEChallengeData2016", "train")) == 150
+
+
+def test_images_to_device_normalises_like_the_reference():
+    """uint8 batches are normalised on the device with the reference's arithmetic (ToTensor: /255, then
+    Normalize: (x - mean) / std, float32), bit for bit; float inputs are taken as already normalised."""
+    from dataset.transform import ToTensor, images_to_device, labels_to_device
+    from utils.constants import IMAGENET_MEAN, IMAGENET_STD
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    img, lbl = ToTensor()(Image.fromarray(pixels), Image.fromarray(pixels[..., 0]))
+    assert img.dtype == torch.uint8 and img.shape == (3, 12, 10) and lbl.dtype == torch.uint8
+    x = images_to_device(img[None], "cpu")
+    ref = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255.0)
+    ref = (ref - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert x.dtype == torch.float32 and torch.equal(x[0], ref)
+    cl = images_to_device(img[None], None, channels_last=True)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, x)
+    assert images_to_device(x, "cpu") is x  # already a model input
+    y = labels_to_device(lbl[None], "cpu")
+    assert y.dtype == torch.int64 and torch.equal(y[0], torch.from_numpy(pixels[..., 0]).long())
