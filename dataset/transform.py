@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from utils.constants import IMAGENET_MEAN, IMAGENET_STD
+from utils.errors import UserError
 
 Pair = tuple  # (image, label)
 
@@ -166,6 +167,9 @@ def images_to_device(images: torch.Tensor, device=None, *, channels_last: bool =
     if images.dtype == torch.uint8:
         mean, std = _mean_std(images.device)
         images = (images.float().div_(255.0) - mean) / std
+    elif not images.is_floating_point():
+        raise UserError(f"image batch of dtype {images.dtype}: a dataset must return uint8 pixels (3, H, W) or "
+                        "float images already normalised")
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 

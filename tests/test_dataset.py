@@ -244,5 +244,7 @@ def test_images_to_device_normalises_like_the_reference():
     cl = images_to_device(img[None], None, channels_last=True)
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, x)
     assert images_to_device(x, "cpu") is x  # already a model input
+    with pytest.raises(UserError, match="uint8 pixels"):
+        images_to_device(img[None].to(torch.int16), "cpu")
     y = labels_to_device(lbl[None], "cpu")
     assert y.dtype == torch.int64 and torch.equal(y[0], torch.from_numpy(pixels[..., 0]).long())
