@@ -2,18 +2,22 @@
 # The GPU measurements of docs/benchmarks.md ("On a GPU"), one log file per part, so that a session on a GPU machine
 # collects them in a few calls of at most 10 minutes each:
 #
-#   bash benchmarks/gpu_suite.sh OUTDIR tests train        # ~6 min on an H200 (estimate, not measured)
-#   bash benchmarks/gpu_suite.sh OUTDIR data eval attr     # data needs a 512 px dataset: made here if DATA is unset
+#   bash benchmarks/gpu_suite.sh OUTDIR env tests
+#   bash benchmarks/gpu_suite.sh OUTDIR train
+#   bash benchmarks/gpu_suite.sh OUTDIR train0 eval
+#   bash benchmarks/gpu_suite.sh OUTDIR data attr          # data needs a 512 px dataset: made here if DATA is unset
 #
-# Parts: env, tests (tests/test_gpu.py), train (training step, batch 24, step 1 and 0), data (loader, 0-16 workers),
-# eval (confusion matrix + evaluation forward), attr (AWT exact vs Captum; needs captum importable). Each part writes
-# OUTDIR/<part>.txt; a part that fails is reported and the next one still runs; exit status 1 if any failed.
+# (How long each part takes on an H200 is not measured yet; LIMIT caps each command.) Parts: env, tests
+# (tests/test_gpu.py), train (training step, batch 24, step 1: fp32, bf16, fp16, bf16+cl, bf16+cl+compile), train0
+# (step 0), data (loader, 0-16 workers), eval (confusion matrix + evaluation forward), attr (AWT exact vs Captum; needs
+# captum importable). Each part writes OUTDIR/<part>.txt; a part that fails is reported and the next one still runs;
+# exit status 1 if any failed.
 # Environment: PYTHON (default python3), DATA (a VOC root for the data part), LIMIT (seconds per command, default 540).
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [env tests train data eval attr]}
+out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [env tests train train0 data eval attr]}
 shift
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(env tests train data eval attr)
+[ ${#parts[@]} -eq 0 ] && parts=(env tests train train0 data eval attr)
 cd "$(dirname "$0")/.." || exit 2
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -39,8 +43,9 @@ torch.version.cuda, 'cudnn', torch.backends.cudnn.version()); print(torch.cuda.g
     tests)
       step tests "$py" -m pytest -q -rs tests/test_gpu.py ;;
     train)
-      step train "$py" -m benchmarks.train_step --batch 24 --variants fp32,bf16,fp16,bf16+cl,bf16+cl+compile &&
-      step train "$py" -m benchmarks.train_step --batch 24 --step 0 --variants fp32,bf16,bf16+cl ;;
+      step train "$py" -m benchmarks.train_step --batch 24 --variants fp32,bf16,fp16,bf16+cl,bf16+cl+compile ;;
+    train0)
+      step train0 "$py" -m benchmarks.train_step --batch 24 --step 0 --variants fp32,bf16,bf16+cl ;;
     data)
       local root=${DATA:-/tmp/voc512}
       if [ -z "${DATA:-}" ] && [ ! -d "$root" ]; then
@@ -58,7 +63,7 @@ torch.version.cuda, 'cudnn', torch.backends.cudnn.version()); print(torch.cuda.g
       fi
       step attr "$py" benchmarks/attribution.py ;;
     *)
-      echo "unknown part '$1' (env tests train data eval attr)" >&2
+      echo "unknown part '$1' (env tests train train0 data eval attr)" >&2
       return 2 ;;
   esac
 }

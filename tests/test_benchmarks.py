@@ -63,3 +63,17 @@ def test_evaluation_benchmark_runs(capsys):
 def test_host_sync_audit_cli(capsys):
     assert host_sync.main(["--args", "--method MiB", "--iters", "2", "--log_interval", "2"]) == 0
     assert "| --method MiB | 1 | 6 | none |" in capsys.readouterr().out  # 2 terms x (check, log line, mean)
+
+
+def test_gpu_suite_reports_unknown_parts_and_keeps_going(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.common import ROOT
+
+    res = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path / "out"), "bogus", "tests"], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    assert res.returncode == 1 and "unknown part 'bogus'" in res.stderr
+    assert "failed: bogus" in res.stdout  # the tests part still ran after the unknown one
+    assert "[exit 0]" in (tmp_path / "out" / "tests.txt").read_text()
