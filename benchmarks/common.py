@@ -113,6 +113,24 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def step_models(classes: list[int], device, *, backbone: str, norm_act: str, output_stride: int = 16,
+                seed: int = 0):
+    """(new, old) models of an incremental step with shared initial weights: the frozen old model of
+    ``classes[:-1]`` in eval mode and the new model it initialises; (model, None) for a single step."""
+    from segmentation_module import make_model
+
+    torch.manual_seed(seed)
+    kw = dict(backbone=backbone, norm_act=norm_act, output_stride=output_stride)
+    if len(classes) == 1:
+        return make_model(classes=classes, **kw).to(device), None
+    old = make_model(classes=classes[:-1], **kw).to(device).eval()
+    for p in old.parameters():
+        p.requires_grad_(False)
+    new = make_model(classes=classes, **kw).to(device)
+    new.load_state_dict(old.state_dict(), strict=False)
+    return new, old
+
+
 def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
 

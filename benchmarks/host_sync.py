@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.common import ROOT, markdown_table
+from benchmarks.common import ROOT, markdown_table, step_models
 
 aten = torch.ops.aten
 
@@ -96,19 +96,6 @@ def outside_logging(syncs: list[Sync]) -> list[Sync]:
     return [s for s in syncs if (s.file, s.function) not in LOGGING]
 
 
-def _models(classes: list[int], device, seed: int = 0):
-    from segmentation_module import make_model
-
-    torch.manual_seed(seed)
-    kw = dict(backbone="resnet18", norm_act="abn", output_stride=16)
-    old = make_model(classes=classes[:-1], **kw).to(device).eval()
-    for p in old.parameters():
-        p.requires_grad_(False)
-    new = make_model(classes=classes, **kw).to(device)
-    new.load_state_dict(old.state_dict(), strict=False)
-    return new, old
-
-
 def _batches(n_classes: int, iters: int, size: int, device, seed: int = 1) -> list:
     """uint8 pixels and labels as the loader hands them over, already on the device (the copy is not audited)."""
     g = torch.Generator().manual_seed(seed)
@@ -134,7 +121,7 @@ def train_epoch(argv: list[str], step: int, classes: list[int], trainer_state: d
     device = torch.device(device)
     cfg = parse_config(list(argv) + ["--dataset", "voc", "--task", "15-5", "--no_pretrained"])
     precision = Precision(device.type, {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp])
-    new, old = _models(classes, device)
+    new, old = step_models(classes, device, backbone="resnet18", norm_act="abn")
     batches = _batches(sum(classes), iters, 32, device)
     ctx = StepContext(step=step, classes=classes, model=new, model_old=old, device=device, train_loader=batches,
                       trainer_state=trainer_state, autocast=precision.autocast)

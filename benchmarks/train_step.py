@@ -27,7 +27,8 @@ import gc
 import torch
 
 from benchmarks.common import (start, default_backbone, describe_device, forward_flops, gib, interleaved, markdown_table,
-                               measured_peak, median, peak_memory_bytes, reset_peak_memory, str_list, training_step_flops, time_once)
+                               measured_peak, median, peak_memory_bytes, reset_peak_memory, step_models, str_list,
+                               training_step_flops, time_once)
 
 TOKENS = ("fp32", "bf16", "fp16", "cl", "compile")
 DEFAULT_GPU = "fp32,bf16,fp16,bf16+cl,bf16+cl+compile"
@@ -81,19 +82,9 @@ def _cfg(args, variant: dict):
 
 
 def build_base(args, device):
-    """Shared initial weights: the old model (step 1) and the new model it initialises."""
-    from segmentation_module import make_model
-
-    torch.manual_seed(args.seed)
-    kw = dict(backbone=args.backbone, norm_act=args.norm_act, output_stride=args.output_stride)
-    if args.step == 0:
-        return make_model(classes=[16], **kw).to(device), None  # VOC 15-5 step 0
-    old = make_model(classes=[16], **kw).to(device).eval()
-    for p in old.parameters():
-        p.requires_grad_(False)
-    new = make_model(classes=[16, 5], **kw).to(device)
-    new.load_state_dict(old.state_dict(), strict=False)
-    return new, old
+    """Shared initial weights: the old model (step 1) and the new model it initialises (VOC 15-5)."""
+    return step_models([16] if args.step == 0 else [16, 5], device, backbone=args.backbone, norm_act=args.norm_act,
+                       output_stride=args.output_stride, seed=args.seed)
 
 
 def build_variant(args, name: str, base_new, base_old, loader, device):

@@ -65,10 +65,10 @@ def masking_lut(labels: Sequence[int], labels_old: Sequence[int], masking: str =
     if masking == "current+old":
         keep += strip_zero(labels_old)
     fill = IGNORE_INDEX if masking == "new" else BACKGROUND
-    lut = np.full(256, fill, dtype=np.int64)
+    lut = np.full(256, fill, dtype=np.uint8)
     lut[keep] = inverted[keep]
     lut[IGNORE_INDEX] = IGNORE_INDEX
-    return torch.from_numpy(lut.astype(np.uint8))
+    return torch.from_numpy(lut)
 
 
 def filter_images(presence: np.ndarray, labels: Sequence[int], labels_old: Sequence[int], overlap: bool
