@@ -11,22 +11,21 @@ from __future__ import annotations
 
 import sys
 
-from methods import awt
+from experiment.builders import build_step_datasets, load_old_model, select_device
+from experiment.config import parse_config
+from methods import awt, build_method
 from methods.channel_masks import write_mask
-from utils.errors import UserError
+from utils.errors import UserError, one_line
+from utils.logger import setup_logging
 
 
 def run_attribution(argv=None, *, per_class: bool = False) -> int:
     """attribute.py / attribute_class.py: same flags as run.py; writes the channel mask of every ``--step`` > 0
     (always recomputed, overwriting an existing file). Exit 0 on success, 2 with ``error: ...`` on a UserError."""
-    from utils.config import parse_config
-
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
         cfg = parse_config(argv)
-        from utils.logger import setup_logging
-
         setup_logging(cfg.debug)
         awt.validate_awt_args(cfg)
         if cfg.no_att or cfg.random_channels:
@@ -35,15 +34,15 @@ def run_attribution(argv=None, *, per_class: bool = False) -> int:
             raise UserError("pass --att in (0, 100], e.g. --att 25: the percentage of channels to select")
         if per_class and not cfg.mask_att:
             raise UserError("attribute_class.py needs --mask_att (per-class masks come from each class's pixels)")
-        from utils.builders import load_old_model, select_device
-
+        method = build_method(cfg)
         device = select_device(cfg)
         steps = [int(s) for s in cfg.step]
         if any(s < 1 for s in steps):
             raise UserError(f"attribution is for incremental steps: --step must be >= 1, got {steps}")
         for i, step in enumerate(steps):
-            model_old = load_old_model(cfg, step, device, first_step_of_call=(i == 0))
-            mask, result, meta = awt.compute_mask(cfg, step, model_old, device, per_class=per_class)
+            model_old = load_old_model(cfg, step, device, first_step_of_call=(i == 0), method=method)
+            mask, result, meta = awt.compute_mask(cfg, step, model_old, device, per_class=per_class,
+                                                  dataset=build_step_datasets(cfg, step)[0])
             path = awt.channels_path(cfg, step, per_class=per_class)
             write_mask(path, mask, result, meta, plot=bool(cfg.att_plot))
             print(f"step {step}: wrote {path} ({meta['selected']} of {mask.shape[-1]} channels"
@@ -54,8 +53,6 @@ def run_attribution(argv=None, *, per_class: bool = False) -> int:
     except UserError as exc:
         if debug:
             raise
-        from utils.errors import one_line
-
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 

@@ -17,15 +17,27 @@ import os
 import sys
 
 import torch
+from PIL import Image
 
+from dataset.readers import READERS
+from dataset.tasks import order
+from experiment.argparser import get_argparser
+from experiment.builders import build_model, build_step_datasets, ckpt_path, load_weights, resolve_precision, select_device
+from experiment.config import parse_config, replace
+from methods import build_method
+from metrics.stream_metrics import old_new_all
+from train import evaluate
+from utils.data import build_loader
 from utils.errors import UserError
+from utils.flags import ArgumentParser
+from utils.io import atomic_write, atomic_write_text
+from utils.logger import setup_logging
+from utils.visualize import SampleCollector, index_to_class_lut
 
 log = logging.getLogger("evaluate")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    from utils.argparser import ArgumentParser, get_argparser
-
     parser = ArgumentParser(parents=[get_argparser(add_help=False)], description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("evaluate")
@@ -36,10 +48,6 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def save_png(array, path: str) -> None:
-    from PIL import Image
-
-    from utils.io import atomic_write
-
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     with atomic_write(path, "wb") as handle:
@@ -58,29 +66,21 @@ def format_report(res: dict, split: dict, class_names: list[str]) -> str:
 
 def evaluate_checkpoint(cfg) -> dict:
     """Load the step's checkpoint, evaluate it on the chosen split, optionally write pictures."""
-    from dataset import READERS
-    from dataset.tasks import order
-    from metrics.stream_metrics import old_new_all
-    from run import resolve_precision
-    from train import evaluate
-    from utils.builders import build_model, build_step_datasets, ckpt_path, load_weights, select_device
-    from utils.config import replace
-    from utils.data import build_loader
-    from utils.visualize import SampleCollector, index_to_class_lut
-
     step = cfg.step[0]
     device = select_device(cfg)
-    model = build_model(cfg, step, pretrained=False).to(device)
+    method = build_method(cfg)
+    model = build_model(cfg, step, pretrained=False, method=method).to(device)
     load_weights(model, cfg.ckpt or ckpt_path(cfg, step), strict=cfg.strict_weights, what="step checkpoint")
     data_cfg = replace(cfg, val_on_trainset=cfg.split == "train")
-    test_ds = build_step_datasets(data_cfg, step)[2]
+    test_ds = method.wrap_dataset("test", build_step_datasets(data_cfg, step)[2], step)
     loader = build_loader(test_ds, batch_size=cfg.batch_size if cfg.crop_val else 1, train=False,
                           num_workers=cfg.num_workers, seed=cfg.random_seed)
     reader = READERS[cfg.dataset]
     lut = index_to_class_lut(order(cfg.dataset, cfg.task, step))
     samples = SampleCollector(cfg.save_samples if cfg.out_dir else 0, reader.colorize, lut)
     cm = evaluate(model, loader, n_classes=sum(model.classes), device=device,
-                  precision=resolve_precision(cfg, device), show_progress=not cfg.no_progress, sample_hook=samples)
+                  precision=resolve_precision(cfg, device), show_progress=not cfg.no_progress, sample_hook=samples,
+                  predict=method.predict)
     res = cm.results()
     split = old_new_all(res["Class IoU"], model.classes[0], sum(model.classes))
     names = [reader.CLASS_NAMES[c] for c in order(cfg.dataset, cfg.task, step)]
@@ -92,16 +92,11 @@ def evaluate_checkpoint(cfg) -> dict:
         metrics = {"step": step, "split": cfg.split, "full_resolution": not cfg.crop_val, **split,
                    "mIoU": res["Mean IoU"], "overall_acc": res["Overall Acc"],
                    "class_iou": {names[i]: v for i, v in res["Class IoU"].items()}}
-        from utils.io import atomic_write_text
-
         atomic_write_text(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(metrics, indent=2))
     return {**res, **split}
 
 
 def main(argv=None) -> int:
-    from utils.config import parse_config
-    from utils.logger import setup_logging
-
     cfg = None
     try:
         cfg = parse_config(argv, parser=get_parser())

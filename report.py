@@ -7,14 +7,16 @@
     python report.py a.csv b.csv --label "MiB (ours)" "MiB+AWT (ours)"
 
 File names follow run.py: {date}_{dataset}_{task}_{name}.csv (the date may be empty). Definitions and the
-difference from the reference's average_csv.py: utils/report.py and the README ("Reproducing the paper").
+difference from the reference's average_csv.py: metrics/report.py and the README ("Reproducing the paper").
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from metrics import report
 from utils.errors import UserError
+from utils.io import atomic_write_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from utils import report
-
         runs = report.load_runs(args.inputs, args.label, args.columns, args.dataset, args.task, args.name)
         text = report.render(runs, reference_average=args.reference_average, per_class=args.per_class,
                              per_step=args.per_step, separate_orders=args.separate_orders, decimals=args.decimals)
@@ -54,8 +54,6 @@ def main(argv=None) -> int:
             groups = report.group_runs(runs, args.separate_orders)
             report.plot_curves(groups, args.plot, args.reference_average)
         if args.output:
-            from utils.io import atomic_write_text
-
             atomic_write_text(args.output, text)
     except UserError as exc:
         if args.debug:

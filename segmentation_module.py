@@ -1,35 +1,45 @@
-"""The incremental segmentation model: ResNet body + DeepLab-v3 head + one 1x1 classifier per step.
+"""The incremental segmentation model: a backbone, a head and one classifier per step, assembled from registries.
 
 Public API (see docs/architecture.md, "Model"):
 
-* :func:`make_model` builds the model and optionally loads the In-Place ABN ImageNet weights into ``body``.
+* :class:`ModelSpec`: which backbone (``models.BACKBONES``), head (:data:`HEADS`) and per-step classifier
+  (:data:`CLASSIFIERS`) make a model; methods adjust it (``Method.model_spec``).
+* :func:`build_model_from_spec` / :func:`make_model` build the model and optionally load ImageNet weights into
+  ``body``.
 * :class:`IncrementalSegmentationModule` with ``forward``, ``init_new_classifier`` (reference table 3.4),
   ``fix_bn`` and parameter helpers.
-* :func:`load_pretrained_body` loads a backbone checkpoint in the In-Place ABN layout strictly.
+
+The default family (``resnet*`` backbone, ``deeplabv3`` head, ``conv1x1`` classifiers) is the reference code's,
+state-dict keys included.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.norm import NORM_ACT, is_norm_layer
-from models.resnet import STRUCTURES, build_backbone
+from models import BACKBONES
+from models.resnet import load_pretrained_body
+from modules.aspp import ASPP
 from modules.deeplab import DeeplabV3
+from modules.heads import conv_head_classifier, final_layer, linear_classifier
+from modules.norm import NORM_ACT, is_norm_layer
 from utils.errors import UserError
 
-__all__ = ["make_model", "IncrementalSegmentationModule", "load_pretrained_body"]
+__all__ = ["ModelSpec", "HEADS", "CLASSIFIERS", "build_model_from_spec", "make_model",
+           "IncrementalSegmentationModule", "load_pretrained_body"]
 
 
 class IncrementalSegmentationModule(nn.Module):
     """``body`` -> ``head`` -> ``pre_logits`` -> ``cls[i]`` for every step, concatenated along channels."""
 
     def __init__(self, body: nn.Module, head: nn.Module, head_channels: int, classes: Sequence[int],
-                 output_stride: int = 16):
+                 output_stride: int = 16, classifier: Callable[[int, int], nn.Module] = linear_classifier):
         super().__init__()
         classes = [int(c) for c in classes]
         if not classes or any(c <= 0 for c in classes):
@@ -39,7 +49,7 @@ class IncrementalSegmentationModule(nn.Module):
         self.head_channels = int(head_channels)
         self.classes = classes
         self.output_stride = output_stride
-        self.cls = nn.ModuleList([nn.Conv2d(self.head_channels, c, 1, bias=True) for c in classes])
+        self.cls = nn.ModuleList([classifier(self.head_channels, c) for c in classes])
         self._bn_fixed = False
 
     # ------------------------------------------------------------------ forward
@@ -72,7 +82,7 @@ class IncrementalSegmentationModule(nn.Module):
         """
         if len(self.cls) < 2:
             raise ValueError("init_new_classifier needs a model with at least two classifiers (step > 0)")
-        new_cls, bg_cls = self.cls[-1], self.cls[0]
+        new_cls, bg_cls = final_layer(self.cls[-1]), final_layer(self.cls[0])
         n_new = self.classes[-1]
         w_bg = bg_cls.weight[0].detach().clone().unsqueeze(0)  # (1, C, 1, 1)
         b_star = bg_cls.bias[0].detach().clone() - math.log(n_new + 1)
@@ -102,7 +112,7 @@ class IncrementalSegmentationModule(nn.Module):
         if not torch.is_tensor(mask):
             raise ValueError(f"channel_mask must be a tensor, got {type(mask).__name__}")
         c = self.head_channels
-        m = mask.detach().to(self.cls[-1].weight.device)
+        m = mask.detach().to(final_layer(self.cls[-1]).weight.device)
         if m.dim() == 4 and m.shape[2:] == (1, 1):
             m = m[:, :, 0, 0]
         elif m.dim() == 3 and m.shape[1:] == (1, 1):
@@ -160,57 +170,70 @@ class IncrementalSegmentationModule(nn.Module):
         return iter(self.cls[-1].parameters())
 
 
-def load_pretrained_body(body: nn.Module, path: str) -> None:
-    """Load an ImageNet backbone file in the In-Place ABN layout strictly into ``body``.
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model is made of; the step's classes are given separately."""
 
-    Accepts ``{"state_dict": {...}}`` or a bare state dict, keys with or without ``module.``; drops
-    ``classifier.*`` (the ImageNet fc); adds ``num_batches_tracked`` where ``body`` has them (``std`` norm).
-    """
-    hint = "download it (see pretrained/README.md) or pass --no_pretrained"
-    if not os.path.isfile(path):
-        raise UserError(f"pretrained backbone weights not found: {path}; {hint}")
-    from utils.checkpoint import safe_load, strip_module_prefix  # weights_only loading with an allow-list
+    backbone: str = "resnet101"  # a key of models.BACKBONES
+    norm_act: str = "iabn_sync"  # a key of modules.norm.NORM_ACT (backbones and heads of the reference layout)
+    output_stride: int = 16
+    head: str = "deeplabv3"  # a key of HEADS
+    classifier: str = "conv1x1"  # a key of CLASSIFIERS
+    pooling: int | None = 32  # image-pooling window of the reference head in evaluation
+    head_channels: int = 256
+    backbone_bn_momentum: float | None = None  # None: the family's default
 
-    try:
-        obj = safe_load(path, "pretrained backbone weights")
-    except UserError as exc:
-        raise UserError(f"{exc}; {hint}") from exc
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"pretrained backbone weights {path} are not a state dict of tensors; {hint}")
-    state = strip_module_prefix(dict(state))
-    state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-    own = body.state_dict()
-    for key, value in own.items():
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = torch.zeros_like(value)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or bad_shape:
-        def show(keys):
-            return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-        parts = [f"{name} {len(keys)}: {show(keys)}" for name, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", bad_shape)) if keys]
-        raise UserError(f"pretrained backbone weights {path} do not match the backbone ({'; '.join(parts)}); "
-                        f"check --backbone, or {hint}")
-    body.load_state_dict(state, strict=True)
+    def replace(self, **changes) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+
+def _deeplabv3(spec: ModelSpec, in_channels: int) -> nn.Module:
+    return DeeplabV3(in_channels, spec.head_channels, spec.head_channels, out_stride=spec.output_stride,
+                     norm_act=NORM_ACT[spec.norm_act], pooling_size=spec.pooling)
+
+
+def _aspp(spec: ModelSpec, in_channels: int) -> nn.Module:
+    return ASPP(in_channels, spec.head_channels, spec.output_stride)
+
+
+# head name -> (spec, backbone channels) -> module mapping backbone features to head_channels
+HEADS: dict[str, Callable[[ModelSpec, int], nn.Module]] = {
+    "deeplabv3": _deeplabv3,  # reference layout: ASPP summed with image pooling, norm layers from --norm_act
+    "aspp": _aspp,  # torchvision / SSUL layout: Conv-BN-ReLU branches, 1x1 projection, dropout
+}
+# classifier name -> (head_channels, classes of a step) -> module
+CLASSIFIERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "conv1x1": linear_classifier,  # one 1x1 conv per step (reference)
+    "conv_head": conv_head_classifier,  # 3x3 conv-BN-ReLU-1x1 per step (SSUL)
+}
+
+
+def _check_spec(spec: ModelSpec) -> None:
+    for what, value, table in (("--backbone", spec.backbone, BACKBONES), ("--norm_act", spec.norm_act, NORM_ACT),
+                               ("head", spec.head, HEADS), ("classifier", spec.classifier, CLASSIFIERS)):
+        if value not in table:
+            raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(sorted(table))}")
+    if spec.output_stride not in (8, 16):
+        raise UserError(f"--output_stride must be 8 or 16, got {spec.output_stride}")
+
+
+def build_model_from_spec(spec: ModelSpec, classes: Sequence[int],
+                          pretrained_path: str | None = None) -> IncrementalSegmentationModule:
+    """Backbone (+ ImageNet weights from ``pretrained_path``), head, one classifier per step of ``classes``."""
+    _check_spec(spec)
+    family = BACKBONES[spec.backbone]
+    body = family.build(spec.norm_act, spec.output_stride, spec.backbone_bn_momentum)
+    if pretrained_path is not None:
+        family.load_pretrained(body, pretrained_path)
+    head = HEADS[spec.head](spec, body.out_channels)
+    return IncrementalSegmentationModule(body, head, spec.head_channels, classes, spec.output_stride,
+                                         classifier=CLASSIFIERS[spec.classifier])
 
 
 def make_model(*, backbone: str, norm_act: str, output_stride: int, classes: Sequence[int],
-               pooling: int | None = 32, pretrained_path: str | None = None,
-               head_channels: int = 256) -> IncrementalSegmentationModule:
-    """Build ResNet body + DeepLab-v3 head + per-step classifiers; see docs/architecture.md."""
-    if backbone not in STRUCTURES:
-        raise UserError(f"unknown --backbone {backbone!r}; choose one of {', '.join(sorted(STRUCTURES))}")
-    if norm_act not in NORM_ACT:
-        raise UserError(f"unknown --norm_act {norm_act!r}; choose one of {', '.join(NORM_ACT)}")
-    if output_stride not in (8, 16):
-        raise UserError(f"--output_stride must be 8 or 16, got {output_stride}")
-    norm = NORM_ACT[norm_act]
-    body = build_backbone(backbone, norm, output_stride)
-    if pretrained_path is not None:
-        load_pretrained_body(body, pretrained_path)
-    head = DeeplabV3(body.out_channels, head_channels, head_channels, out_stride=output_stride, norm_act=norm,
-                     pooling_size=pooling)
-    return IncrementalSegmentationModule(body, head, head_channels, classes, output_stride)
+               pooling: int | None = 32, pretrained_path: str | None = None, head_channels: int = 256,
+               head: str = "deeplabv3", classifier: str = "conv1x1") -> IncrementalSegmentationModule:
+    """:func:`build_model_from_spec` with the spec given as keywords; see docs/architecture.md."""
+    spec = ModelSpec(backbone=backbone, norm_act=norm_act, output_stride=output_stride, head=head,
+                     classifier=classifier, pooling=pooling, head_channels=head_channels)
+    return build_model_from_spec(spec, classes, pretrained_path)

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from dataset.transform import images_to_device, labels_to_device
-from methods.base import Batch, LossTerm
+from methods.base import Batch, LossTerm, TrainInputs
 from metrics.stream_metrics import ConfusionMatrix
 from utils.dist import all_reduce_sum
 from utils.errors import UserError
@@ -56,6 +56,15 @@ class EpochSetup:
     grad_accum: int = 1
     log_interval: int = 10
     show_progress: bool = False
+    hooks: object = None  # the method's per-batch hook (``compose_batch(TrainInputs) -> TrainInputs``); None = none
+
+
+def split_item(batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A loader batch ``(images, labels)`` or ``(images, labels, aux dict)`` as three parts."""
+    if len(batch) == 3:
+        return batch[0], batch[1], batch[2]
+    images, labels = batch
+    return images, labels, {}
 
 
 def forward_old(model_old, images: torch.Tensor, needs_features: bool, precision: Precision):
@@ -67,16 +76,20 @@ def forward_old(model_old, images: torch.Tensor, needs_features: bool, precision
     return logits, extras
 
 
-def _compute_losses(model, model_old, images, labels, setup: EpochSetup) -> dict[str, torch.Tensor]:
+def _compute_losses(model, model_old, inputs: TrainInputs, setup: EpochSetup) -> dict[str, torch.Tensor]:
     criterion = setup.criterion
+    if setup.hooks is not None:
+        inputs = setup.hooks.compose_batch(inputs)
+    images, labels = inputs.images, inputs.labels
     logits_old, extras_old = forward_old(model_old, images, criterion.needs_features, setup.precision)
     with setup.precision.autocast():
-        logits, extras = model(images, ret_intermediate=criterion.needs_features)
+        logits, extras = model(images, ret_intermediate=criterion.needs_features, **inputs.forward_kwargs)
         if setup.precision.channels_last:  # losses see the standard layout (CPU nll_loss backward needs it)
             logits = logits.contiguous()
             logits_old = logits_old.contiguous() if logits_old is not None else None
         batch = Batch(images=images, labels=labels, logits=logits, extras=extras, logits_old=logits_old,
-                      extras_old=extras_old, n_old=setup.n_old, n_new=setup.n_new, original_labels=labels)
+                      extras_old=extras_old, n_old=setup.n_old, n_new=setup.n_new, original_labels=labels,
+                      aux=inputs.aux)
         return criterion(batch)
 
 
@@ -114,15 +127,16 @@ def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, e
     window: list = []  # (iteration, terms) since the last finiteness check (checked with the log, no extra syncs)
     n_iter = len(loader)
     setup.optimizer.zero_grad(set_to_none=True)
-    for it, (images, labels) in enumerate(progress(loader, enabled=setup.show_progress, desc=f"step {step} "
-                                                    f"epoch {epoch}", total=n_iter)):
-        images = setup.precision.images(images, device)
-        labels = labels_to_device(labels, device)
+    for it, item in enumerate(progress(loader, enabled=setup.show_progress, desc=f"step {step} epoch {epoch}",
+                                       total=n_iter)):
+        images, labels, aux = split_item(item)
+        inputs = TrainInputs(setup.precision.images(images, device), labels_to_device(labels, device),
+                             {k: v.to(device, non_blocking=True) for k, v in aux.items()})
         lr = setup.optimizer.param_groups[0]["lr"]  # the lr this iteration trains with (logged below)
         boundary = (it + 1) % setup.grad_accum == 0 or it + 1 == n_iter
         sync = model.no_sync() if (not boundary and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with sync:
-            losses = _compute_losses(model, model_old, images, labels, setup)
+            losses = _compute_losses(model, model_old, inputs, setup)
             total = sum(losses.values())
             setup.scaler.scale(total / setup.grad_accum).backward()
         if boundary:
@@ -170,15 +184,20 @@ def _epoch_means(sums: dict[str, torch.Tensor], n_iter: int, device) -> dict[str
 
 @torch.no_grad()
 def evaluate(model, loader, *, n_classes: int, device: torch.device, precision: Precision,
-             show_progress: bool = False, sample_hook: Callable | None = None) -> ConfusionMatrix:
-    """Confusion matrix over ``loader``, accumulated on the device and reduced across ranks once."""
+             show_progress: bool = False, sample_hook: Callable | None = None,
+             predict: Callable | None = None) -> ConfusionMatrix:
+    """Confusion matrix over ``loader``, accumulated on the device and reduced across ranks once; ``predict`` maps
+    the logits to the scores whose argmax is the prediction (the method's ``predict``; None: the logits)."""
     model.eval()
     cm = ConfusionMatrix(n_classes, device)
-    for i, (images, labels) in enumerate(progress(loader, enabled=show_progress, desc="eval", total=len(loader))):
+    for i, item in enumerate(progress(loader, enabled=show_progress, desc="eval", total=len(loader))):
+        images, labels, _ = split_item(item)
         images = precision.images(images, device)
         labels = labels_to_device(labels, device)
         with precision.autocast():
             logits, _ = model(images)
+        if predict is not None:
+            logits = predict(logits)
         pred = logits.argmax(dim=1)
         cm.update(pred, labels)
         if sample_hook is not None:

@@ -116,7 +116,7 @@ def train_epoch(argv: list[str], step: int, classes: list[int], trainer_state: d
     Returns (criterion, epoch means of the loss terms)."""
     from methods import StepContext, build_criterion
     from train import EpochSetup, Precision, train_one_epoch
-    from utils.config import parse_config
+    from experiment.config import parse_config
 
     device = torch.device(device)
     cfg = parse_config(list(argv) + ["--dataset", "voc", "--task", "15-5", "--no_pretrained"])

@@ -70,7 +70,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def _cfg(args, variant: dict):
-    from utils.config import parse_config
+    from experiment.config import parse_config
 
     argv = ["--dataset", "voc", "--task", "15-5", "--step", str(args.step), "--method", "MiB" if args.step else "FT",
             "--backbone", args.backbone, "--norm_act", args.norm_act, "--output_stride", str(args.output_stride),

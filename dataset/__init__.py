@@ -2,14 +2,11 @@
 from dataset.ade import ADEReader
 from dataset.base import Reader, load_pair
 from dataset.cityscapes import CityscapesReader
+from dataset.incremental import IncrementalSegmentation, build_datasets, build_step_datasets, filter_images
+from dataset.readers import READERS
+from dataset.tasks import TASKS, classes_per_step, get_task_labels, new_class_indices, num_steps, task_names
 from dataset.voc import VOCReader
 
-READERS = {"voc": VOCReader, "ade": ADEReader, "cityscapes": CityscapesReader}
-
-from dataset.incremental import IncrementalSegmentation, build_datasets, filter_images  # noqa: E402
-from dataset.tasks import (TASKS, classes_per_step, get_task_labels, new_class_indices,  # noqa: E402
-                           num_steps, task_names)
-
 __all__ = ["READERS", "Reader", "VOCReader", "ADEReader", "CityscapesReader", "load_pair",
-           "IncrementalSegmentation", "build_datasets", "filter_images", "TASKS", "get_task_labels",
-           "classes_per_step", "new_class_indices", "num_steps", "task_names"]
+           "IncrementalSegmentation", "build_datasets", "build_step_datasets", "filter_images", "TASKS",
+           "get_task_labels", "classes_per_step", "new_class_indices", "num_steps", "task_names"]

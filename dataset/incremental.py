@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.base import Reader, _decode, _label_array
+from dataset.readers import READERS
 from dataset.tasks import canonical_task, get_task_labels
 from dataset.transform import ToTensor, eval_preset, train_preset
 from utils.constants import BACKGROUND, IGNORE_INDEX
@@ -268,8 +269,6 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
     ``cross_val``: the reference's ``random_split`` of the train dataset, 80 % train / 20 % val, drawn from a
     generator seeded with ``seed`` (= the reference's global RNG right after ``torch.manual_seed(random_seed)``);
     the val part keeps the train transform and masking, as in the reference."""
-    from dataset import READERS  # late import: dataset/__init__ imports this module
-
     if dataset not in READERS:
         raise UserError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(READERS)} (fix --dataset)")
     reader_cls = READERS[dataset]
@@ -302,3 +301,11 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
         idxs_path=os.path.join(folder, f"test_on_{test_split}-{step}.npy"), presence_dir=presence_dir,
         test_on_val=test_on_val, description=describe(f"test ({test_split})"))
     return train, val, test
+
+
+def build_step_datasets(cfg, step: int):
+    """(train, val, test) incremental datasets of ``step`` from a configuration with the run.py flag names."""
+    return build_datasets(dataset=cfg.dataset, root=cfg.data_root, task=cfg.task, step=step, overlap=cfg.overlap,
+                          data_masking=cfg.data_masking, crop_size=cfg.crop_size, crop_val=cfg.crop_val,
+                          cache_root=cfg.cache_root, test_on_val=cfg.test_on_val,
+                          val_on_trainset=cfg.val_on_trainset, cross_val=cfg.cross_val, seed=cfg.random_seed)

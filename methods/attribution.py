@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dataset.transform import images_to_device, labels_to_device
+from segmentation_module import IncrementalSegmentationModule
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,7 @@ def check_exact_supported(model, cfg=None) -> None:
     if c0.in_channels != head_channels:
         raise UserError(f"--attribution exact: cls[0] reads {c0.in_channels} channels but the head produces "
                         f"{head_channels}; {hint}")
-    try:
-        from segmentation_module import IncrementalSegmentationModule
-    except ImportError:  # pragma: no cover - the model module is part of the framework
-        IncrementalSegmentationModule = None
-    if IncrementalSegmentationModule is None or not isinstance(model, IncrementalSegmentationModule) \
+    if not isinstance(model, IncrementalSegmentationModule) \
             or type(model).forward is not IncrementalSegmentationModule.forward or "forward" in vars(model):
         raise UserError(f"--attribution exact needs the standard IncrementalSegmentationModule forward, got "
                         f"{type(model).__name__}; {hint}")

@@ -12,20 +12,25 @@ from typing import Iterable
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Subset
 
+from dataset.incremental import build_step_datasets
+from dataset.tasks import classes_per_step, new_class_indices
 from methods.attribution import AGGREGATIONS, channel_importance, unwrap
+from methods.base import Extension, StepContext
 from methods.channel_masks import classifier_fingerprint, load_mask, write_mask
-from utils.argparser import IGNORED
+from methods.registry import register_extension
 from utils.data import seeded_rng
+from utils.dist import broadcast_object, is_distributed, is_main_process
 from utils.errors import UserError
+from utils.flags import IGNORED
 
 log = logging.getLogger(__name__)
 
 
 
-def add_awt_args(parser: argparse.ArgumentParser) -> None:
-    """Declare the AWT flags (reference names and defaults, plus this framework's own) in the group "AWT"."""
-    g = parser.add_argument_group("AWT")
+def add_awt_args(g: argparse._ActionsContainer) -> None:
+    """Declare the AWT flags (reference names and defaults, plus this framework's own) in the group ``g``."""
     g.add_argument("--init_balanced", action="store_true", default=False,
                    help="MiB initialisation of the new classifier (new weight := bg weight, biases := b_bg - log(N+1))")
     g.add_argument("--orig_init", action="store_true", default=False,
@@ -216,8 +221,6 @@ def attribution_batches(dataset, *, batch_size: int, max_images: int | None, see
 
     No worker processes (the random training transform draws from the main process's seeded RNG, so the mask does
     not depend on --num_workers); images of different sizes go to different batches."""
-    from torch.utils.data import DataLoader, Subset
-
     n = len(dataset)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
     if max_images is not None:
@@ -233,8 +236,6 @@ def attribution_batches(dataset, *, batch_size: int, max_images: int | None, see
 
 
 def _n_new(cfg, step: int) -> int:
-    from dataset.tasks import classes_per_step
-
     return int(classes_per_step(cfg.dataset, cfg.task, step)[-1])
 
 
@@ -243,16 +244,12 @@ def compute_mask(cfg, step: int, model_old, device, *, per_class: bool = False, 
 
     Returns ``(mask, result, meta)``: bool ``[C]`` (union) or ``[N_new, C]`` (per class), the scores and the
     metadata written next to the mask."""
-    from dataset.tasks import new_class_indices
-
     validate_awt_args(cfg)
     if float(cfg.att) <= 0:
         raise UserError("AWT channel masks need --att in (0, 100], e.g. --att 25")
     if step < 1:
         raise UserError(f"AWT attribution needs an incremental step (--step >= 1), got step {step}")
     if dataset is None:
-        from utils.builders import build_step_datasets
-
         dataset = build_step_datasets(cfg, step)[0]
     new_classes = new_class_indices(cfg.dataset, cfg.task, step)
     method = cfg.attribution
@@ -331,8 +328,6 @@ def compute_or_load_mask(cfg, step: int, model_old, device, *, per_class: bool |
     validate_awt_args(cfg)
     if cfg.no_att or float(cfg.att) <= 0:
         return None
-    from utils.dist import broadcast_object, is_distributed, is_main_process
-
     if not is_distributed():
         return _compute_or_load_local(cfg, step, model_old, device, resolve_per_class(cfg, step, per_class),
                                       dataset)[0]
@@ -391,3 +386,28 @@ def prepare_new_classifier(cfg, step: int, model, model_old, device, *, dataset=
              f"{source} mask, {int((mask.reshape(-1, mask.shape[-1])[0] != 0).sum())} of {mask.shape[-1]} channels",
              plan["orig_init"], plan["copy"], plan["copy_bias"])
     return {**plan, "channel_mask": mask}
+
+
+@register_extension
+class AWT(Extension):
+    """Initialises the new classifier at every step > 0 from the background classifier: on the channels AWT
+    attributes (``--att``), on random channels (``--random_channels``) or everywhere (MiB's ``--init_balanced`` /
+    ``--orig_init``); see :func:`classifier_init_plan`."""
+
+    name = "AWT"
+
+    @staticmethod
+    def add_args(group: argparse._ActionsContainer) -> None:
+        add_awt_args(group)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        validate_awt_args(cfg)
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        return classifier_init_plan(cfg) is not None
+
+    def init_new_classifier(self, ctx: StepContext) -> bool:
+        return prepare_new_classifier(self.cfg, ctx.step, ctx.model, ctx.model_old, ctx.device,
+                                      dataset=ctx.train_dataset) is not None

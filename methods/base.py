@@ -1,8 +1,13 @@
-"""Building blocks of every continual-learning method: the batch a loss term sees, the term interface, the step context.
+"""The interfaces of the methods package: the step plugin (:class:`Method`, :class:`Extension`), the loss term
+(:class:`LossTerm`), and what they see (:class:`StepContext`, :class:`TrainInputs`, :class:`Batch`).
 
-A method (MiB, PLOP, ...) is not a class: it is a row of ``methods.presets.PRESETS`` that switches on a combination of
-loss terms. Each term owns its command-line flags (``add_args``), decides from the config whether it is active
-(``build`` returns None when not) and returns named losses (keys start with ``loss_``).
+A method is a plugin with a lifecycle (docs/architecture.md, "Methods"): it may choose the model family, wrap the
+datasets, load and prepare the model of a step, initialise new classifiers, choose the trainable parameters and their
+learning rates, rewrite each training batch, provide loss terms, act at the start and end of a step and of each epoch,
+post-process predictions, and keep state in checkpoints. Most methods of the PLOP/MiB family only provide loss
+terms: they are thin plugins whose ``preset`` switches terms on (``methods/presets.py``). Each term owns its
+command-line flags (``add_args``), decides from the config whether it is active (``build`` returns None when not) and
+returns named losses (keys start with ``loss_``).
 """
 from __future__ import annotations
 
@@ -12,7 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from modules.heads import final_layer
+from utils.errors import UserError
+from utils.optim import apply_freezing, build_param_groups
 
 
 @dataclass
@@ -30,6 +40,17 @@ class Batch:
     pixel_weight: Tensor | None = None  # (B, H, W) or (B, 1, 1): multiplies the per-pixel classification loss
     original_labels: Tensor | None = None  # (B, H, W) labels before pseudo-labelling (set by the pseudo-label term)
     pseudo_mask: Tensor | None = None  # (B, H, W) bool: pixels that received a pseudo-label (set by the pseudo term)
+    aux: dict = field(default_factory=dict)  # per-batch extras of the loader or of Method.compose_batch
+
+
+@dataclass
+class TrainInputs:
+    """One training batch on the device before the forward pass; ``Method.compose_batch`` may rewrite it."""
+
+    images: Tensor  # (B, 3, H, W) normalised
+    labels: Tensor  # (B, H, W) int64
+    aux: dict = field(default_factory=dict)  # extra tensors of the loader (a dataset item's third element)
+    forward_kwargs: dict = field(default_factory=dict)  # extra keyword arguments of the new model's forward
 
 
 def _null_autocast() -> contextlib.AbstractContextManager:
@@ -49,6 +70,7 @@ class StepContext:
     trainer_state: dict = field(default_factory=dict)  # checkpoint["trainer_state"] of the previous step, or {}
     world_size: int = 1
     autocast: Callable[[], contextlib.AbstractContextManager] = _null_autocast
+    train_dataset: Any = None  # the step's training dataset as built from the task (before Method.wrap_dataset)
 
     @property
     def n_old(self) -> int:
@@ -116,3 +138,115 @@ def pixel_mean(loss: Tensor, pixel_weight: Tensor | None = None) -> Tensor:
     if pixel_weight is not None:
         loss = loss * pixel_weight
     return loss.mean()
+
+
+@dataclass(frozen=True)
+class TransferSource:
+    """Where AWT attributes and transfers from: the input of the 1x1 conv ``layer`` and its output ``row``; the
+    logit attributed is ``row`` of that layer's output."""
+
+    layer: nn.Conv2d
+    row: int = 0
+
+
+class Method:
+    """A continual-learning method: a plugin whose hooks the step flow calls in this order (each is optional)::
+
+        model_spec -> wrap_dataset -> [step > 0: load_previous] -> prepare_model -> init_new_classifier
+        -> param_groups -> terms -> (resume: load_state_dict) -> before_step
+        -> per epoch: begin_epoch -> per iteration: compose_batch, losses (terms), backward, after_backward (terms)
+        -> after_step -> state_dict (checkpoint) ; evaluation and test: predict
+
+    ``name`` is the ``--method`` value; ``preset`` the flag defaults it applies (explicit flags win).
+    """
+
+    name: ClassVar[str] = ""
+    preset: ClassVar[dict] = {}
+    description: ClassVar[str] = ""
+
+    @staticmethod
+    def add_args(group: argparse._ActionsContainer) -> None:
+        """Declare the flags this method owns (``group`` is its argument group)."""
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """Raise ``UserError`` for a flag combination this method cannot run (called before anything starts)."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    # ---- model ---------------------------------------------------------------------------------------------------
+    def model_spec(self, spec: Any, step: int) -> Any:
+        """The ``segmentation_module.ModelSpec`` of the model of ``step`` (backbone, head, classifier family)."""
+        return spec
+
+    def load_previous(self, model: nn.Module, model_old: nn.Module, step: int) -> None:
+        """Copy the previous step's weights into the new model; only the new classifier may stay unloaded."""
+        missing, unexpected = model.load_state_dict(model_old.state_dict(), strict=False)
+        new_prefix = f"cls.{len(model.cls) - 1}."
+        if unexpected or any(not k.startswith(new_prefix) for k in missing):
+            raise UserError(f"previous-step model does not fit step {step}: missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]}")
+
+    def prepare_model(self, ctx: StepContext) -> None:
+        """After the previous weights are loaded (every step): e.g. merge branches, freeze parts."""
+
+    def init_new_classifier(self, ctx: StepContext) -> bool:
+        """Initialise the new classifier at step > 0; True when this plugin did (the others still run)."""
+        return False
+
+    def transfer_source(self, model: nn.Module) -> TransferSource:
+        """The classifier AWT transfers from and the logit it attributes: by default the background row of the
+        first step's classifier."""
+        return TransferSource(final_layer(model.cls[0]), 0)
+
+    # ---- optimisation --------------------------------------------------------------------------------------------
+    def param_groups(self, model: nn.Module, lr: float, step: int) -> list[dict]:
+        """Freeze what must not train and return the optimiser's parameter groups (the reference's groups)."""
+        apply_freezing(model, self.cfg, step)
+        return build_param_groups(model, self.cfg, lr, step)
+
+    # ---- data ------------------------------------------------------------------------------------------------------
+    def wrap_dataset(self, split: str, dataset: Dataset, step: int) -> Dataset:
+        """``split`` in ("train", "val", "test"); items are ``(image, label)`` or ``(image, label, aux dict)``."""
+        return dataset
+
+    def compose_batch(self, inputs: TrainInputs) -> TrainInputs:
+        """Rewrite a training batch before the forward pass (relabelling, memory mixing, forward arguments)."""
+        return inputs
+
+    # ---- losses ----------------------------------------------------------------------------------------------------
+    def terms(self, ctx: StepContext) -> list["LossTerm"]:
+        """The loss terms of this step, in execution order."""
+        return []
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------------
+    def before_step(self, ctx: StepContext) -> None:
+        """Once before the first epoch (after a resume): e.g. rebuild an exemplar memory."""
+
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        """At the start of every training epoch (``epoch`` counts from 0)."""
+
+    def after_step(self, ctx: StepContext) -> None:
+        """After the last epoch, before the step checkpoint is written."""
+
+    # ---- evaluation ------------------------------------------------------------------------------------------------
+    def predict(self, logits: Tensor) -> Tensor:
+        """Scores whose argmax over dim 1 is the prediction (evaluation and test); (B, C, H, W)."""
+        return logits
+
+    # ---- state -----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Stored in the checkpoint's ``trainer_state["methods"][name]`` (omitted when empty)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned (resume inside a step)."""
+
+
+class Extension(Method):
+    """A plugin composed with the selected method when its own flags ask for it (e.g. AWT with ``--att``)."""
+
+    @classmethod
+    def enabled(cls, cfg: Any) -> bool:
+        return False

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from methods.attribution import AttributionResult, unwrap
 from utils.errors import UserError
+from utils.io import atomic_save_torch, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,6 @@ def load_mask(path: str, channels: int, n_new: int | None = None, *, model_old=N
 def write_mask(path: str, mask: Tensor, result: AttributionResult | None = None, meta: dict | None = None,
                *, plot: bool = False) -> None:
     """Atomically write the mask (CPU bool), the scores next to it, and optionally the PNG."""
-    from utils.io import atomic_save_torch
-
     atomic_save_torch(mask.detach().cpu().bool(), path)
     if result is not None:
         payload = {"scores": result.scores.detach().cpu(), "n_used": result.n_used.cpu(),
@@ -83,12 +82,10 @@ def write_mask(path: str, mask: Tensor, result: AttributionResult | None = None,
 
 def plot_scores(scores: Tensor, mask: Tensor, path: str) -> None:
     """PNG of the channel scores sorted in decreasing order, selected channels marked (one curve per row)."""
-    import matplotlib
+    import matplotlib  # only when a plot is asked for: a slow import, and no other part needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from utils.io import atomic_write
 
     rows_s = scores.detach().float().cpu().reshape(-1, scores.shape[-1])
     rows_m = mask.detach().cpu().reshape(-1, mask.shape[-1])

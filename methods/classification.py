@@ -6,9 +6,10 @@ from typing import Any
 
 from torch import Tensor
 
-from methods import register_term
+from methods.registry import register_term
 from methods.base import Batch, LossTerm, StepContext, pixel_mean
 from utils import loss as L
+from utils.flags import NOT_IMPLEMENTED
 from utils.constants import IGNORE_INDEX
 from utils.errors import UserError
 
@@ -51,13 +52,12 @@ class Classification(LossTerm):
         parser.add_argument("--focal_loss_new", action="store_true", default=False,
                             help="focal loss on pixels of new classes only, CE elsewhere")
         parser.add_argument("--focal_loss_gamma", type=int, default=2, help="focal loss exponent gamma")
-        no = "(not implemented: rejected unless left at the default) "
-        parser.add_argument("--nca", action="store_true", default=False, help=no + "NCA loss")
-        parser.add_argument("--nca_margin", type=float, default=0.0, help=no + "NCA margin")
-        parser.add_argument("--cosine", action="store_true", default=False, help=no + "cosine classifier")
-        parser.add_argument("--ce_on_new", action="store_true", default=False, help=no + "CE on new classes only")
+        parser.add_argument("--nca", action="store_true", default=False, help=NOT_IMPLEMENTED + "NCA loss")
+        parser.add_argument("--nca_margin", type=float, default=0.0, help=NOT_IMPLEMENTED + "NCA margin")
+        parser.add_argument("--cosine", action="store_true", default=False, help=NOT_IMPLEMENTED + "cosine classifier")
+        parser.add_argument("--ce_on_new", action="store_true", default=False, help=NOT_IMPLEMENTED + "CE on new classes only")
         parser.add_argument("--sample_weights_new", type=float, default=None,
-                            help=no + "per-pixel loss weight of new classes")
+                            help=NOT_IMPLEMENTED + "per-pixel loss weight of new classes")
 
     def __init__(self, *, kind: str, n_old: int, icarl: str | None, icarl_importance: float, icarl_bkg: bool,
                  alpha: float, gamma: float, ce_on_pseudo: bool, pseudo_soft: str | None = None,

@@ -7,12 +7,11 @@ from typing import Any
 
 from torch import Tensor
 
-from methods import register_term
+from methods.registry import register_term
 from methods.base import Batch, LossTerm, StepContext
 from utils import loss as L
+from utils.flags import NOT_IMPLEMENTED, IGNORED
 
-IGNORED = "(ignored: parsed but never used by the reference) "
-NOT_IMPLEMENTED = "(not implemented: rejected unless left at the default) "
 
 
 @register_term

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from methods import register_term
+from methods.registry import register_term
 from methods.base import Batch, LossTerm, StepContext
 from utils.constants import BACKGROUND
 from utils.errors import UserError
+from utils.flags import NOT_IMPLEMENTED
 from utils.loss import upcast
 
 SPP_SCALES = (1, 2, 4)  # PLOP default --spp_scales
@@ -230,13 +231,12 @@ class PODDistillation(LossTerm):
         parser.add_argument("--pod_apply", default="all", help="(ignored: passed but unused by the reference)")
         parser.add_argument("--pod_interpolate_last", action="store_true", default=False,
                             help="(ignored: parsed but never used by the reference)")
-        no = "(not implemented: rejected unless left at the default) "
-        parser.add_argument("--pod_deeplab_mask", action="store_true", default=False, help=no + "masked POD")
-        parser.add_argument("--pod_deeplab_mask_factor", type=float, default=None, help=no + "masked POD factor")
+        parser.add_argument("--pod_deeplab_mask", action="store_true", default=False, help=NOT_IMPLEMENTED + "masked POD")
+        parser.add_argument("--pod_deeplab_mask_factor", type=float, default=None, help=NOT_IMPLEMENTED + "masked POD factor")
         parser.add_argument("--deeplab_mask_downscale", action="store_true", default=False,
-                            help=no + "masked POD downscaling")
+                            help=NOT_IMPLEMENTED + "masked POD downscaling")
         parser.add_argument("--pod_large_logits", action="store_true", default=False,
-                            help=no + "POD on upsampled logits")
+                            help=NOT_IMPLEMENTED + "POD on upsampled logits")
 
     @staticmethod
     def config_from(cfg: Any) -> PODConfig:

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 
 from dataset.transform import images_to_device, labels_to_device
-from methods import register_term
+from methods.registry import register_term
 from methods.base import Batch, LossTerm, StepContext
 from utils import loss as L
+from utils.flags import NOT_IMPLEMENTED
 from utils.constants import BACKGROUND, IGNORE_INDEX
 from utils.errors import UserError
 
@@ -101,14 +102,13 @@ class PseudoLabel(LossTerm):
         parser.add_argument("--pseudo_exact_median", action="store_true", default=False,
                             help="compute the true histogram median for the thresholds (PLOP's walk adds bin "
                                  "indices instead of counts)")
-        no = "(not implemented: rejected unless left at the default) "
         parser.add_argument("--pseudo_soft", default=None, choices=["soft_certain", "soft_uncertain"],
                             help="with --pseudo entropy: soft targets from the old model instead of hard labels on "
                                  "all background pixels (soft_certain) or on the uncertain ones (soft_uncertain); "
                                  "the reference's sign error is fixed")
         parser.add_argument("--pseudo_soft_factor", type=float, default=1.0, help="weight of the --pseudo_soft term")
         parser.add_argument("--pseudo_ablation", default=None, choices=["corrected_errors", "removed_errors"],
-                            help=no + "correct pseudo-labels with the ground truth")
+                            help=NOT_IMPLEMENTED + "correct pseudo-labels with the ground truth")
 
     @classmethod
     def check(cls, cfg: Any) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from methods import register_term
+from methods.registry import register_term
 from methods.base import LossTerm, StepContext
 from utils.errors import UserError
 

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from models.pretrained import load_backbone_file
 from modules.residual import ResidualBlock
 
 DILATIONS = {16: (1, 1, 1, 2), 8: (1, 1, 2, 4)}
@@ -72,13 +73,8 @@ def build_backbone(name: str, norm_act: Callable[..., nn.Module], output_stride:
     return ResNet(structure, bottleneck, norm_act, output_stride)
 
 
-def net_resnet18(norm_act, output_stride: int = 16) -> ResNet:
-    return build_backbone("resnet18", norm_act, output_stride)
-
-
-def net_resnet50(norm_act, output_stride: int = 16) -> ResNet:
-    return build_backbone("resnet50", norm_act, output_stride)
-
-
-def net_resnet101(norm_act, output_stride: int = 16) -> ResNet:
-    return build_backbone("resnet101", norm_act, output_stride)
+def load_pretrained_body(body: nn.Module, path: str) -> None:
+    """Load an ImageNet backbone file in the In-Place ABN layout strictly into ``body`` (``classifier.*``, the
+    ImageNet fc, dropped)."""
+    load_backbone_file(body, path, drop_prefix="classifier.", layout="In-Place ABN layout",
+                       hint="download it (see pretrained/README.md) or pass --no_pretrained")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.norm import is_norm_layer
+from modules.norm import NORM_ACT, is_norm_layer
 from modules.misc import try_index
 
 ASPP_DILATIONS = {16: (6, 12, 18), 8: (12, 24, 32)}  # 32 (not 36) for OS8, as in the reference
@@ -26,7 +26,6 @@ class DeeplabV3(nn.Module):
         if out_stride not in ASPP_DILATIONS:
             raise ValueError(f"out_stride must be 8 or 16, got {out_stride}")
         if norm_act is None:
-            from models.norm import NORM_ACT
             norm_act = NORM_ACT["abn"]
         self.pooling_size = pooling_size
         d = ASPP_DILATIONS[out_stride]

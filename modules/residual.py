@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from models.norm import activate
+from modules.norm import activate
 
 
 class ResidualBlock(nn.Module):

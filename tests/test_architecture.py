@@ -8,8 +8,8 @@ import pytest
 
 from conftest import ROOT
 
-ENGINE_FILES = ["train.py", "run.py", "segmentation_module.py", "evaluate.py", "utils/builders.py",
-                "utils/optim.py", "utils/validate.py"]
+ENGINE_FILES = ["train.py", "run.py", "segmentation_module.py", "evaluate.py", "experiment/builders.py",
+                "utils/optim.py", "experiment/validate.py"]
 
 
 def _names() -> set[str]:

@@ -24,7 +24,7 @@ SIZE = 64
 
 
 def cfg_of(*args):
-    from utils.config import parse_config
+    from experiment.config import parse_config
 
     return parse_config(list(args))
 

@@ -49,7 +49,7 @@ def run_cli(script, args, cwd):
 
 
 def test_attribute_writes_the_mask_run_py_finds(workdir):
-    from utils.config import parse_config
+    from experiment.config import parse_config
 
     args = common(workdir) + ["--att_plot"]
     proc = run_cli("attribute.py", args, workdir)
@@ -63,7 +63,7 @@ def test_attribute_writes_the_mask_run_py_finds(workdir):
     assert scores["meta"]["new_classes"] == [16] and scores["n_images"] > 0
     assert os.path.isfile(channel_masks.plot_path(path))
     # run.py's entry point loads (and validates) exactly this file for the old model of the same checkpoint
-    from utils.builders import load_old_model
+    from experiment.builders import load_old_model
 
     model_old = load_old_model(cfg, 1, torch.device("cpu"))
     assert torch.equal(awt.compute_or_load_mask(cfg, 1, model_old, "cpu"), mask)
@@ -75,7 +75,7 @@ def test_attribute_class_writes_one_mask_per_class(workdir):
     if proc.returncode != 0 and "skipped" in proc.stderr:
         pytest.skip("a new class vanished under nearest downsampling in this tiny dataset: " + proc.stderr)
     assert proc.returncode == 0, proc.stderr
-    from utils.config import parse_config
+    from experiment.config import parse_config
 
     path = awt.channels_path(parse_config(args), 1, per_class=True)
     mask = torch.load(path, weights_only=True)

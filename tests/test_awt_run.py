@@ -30,7 +30,7 @@ def test_run_computes_writes_and_uses_the_mask(synthetic_voc, tmp_path, step0, m
     import run
     import segmentation_module
     from methods import awt
-    from utils.config import parse_config
+    from experiment.config import parse_config
 
     seen = {}
     original = segmentation_module.IncrementalSegmentationModule.init_new_classifier
@@ -54,7 +54,7 @@ def test_attribute_then_run_equals_run_alone(synthetic_voc, tmp_path, step0):
     import attribute
     import run
     from methods import awt
-    from utils.config import parse_config
+    from experiment.config import parse_config
 
     two, one = tmp_path / "two_commands", tmp_path / "one_command"
     args_two = _awt_args(synthetic_voc, two, step0)
@@ -75,7 +75,7 @@ def test_awt_without_usable_mask_stops_with_a_message(synthetic_voc, tmp_path, s
     """An existing mask of the wrong size is an error before training, never a silent random classifier."""
     import run
     from methods import awt
-    from utils.config import parse_config
+    from experiment.config import parse_config
 
     args = _awt_args(synthetic_voc, tmp_path, step0)
     path = awt.channels_path(parse_config(args), 1)

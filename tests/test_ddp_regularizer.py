@@ -33,7 +33,7 @@ def _worker(rank: int, port: int, method: str, out: str) -> None:
     from methods import StepContext, build_criterion
     from segmentation_module import make_model
     from train import EpochSetup, Precision, train_one_epoch
-    from utils.config import parse_config
+    from experiment.config import parse_config
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)

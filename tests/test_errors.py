@@ -83,8 +83,8 @@ def _check(argv, capsys, roots, *fragments, skip=()) -> str:
 
 def _fake_checkpoint(argv, path, *, step=0, **extra):
     """An untrained model of ``step`` saved like a step checkpoint of this framework."""
-    from utils.builders import build_model
-    from utils.config import parse_config
+    from experiment.builders import build_model
+    from experiment.config import parse_config
 
     cfg = parse_config([str(a) for a in argv])
     model = build_model(cfg, step, pretrained=False)
@@ -206,13 +206,13 @@ def test_ckpt_missing(tiny_voc, tmp_path, capsys):
 
 
 def test_partial_checkpoint_from_other_configuration(tiny_voc, tmp_path, capsys):
-    from utils.config import dump
+    from experiment.config import dump
 
     out = tmp_path / "out"
     args = smoke_args(tiny_voc, out)
     other = args.copy()
     other[other.index("--batch_size") + 1] = "4"
-    from utils.config import parse_config
+    from experiment.config import parse_config
 
     partial = os.path.join(str(out), "ckpt", "15-5-voc_Experiment_0.partial.pth")
     _fake_checkpoint(other, partial, config=dump(parse_config(other)), optimizer_state={}, scheduler_state={})

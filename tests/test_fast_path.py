@@ -12,7 +12,7 @@ from methods import StepContext, build_criterion
 from metrics.stream_metrics import ConfusionMatrix, metrics_from_matrix
 from segmentation_module import make_model
 from train import EpochSetup, Precision, _uses_after_backward, train_one_epoch
-from utils.config import parse_config
+from experiment.config import parse_config
 
 SIZE = 32
 CLASSES = [3, 2]

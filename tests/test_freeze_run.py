@@ -54,7 +54,7 @@ def test_freezing_flags(synthetic_voc, tmp_path, step0, flag, frozen, trained):
 
 def test_lr_old_gives_old_classifiers_their_own_rate():
     from segmentation_module import make_model
-    from utils.config import parse_config
+    from experiment.config import parse_config
     from utils.optim import build_param_groups
 
     model = make_model(backbone="resnet18", norm_act="abn", output_stride=16, classes=[3, 2])

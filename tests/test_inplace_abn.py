@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import models.norm as norm  # noqa: E402
-from models.norm import ABN, NORM_ACT  # noqa: E402
+import modules.norm as norm  # noqa: E402
+from modules.norm import ABN, NORM_ACT  # noqa: E402
 from segmentation_module import make_model  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models.norm import ABN, ABNSync, BatchNormAct, NORM_ACT, is_norm_layer  # noqa: E402
+from modules.norm import ABN, ABNSync, BatchNormAct, NORM_ACT, is_norm_layer  # noqa: E402
 from modules.deeplab import DeeplabV3  # noqa: E402
 from modules.residual import ResidualBlock  # noqa: E402
 from segmentation_module import IncrementalSegmentationModule, load_pretrained_body, make_model  # noqa: E402

@@ -146,7 +146,7 @@ REFERENCE_FLAGS = [
 
 
 def test_every_reference_flag_is_known_to_the_parser():
-    from utils.argparser import get_argparser
+    from experiment.argparser import get_argparser
 
     options = {o for action in get_argparser()._actions for o in action.option_strings}
     assert [f for f in REFERENCE_FLAGS if f not in options] == []

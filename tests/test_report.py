@@ -1,4 +1,4 @@
-"""report.py / utils/report.py against tables computed by hand from small CSVs."""
+"""report.py / metrics/report.py against tables computed by hand from small CSVs."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 
 import report as cli
-from utils import report
+from metrics import report
 from utils.errors import UserError
 
 # VOC 15-1a (reference order): step 0 = these 16 ids, then 17, 3, 6, 18, 10 (one per step).

@@ -121,8 +121,8 @@ def test_resume_at_step_1_is_exact(tiny_voc, tmp_path, monkeypatch, method):
     import run
     import train
 
-    from utils.builders import build_model
-    from utils.config import parse_config
+    from experiment.builders import build_model
+    from experiment.config import parse_config
 
     # an untrained step-0 model with EWC statistics stands in for a trained step 0 (the penalty is active)
     torch.manual_seed(0)

@@ -318,8 +318,8 @@ def test_caches_follow_regenerated_labels(tmp_path):
 
 
 def test_cross_val_flag_reaches_the_datasets(voc_small, tmp_path):
-    from utils.builders import build_step_datasets
-    from utils.config import parse_config
+    from experiment.builders import build_step_datasets
+    from experiment.config import parse_config
 
     args = ["--data_root", voc_small, "--task", "15-5", "--crop_size", "16", "--cache_root", str(tmp_path),
             "--random_seed", "3"]

@@ -23,9 +23,9 @@ def test_new_classifier_random_init_drawn_right_after_the_seed(tiny_voc, tmp_pat
     torch.manual_seed(random_seed), i.e. the new model is built first (the reference built model_old after it).
     Building the old model first consumed the RNG, so the random part of the AWT init differed for the same seed."""
     import run
-    from utils.builders import build_model, ckpt_path
+    from experiment.builders import build_model, ckpt_path
     from utils.checkpoint import save_checkpoint
-    from utils.config import parse_config
+    from experiment.config import parse_config
 
     cfg = parse_config(smoke_args(tiny_voc, tmp_path, steps=(1,), extra=["--no_att"]))
     torch.manual_seed(123)

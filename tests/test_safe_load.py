@@ -134,8 +134,8 @@ def tiny_voc(tmp_path_factory):
 def test_reference_checkpoint_as_previous_step(tiny_voc, tmp_path):
     """A step-0 checkpoint in the reference layout (numpy 1.x names) drives step 1 through --step_ckpt."""
     import run
-    from utils.builders import build_model
-    from utils.config import parse_config
+    from experiment.builders import build_model
+    from experiment.config import parse_config
 
     args0 = smoke_args(tiny_voc, tmp_path / "ref")
     model = build_model(parse_config(args0), 0, pretrained=False)

@@ -89,7 +89,7 @@ def test_expected_settings_and_methods_exist():
 
 
 def test_every_wrapper_command_parses_with_the_real_parser(tmp_path):
-    parse_config = pytest.importorskip("utils.config").parse_config
+    parse_config = pytest.importorskip("experiment.config").parse_config
     from dataset.tasks import num_steps
 
     env = _env(tmp_path)
@@ -116,7 +116,7 @@ def test_every_wrapper_command_parses_with_the_real_parser(tmp_path):
 
 
 def test_environment_overrides(tmp_path):
-    parse_config = pytest.importorskip("utils.config").parse_config
+    parse_config = pytest.importorskip("experiment.config").parse_config
     env = _env(tmp_path, NB_GPU=2, GRAD_ACCUM=3, DISJOINT=1, EPOCHS=2, CROP=64, BACKBONE="resnet50", ATT=50,
                DATA_ROOT="rel/data", EXTRA="--loss_kd 100 --num_workers 0")
     runs, report, _ = _dry([os.path.join(ROOT, "scripts", "voc", "mib_awt_15-5.sh"), "--random_seed", "7"], env)

@@ -80,11 +80,27 @@ def model_state(ckpt: Any, path: str) -> dict:
     return strip_module_prefix(ckpt)
 
 
+def classifier_weights(state: dict) -> list[torch.Tensor]:
+    """The weight of the final 1x1 conv of each ``cls.{i}`` of a model state: a plain classifier ``cls.{i}.weight``
+    or the last layer of a per-step head ``cls.{i}.{k}.weight``."""
+    found = []
+    while True:
+        prefix = f"cls.{len(found)}."
+        convs = [v for k, v in state.items() if k.startswith(prefix) and k.endswith("weight")
+                 and v.dim() == 4 and tuple(v.shape[2:]) == (1, 1) and len(k[len(prefix):].split(".")) <= 2]
+        if not convs:
+            return found
+        found.append(convs[-1])  # state dicts follow module order: the final 1x1 comes last
+
+
+def classes_in_state(state: dict) -> list[int]:
+    """Classes per step of a model state."""
+    return [int(w.shape[0]) for w in classifier_weights(state)]
+
+
 def check_class_layout(state: dict, classes: list[int], path: str) -> None:
     """Raise when a checkpoint's classifiers do not match the expected classes per step."""
-    found = []
-    while f"cls.{len(found)}.weight" in state:
-        found.append(int(state[f"cls.{len(found)}.weight"].shape[0]))
+    found = classes_in_state(state)
     if found != list(classes):
         raise UserError(f"checkpoint {path} has classes per step {found}, expected {list(classes)}: "
                         "it was trained on another task, dataset or step (check --task, --dataset, --name)")
@@ -93,33 +109,3 @@ def check_class_layout(state: dict, classes: list[int], path: str) -> None:
 def save_checkpoint(path: str, **content: Any) -> None:
     """Write a checkpoint atomically (temporary file, fsync, rename)."""
     atomic_save_torch(content, path)
-
-
-# Flags that do not change the trained weights (paths, logging, workers, which steps the call runs); a resumed step
-# may differ in them. Every other flag must match the interrupted run for the resume to be exact.
-_RESUME_FREE_FLAGS = frozenset({
-    "num_workers", "no_progress", "debug", "visualize", "logdir", "print_interval", "ckpt_interval", "val_interval",
-    "resume", "no_auto_resume", "ckpt", "step", "lr", "overwrite", "date", "results_dir", "checkpoint", "local_rank",
-    "sample_num", "code_directory", "cache_root", "channels_dir", "data_root", "step_ckpt", "test", "device",
-    "compile", "att_plot"})
-
-
-def check_resume_config(ckpt: Any, cfg, path: str) -> None:
-    """Refuse to resume from an in-step checkpoint written with different training flags (e.g. --batch_size)."""
-    import json
-    from utils.config import to_dict
-
-    stored = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not isinstance(stored, str):
-        return  # reference checkpoints carry no configuration
-    try:
-        saved = json.loads(stored)
-    except ValueError:
-        return
-    current = json.loads(json.dumps(to_dict(cfg), sort_keys=True, default=str))
-    diff = [k for k in sorted(set(saved) & set(current))  # flags added by a newer version are not compared
-            if k not in _RESUME_FREE_FLAGS and saved[k] != current[k]]
-    if diff:
-        shown = ", ".join(f"--{k} {saved[k]!r} there, {current[k]!r} now" for k in diff[:3])
-        raise UserError(f"in-step checkpoint {path} was written with other settings ({shown}); rerun with the same "
-                        "flags to resume, or pass --no_auto_resume to start the step over")

@@ -35,7 +35,8 @@ def apply_freezing(model, cfg, step: int) -> None:
 
 
 def build_param_groups(model, cfg, lr: float, step: int) -> list[dict]:
-    """Body, head and classifier groups with weight decay; ``--lr_old`` gives old classifiers ``lr_old * lr``."""
+    """Body, head and classifier groups with weight decay; ``--lr_old`` gives old classifiers ``lr_old * lr``;
+    parameters outside body, head and classifiers (a method's own modules) in a last group."""
     def trainable(params):
         return [p for p in params if p.requires_grad]
 
@@ -48,6 +49,10 @@ def build_param_groups(model, cfg, lr: float, step: int) -> list[dict]:
         groups.append({"params": trainable(model.cls[-1].parameters()), "weight_decay": wd, "lr": lr})
     else:
         groups.append({"params": trainable(model.cls.parameters()), "weight_decay": wd, "lr": lr})
+    # modules a method adds outside body, head and cls (none in the reference family) train at the step's lr
+    grouped = {id(p) for part in (model.body, model.head, model.cls) for p in part.parameters()}
+    groups.append({"params": trainable(p for p in model.parameters() if id(p) not in grouped),
+                   "weight_decay": wd, "lr": lr})
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise UserError("every parameter is frozen: nothing to train (check the --freeze* flags)")

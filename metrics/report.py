@@ -30,6 +30,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from dataset import tasks as task_tables
+from dataset.readers import READERS
 from utils.errors import UserError
 
 DEFAULT_COLUMNS = "remapped"
@@ -37,42 +39,29 @@ ORDER_RE = re.compile(r"^(\d+-\d+)([a-z])$")
 DISJOINT_SUFFIX = "_disjoint"
 
 
-def _tasks():
-    """``dataset.tasks`` (imported lazily: the report must start without the training stack)."""
-    from dataset import tasks  # noqa: PLC0415
-
-    return tasks
-
-
 def _datasets() -> tuple[str, ...]:
-    return tuple(_tasks().dataset_names())
+    return tuple(task_tables.dataset_names())
 
 
 def _num_classes(dataset: str) -> int:
     """All classes of ``dataset`` (background included): the single step of its offline task."""
-    return sum(_tasks().classes_per_step(dataset, "offline", 0))
+    return sum(task_tables.classes_per_step(dataset, "offline", 0))
 
 
 def get_task_labels(dataset: str, task: str, step: int) -> tuple[list[int], list[int]]:
-    return _tasks().get_task_labels(dataset, task, step)
+    return task_tables.get_task_labels(dataset, task, step)
 
 
 def num_steps(dataset: str, task: str) -> int:
-    return _tasks().num_steps(dataset, task)
+    return task_tables.num_steps(dataset, task)
 
 
 def canonical_task(dataset: str, task: str) -> str:
-    tasks = _tasks()
-    if hasattr(tasks, "canonical_task"):
-        return tasks.canonical_task(dataset, task)
-    num_steps(dataset, task)  # raises on an unknown task
-    return task
+    return task_tables.canonical_task(dataset, task)
 
 
 def class_names(dataset: str) -> list[str]:
     """Class names for the per-class table, from the dataset's reader."""
-    from dataset import READERS  # noqa: PLC0415
-
     return list(READERS[dataset].CLASS_NAMES)
 
 
@@ -323,7 +312,7 @@ def setting_of(run: Run, separate_orders: bool = False) -> str:
     m = ORDER_RE.match(run.task)
     if m and not separate_orders:
         return f"{m.group(1)} (orders)"
-    aliases = {canonical: alias for alias, canonical in _tasks().ALIASES[run.dataset].items()}
+    aliases = {canonical: alias for alias, canonical in task_tables.ALIASES[run.dataset].items()}
     return aliases.get(run.task, run.task)
 
 

@@ -1,20 +1,17 @@
 """Command line: every reference (PLOP/AWT/MiB) flag name, plus the framework's own options.
 
-Core groups live here; loss terms and AWT declare their own flags (``methods.add_method_args``,
-``methods.awt.add_awt_args``) so that a method's flags sit next to its code.
+Core groups live here; loss terms, methods and extensions declare their own flags (``methods.add_method_args``) so
+that a method's flags sit next to its code.
 """
 from __future__ import annotations
 
 import argparse
 
-IGNORED = "(ignored: dead flag in the reference code, accepted so published command lines run) "
+from methods import add_extension_args, add_method_args
+from models import BACKBONES
+from utils.flags import IGNORED, ArgumentParser
 
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: the usage block of ~150 flags would bury the message."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
+__all__ = ["ArgumentParser", "IGNORED", "get_argparser"]
 
 
 def _add_performance(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +93,9 @@ def _add_logging(parser: argparse.ArgumentParser) -> None:
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--backbone", default="resnet101", choices=["resnet18", "resnet50", "resnet101"], help="backbone")
+    g.add_argument("--backbone", default="resnet101", choices=list(BACKBONES),
+                   help="backbone: resnet* in the In-Place ABN layout of the reference code, tv_resnet* in "
+                        "torchvision's layout with BatchNorm")
     g.add_argument("--output_stride", type=int, default=16, choices=[8, 16], help="output stride")
     g.add_argument("--no_pretrained", action="store_true", help="do not load ImageNet weights from pretrained/")
     g.add_argument("--norm_act", default="iabn_sync", choices=["iabn_sync", "iabn", "abn", "std"],
@@ -132,14 +131,11 @@ def _add_protocol(parser: argparse.ArgumentParser) -> None:
 
 
 def get_argparser(add_help: bool = True) -> argparse.ArgumentParser:
-    """The full parser: core groups, every loss term's flags and the AWT flags."""
-    from methods import add_method_args
-    from methods.awt import add_awt_args
-
+    """The full parser: core groups, then the flags of every loss term, method and extension."""
     parser = ArgumentParser(add_help=add_help, description="Class-incremental semantic segmentation")
     for add in (_add_performance, _add_dataset, _add_training, _add_validation, _add_logging, _add_model,
                 _add_checkpoint, _add_protocol):
         add(parser)
     add_method_args(parser)
-    add_awt_args(parser)
+    add_extension_args(parser)
     return parser

@@ -4,6 +4,13 @@ from __future__ import annotations
 import os
 import tempfile
 
+from dataset.readers import READERS
+from dataset.tasks import classes_per_step, num_steps
+from experiment.builders import ckpt_path, classes_for_step, pretrained_path, previous_ckpt_path
+from experiment.config import step_lrs
+from methods import build_method
+from methods.awt import channels_path, classifier_init_plan, load_mask, resolve_per_class
+from utils.checkpoint import check_class_layout, classifier_weights, model_state, partial_ckpt_path, safe_load
 from utils.errors import UserError
 
 
@@ -23,8 +30,6 @@ def _check_writable(folder: str, flag: str) -> None:
 
 
 def _check_data_root(cfg) -> None:
-    from dataset import READERS
-
     root = str(cfg.data_root)
     if os.path.isdir(root) and not os.listdir(root):
         raise UserError(f"data root {root!r} is an empty folder: download the dataset there, point --data_root to it "
@@ -34,9 +39,6 @@ def _check_data_root(cfg) -> None:
 
 
 def _check_resume(cfg) -> None:
-    from utils.builders import ckpt_path
-    from utils.checkpoint import partial_ckpt_path
-
     if cfg.ckpt and len(cfg.step) > 1:
         raise UserError(f"--ckpt names the checkpoint of one step but --step has {len(cfg.step)} values; run the "
                         "step it belongs to on its own")
@@ -57,9 +59,6 @@ def _check_resume(cfg) -> None:
 
 def _check_channel_masks(cfg, channels: int) -> None:
     """An AWT channel mask that already exists must fit the model (it is loaded, not recomputed)."""
-    from dataset.tasks import classes_per_step
-    from methods.awt import channels_path, classifier_init_plan, load_mask, resolve_per_class
-
     plan = classifier_init_plan(cfg)
     if cfg.test or not plan or plan["mask_source"] != "attribution":
         return
@@ -73,9 +72,6 @@ def _check_channel_masks(cfg, channels: int) -> None:
 
 
 def _check_protocol(cfg) -> None:
-    from dataset import READERS
-    from dataset.tasks import num_steps
-
     if cfg.dataset not in READERS:
         raise UserError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(sorted(READERS))}")
     n = num_steps(cfg.dataset, cfg.task)
@@ -98,9 +94,6 @@ def _check_protocol(cfg) -> None:
 
 def _check_checkpoints(cfg) -> int:
     """Returns the classifier-input channels of the previous-step model (256 when none is loaded)."""
-    from utils.builders import ckpt_path, classes_for_step, previous_ckpt_path
-    from utils.checkpoint import check_class_layout, model_state, safe_load
-
     first, channels = cfg.step[0], 256
     if first > 0 and not cfg.test:
         path = previous_ckpt_path(cfg, first, first_step_of_call=True)
@@ -109,7 +102,7 @@ def _check_checkpoints(cfg) -> int:
                             f"(python run.py ... --step {first - 1}) or give it with --step_ckpt")
         state = model_state(safe_load(path, "previous-step checkpoint"), path)
         check_class_layout(state, classes_for_step(cfg, first - 1), path)
-        channels = int(state["cls.0.weight"].shape[1])
+        channels = int(classifier_weights(state)[0].shape[1])
     for step in cfg.step:
         if cfg.test and not cfg.ckpt and not os.path.isfile(ckpt_path(cfg, step)):
             raise UserError(f"--test: checkpoint of step {step} not found: {ckpt_path(cfg, step)}")
@@ -121,17 +114,12 @@ def _check_checkpoints(cfg) -> int:
 
 def validate_run(cfg) -> None:
     """Everything that can be checked before training starts."""
-    from methods import check_supported
-    from utils.config import step_lrs
-
     _check_protocol(cfg)
     step_lrs(cfg)
-    check_supported(cfg)
+    build_method(cfg)  # the plugins' own checks
     if cfg.att and not 0 < cfg.att <= 100:
         raise UserError(f"--att {cfg.att} is outside (0, 100]: it is the percentage of channels to transfer")
     if 0 in cfg.step and not cfg.test:
-        from utils.builders import pretrained_path
-
         pretrained_path(cfg)  # a missing ImageNet file is an error before the datasets are built
     _check_data_root(cfg)
     _check_resume(cfg)

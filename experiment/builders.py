@@ -1,0 +1,114 @@
+"""Builders shared by run.py, attribute.py, attribute_class.py and evaluate.py: config in, objects out."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dataset.incremental import build_step_datasets
+from dataset.tasks import classes_per_step
+from methods import MethodStack, build_method
+from models import BACKBONES
+from modules.heads import final_layer
+from segmentation_module import IncrementalSegmentationModule, ModelSpec, build_model_from_spec
+from train import Precision
+from utils.checkpoint import check_class_layout, model_state, safe_load, step_ckpt_path
+from utils.errors import UserError
+
+__all__ = ["classes_for_step", "model_spec", "pretrained_path", "build_model", "ckpt_path", "previous_ckpt_path",
+           "load_weights", "load_previous_step", "load_old_model", "select_device", "resolve_precision",
+           "build_step_datasets"]
+
+
+def classes_for_step(cfg, step: int) -> list[int]:
+    classes = classes_per_step(cfg.dataset, cfg.task, step)
+    return classes[:1] if cfg.base_weights else classes
+
+
+def model_spec(cfg, step: int, method: MethodStack | None = None) -> ModelSpec:
+    """The model family of ``step``: the model flags, adjusted by the method's plugins."""
+    spec = ModelSpec(backbone=cfg.backbone, norm_act=cfg.norm_act, output_stride=cfg.output_stride,
+                     pooling=cfg.pooling)
+    return (method or build_method(cfg)).model_spec(spec, step)
+
+
+def pretrained_path(cfg, spec: ModelSpec | None = None) -> str | None:
+    """ImageNet weights for the backbone, or None with ``--no_pretrained``."""
+    if cfg.no_pretrained:
+        return None
+    spec = spec or model_spec(cfg, 0)
+    family = BACKBONES[spec.backbone]
+    path = os.path.join(cfg.code_directory, "pretrained", family.pretrained_file(spec.norm_act))
+    if not os.path.isfile(path):
+        raise UserError(f"pretrained weights not found: {path}; put the ImageNet file of {spec.backbone} "
+                        f"({family.description}) there (see pretrained/README.md) or pass --no_pretrained to "
+                        "train from scratch")
+    return path
+
+
+def build_model(cfg, step: int, *, pretrained: bool = True,
+                method: MethodStack | None = None) -> IncrementalSegmentationModule:
+    """The segmentation model with the classifiers of ``step`` (ImageNet backbone only when asked)."""
+    spec = model_spec(cfg, step, method)
+    return build_model_from_spec(spec, classes_for_step(cfg, step), pretrained_path(cfg, spec) if pretrained else None)
+
+
+def ckpt_path(cfg, step: int) -> str:
+    return step_ckpt_path(cfg.checkpoint, cfg.task, cfg.dataset, cfg.name, step)
+
+
+def previous_ckpt_path(cfg, step: int, *, first_step_of_call: bool) -> str:
+    """Checkpoint of step - 1: ``--step_ckpt`` for the first step of the call, else the standard path."""
+    if cfg.step_ckpt and first_step_of_call:
+        return cfg.step_ckpt
+    return ckpt_path(cfg, step - 1)
+
+
+def load_weights(model, path: str, *, strict: bool = True, what: str = "checkpoint") -> dict:
+    """Load a step checkpoint's weights into ``model``; returns the whole checkpoint dict."""
+    ckpt = safe_load(path, what)
+    state = model_state(ckpt, path)
+    check_class_layout(state, [int(final_layer(m).weight.shape[0]) for m in model.cls], path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if strict and (missing or unexpected):
+        raise UserError(f"{what} {path} does not match the model: missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]} (check --backbone, --norm_act, --output_stride)")
+    return ckpt if isinstance(ckpt, dict) else {"model_state": state}
+
+
+def load_previous_step(cfg, step: int, device, *, first_step_of_call: bool = True,
+                       method: MethodStack | None = None):
+    """(frozen model of step - 1 in eval mode, its checkpoint dict). A missing file is an error, never a random
+    model."""
+    path = previous_ckpt_path(cfg, step, first_step_of_call=first_step_of_call)
+    if not os.path.isfile(path):
+        raise UserError(f"previous-step checkpoint not found: {path}; run step {step - 1} first "
+                        f"(python run.py ... --step {step - 1}) or pass --step_ckpt")
+    model_old = build_model(cfg, step - 1, pretrained=False, method=method)
+    ckpt = load_weights(model_old, path, strict=cfg.strict_weights, what="previous-step checkpoint")
+    model_old.to(device).eval()
+    for p in model_old.parameters():
+        p.requires_grad_(False)
+    return model_old, ckpt
+
+
+def load_old_model(cfg, step: int, device, *, first_step_of_call: bool = True, method: MethodStack | None = None):
+    """The frozen model of step - 1 in eval mode."""
+    return load_previous_step(cfg, step, device, first_step_of_call=first_step_of_call, method=method)[0]
+
+
+def select_device(cfg) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda asked for but no CUDA device is visible; use --device cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def resolve_precision(cfg, device: torch.device) -> Precision:
+    """``--amp`` wins; else ``--opt_level`` O1/O2 mean fp16 autocast on GPU (apex is gone), fp32 on CPU."""
+    mode = cfg.amp or ("fp16" if cfg.opt_level in ("O1", "O2") and device.type == "cuda" else "off")
+    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+    if dtype is torch.float16 and device.type == "cpu":
+        raise UserError("--amp fp16 needs a GPU; use --amp bf16 or --amp off on the CPU")
+    return Precision(device.type, dtype, cfg.channels_last)
