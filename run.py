@@ -75,7 +75,8 @@ def prepare_models(cfg, step: int, device: torch.device, first_step_of_call: boo
     and the frozen old model; returns ``(model, model_old, previous trainer_state)``. ``ctx`` (optional) receives
     the models and is what the method's hooks see."""
     method = method or build_method(cfg)
-    ctx = ctx or StepContext(step=step, classes=classes_for_step(cfg, step), model=None, device=device)
+    ctx = ctx or StepContext(step=step, classes=classes_for_step(cfg, step), model=None, device=device,
+                             method=method)
     if step == 0:
         model, model_old, trainer_state = build_model(cfg, 0, pretrained=True, method=method).to(device), None, {}
     else:
@@ -121,7 +122,7 @@ def build_setup(cfg, step: int, lr: float, model, model_old, train_loader, train
     iters = cfg.epochs * -(-len(train_loader) // cfg.grad_accum)
     scheduler = build_scheduler(optimizer, cfg, iters)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype is torch.float16)
-    ctx = ctx or StepContext(step=step, classes=classes_for_step(cfg, step), model=model)
+    ctx = ctx or StepContext(step=step, classes=classes_for_step(cfg, step), model=model, method=method)
     ctx.model, ctx.model_old, ctx.device, ctx.train_loader = model, model_old, device, train_loader
     ctx.trainer_state, ctx.world_size, ctx.autocast = trainer_state, get_world_size(), precision.autocast
     criterion = method.criterion(ctx)
@@ -259,7 +260,7 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
         return test_step(cfg, step, model, loaders[2], precision, device, board, method)
     ctx = StepContext(step=step, classes=classes_for_step(cfg, step), model=None, device=device,
                       train_loader=loaders[0], world_size=get_world_size(), autocast=precision.autocast,
-                      train_dataset=train_dataset)
+                      train_dataset=train_dataset, method=method)
     model, model_old, trainer_state = prepare_models(cfg, step, device, first_step_of_call, method=method, ctx=ctx)
     setup, ctx = build_setup(cfg, step, lr, model, model_old, loaders[0], trainer_state, precision, device,
                              method=method, ctx=ctx)

@@ -68,8 +68,10 @@ class IncrementalSegmentationModule(nn.Module):
     # ------------------------------------------------------------------ classifier init (reference table 3.4)
     @torch.no_grad()
     def init_new_classifier(self, *, channel_mask: torch.Tensor | None = None, orig_init: bool = False,
-                            copy: bool = False, copy_bias: bool = False) -> None:
-        """Initialise ``cls[-1]`` from the background classifier ``w_bg = cls[0].weight[0]``, ``b_bg = cls[0].bias[0]``.
+                            copy: bool = False, copy_bias: bool = False,
+                            source: tuple[nn.Conv2d, int] | None = None) -> None:
+        """Initialise ``cls[-1]`` from the background classifier ``w_bg = cls[0].weight[0]``, ``b_bg = cls[0].bias[0]``
+        (``source = (layer, row)``: from that row of another 1x1 layer instead, e.g. SSUL's unknown classifier).
 
         Same order of operations as the reference, so every flag combination gives the reference result
         (``b* = b_bg - log(N_new + 1)``, computed once from the original ``b_bg``):
@@ -82,10 +84,11 @@ class IncrementalSegmentationModule(nn.Module):
         """
         if len(self.cls) < 2:
             raise ValueError("init_new_classifier needs a model with at least two classifiers (step > 0)")
-        new_cls, bg_cls = final_layer(self.cls[-1]), final_layer(self.cls[0])
+        new_cls = final_layer(self.cls[-1])
+        bg_cls, row = source if source is not None else (final_layer(self.cls[0]), 0)
         n_new = self.classes[-1]
-        w_bg = bg_cls.weight[0].detach().clone().unsqueeze(0)  # (1, C, 1, 1)
-        b_star = bg_cls.bias[0].detach().clone() - math.log(n_new + 1)
+        w_bg = bg_cls.weight[row].detach().clone().unsqueeze(0)  # (1, C, 1, 1)
+        b_star = bg_cls.bias[row].detach().clone() - math.log(n_new + 1)
         mask = self._normalise_mask(channel_mask, n_new) if channel_mask is not None else None
         if copy and (mask is None or mask.dtype != torch.bool):
             kind = "no mask" if mask is None else f"a {mask.dtype} mask"
@@ -94,7 +97,7 @@ class IncrementalSegmentationModule(nn.Module):
 
         def set_biases() -> None:
             new_cls.bias.fill_(float(b_star))
-            bg_cls.bias[0] = b_star
+            bg_cls.bias[row] = b_star
 
         if orig_init:
             new_cls.weight.copy_(w_bg.expand_as(new_cls.weight))

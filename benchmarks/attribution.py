@@ -29,6 +29,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+from methods import attribution  # noqa: E402
+from methods.awt import select_top_channels  # noqa: E402
+from segmentation_module import make_model  # noqa: E402
 
 NEW_CLASS = 16
 
@@ -75,9 +78,6 @@ def _inputs(args, device):
 
 def _worker(args) -> None:
     """One implementation in a fresh process: time and peak memory."""
-    from methods import attribution
-    from segmentation_module import make_model
-
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,8 +135,6 @@ def main(argv=None) -> int:
     if args.only:
         _worker(args)
         return 0
-    from methods.awt import select_top_channels
-
     exact = _run(args, "exact")
     captum = _run(args, "captum")
     s_e, s_c = exact["scores"].double(), captum["scores"].double()

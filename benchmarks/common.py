@@ -24,8 +24,10 @@ import torch
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+if ROOT not in sys.path:  # python benchmarks/x.py: the project's packages must be importable
     sys.path.insert(0, ROOT)
+
+from segmentation_module import make_model  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- device
@@ -117,8 +119,6 @@ def step_models(classes: list[int], device, *, backbone: str, norm_act: str, out
                 seed: int = 0):
     """(new, old) models of an incremental step with shared initial weights: the frozen old model of
     ``classes[:-1]`` in eval mode and the new model it initialises; (model, None) for a single step."""
-    from segmentation_module import make_model
-
     torch.manual_seed(seed)
     kw = dict(backbone=backbone, norm_act=norm_act, output_stride=output_stride)
     if len(classes) == 1:

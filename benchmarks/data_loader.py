@@ -24,6 +24,9 @@ import time
 import torch
 
 from benchmarks.common import int_list, markdown_table, pick_device
+from dataset import build_datasets
+from dataset.synthetic import generate
+from utils.data import build_loader
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -71,17 +74,12 @@ def _measure(loader, workers: int, n_batches: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    from dataset import build_datasets
-    from utils.data import build_loader
-
     args = get_parser().parse_args(argv)
     device = pick_device(args.device)
     pin = args.pin_memory == "on" or (args.pin_memory == "auto" and device.type == "cuda")
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         root = args.data_root
         if root is None:
-            from dataset.synthetic import generate
-
             root = os.path.join(tmp, "PascalVOC12")
             n = args.synthetic_train or max(64, args.batch * (args.batches + 1) * 2)
             info = generate(root, "voc", size=args.synthetic_size or args.crop_size, n_train=n, n_val=20, seed=0)

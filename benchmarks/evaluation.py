@@ -22,7 +22,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import (start, default_backbone, describe_device, interleaved, markdown_table, median, str_list)
+from benchmarks.train_step import parse_variant
 from metrics.stream_metrics import ConfusionMatrix
+from segmentation_module import make_model
+from train import Precision, evaluate
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -107,10 +110,6 @@ def _metric_part(args, device, gpu: bool) -> dict:
 
 
 def _forward_part(args, device, gpu: bool, names: list[str]) -> dict:
-    from benchmarks.train_step import parse_variant
-    from segmentation_module import make_model
-    from train import Precision, evaluate
-
     torch.manual_seed(args.seed)
     base = make_model(backbone=args.backbone, norm_act=args.norm_act, output_stride=16,
                       classes=[args.n_classes]).to(device).eval()

@@ -27,6 +27,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import ROOT, markdown_table, step_models
+from experiment.config import parse_config
+from methods import StepContext, build_criterion
+from train import EpochSetup, Precision, train_one_epoch
 
 aten = torch.ops.aten
 
@@ -114,10 +117,6 @@ def train_epoch(argv: list[str], step: int, classes: list[int], trainer_state: d
     as run.py builds it (criterion, ``before_step``, SGD, GradScaler for fp16); ``watch``: a context manager entered
     around that epoch only, after ``warmup_epochs`` unwatched ones (cuDNN autotuning, allocator).
     Returns (criterion, epoch means of the loss terms)."""
-    from methods import StepContext, build_criterion
-    from train import EpochSetup, Precision, train_one_epoch
-    from experiment.config import parse_config
-
     device = torch.device(device)
     cfg = parse_config(list(argv) + ["--dataset", "voc", "--task", "15-5", "--no_pretrained"])
     precision = Precision(device.type, {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp])

@@ -29,6 +29,9 @@ import torch
 from benchmarks.common import (start, default_backbone, describe_device, forward_flops, gib, interleaved, markdown_table,
                                measured_peak, median, peak_memory_bytes, reset_peak_memory, step_models, str_list,
                                training_step_flops, time_once)
+from experiment.config import parse_config
+from run import build_setup, resolve_precision, wrap_for_training
+from train import train_one_epoch
 
 TOKENS = ("fp32", "bf16", "fp16", "cl", "compile")
 DEFAULT_GPU = "fp32,bf16,fp16,bf16+cl,bf16+cl+compile"
@@ -70,8 +73,6 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def _cfg(args, variant: dict):
-    from experiment.config import parse_config
-
     argv = ["--dataset", "voc", "--task", "15-5", "--step", str(args.step), "--method", "MiB" if args.step else "FT",
             "--backbone", args.backbone, "--norm_act", args.norm_act, "--output_stride", str(args.output_stride),
             "--no_pretrained", "--batch_size", str(args.batch), "--crop_size", str(args.size), "--epochs", "1000",
@@ -89,9 +90,6 @@ def build_base(args, device):
 
 def build_variant(args, name: str, base_new, base_old, loader, device):
     """The training step of one variant, built the way run.py builds it; returns a callable running one epoch."""
-    from run import build_setup, resolve_precision, wrap_for_training
-    from train import train_one_epoch
-
     variant = parse_variant(name)
     cfg = _cfg(args, variant)
     precision = resolve_precision(cfg, device)

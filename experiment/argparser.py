@@ -99,7 +99,8 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output_stride", type=int, default=16, choices=[8, 16], help="output stride")
     g.add_argument("--no_pretrained", action="store_true", help="do not load ImageNet weights from pretrained/")
     g.add_argument("--norm_act", default="iabn_sync", choices=["iabn_sync", "iabn", "abn", "std"],
-                   help="normalisation + activation")
+                   help="normalisation + activation of the resnet* backbones and the deeplabv3 head (tv_resnet* "
+                        "backbones always use BatchNorm + ReLU)")
     g.add_argument("--fusion-mode", dest="fusion_mode", default="mean", help=IGNORED)
     g.add_argument("--pooling", type=int, default=32, help="ASPP image-pooling window in evaluation")
     g.add_argument("--code_directory", default=".", help="root of pretrained/")

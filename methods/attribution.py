@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dataset.transform import images_to_device, labels_to_device
+from methods.base import TransferSource
+from modules.heads import final_layer
 from segmentation_module import IncrementalSegmentationModule
 from utils.errors import UserError
 
@@ -29,13 +31,42 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def check_exact_supported(model, cfg=None) -> None:
-    """Refuse (UserError) configurations where the background-logit sum is not affine in the input of ``cls[0]``.
+@dataclass(frozen=True)
+class Target:
+    """What is attributed: the input of ``layer`` (a 1x1 conv ending a classifier), for the logit ``index`` of the
+    model's output (``row`` of that layer); the default is the background row of ``cls[0]``."""
 
-    The exact path relies on: ``cls[0]`` a plain ``nn.Conv2d`` 1x1 (stride 1, no padding/dilation/groups) with bias
-    whose forward is the standard one and carries no hooks; the model's forward the standard
-    ``IncrementalSegmentationModule.forward`` (classifiers on ``pre_logits``, bilinear upsampling, concatenation);
-    no cosine classifier and a single background mode. A numerical check follows on the first input size."""
+    layer: nn.Module
+    row: int
+    index: int
+    name: str  # for messages: "cls[0]" for the default
+
+
+def resolve_target(model, source: TransferSource | None = None) -> Target:
+    """The attribution target of ``model`` (unwrapped) for a ``TransferSource`` (None: background of cls[0])."""
+    model = unwrap(model)
+    cls = getattr(model, "cls", None)
+    if not isinstance(cls, nn.ModuleList) or len(cls) == 0:
+        raise UserError("AWT needs a model with a ModuleList `cls` of classifiers")
+    if source is None:
+        source = TransferSource(final_layer(cls[0]), 0)
+    for i, classifier in enumerate(cls):
+        if final_layer(classifier) is source.layer:
+            offset = sum(int(final_layer(c).weight.shape[0]) for c in list(cls)[:i])
+            name = f"cls[{i}]" if classifier is source.layer else f"the last layer of cls[{i}]"
+            return Target(source.layer, int(source.row), offset + int(source.row), name)
+    raise UserError("AWT transfer source is not the last layer of one of the model's classifiers")
+
+
+def check_exact_supported(model, cfg=None, target: Target | None = None) -> None:
+    """Refuse (UserError) configurations where the attributed logit sum is not affine in the input of the target
+    layer (default: the background row of ``cls[0]``).
+
+    The exact path relies on: the layer a plain ``nn.Conv2d`` 1x1 (stride 1, no padding/dilation/groups) with bias
+    whose forward is the standard one and carries no hooks, ending one of the classifiers; the model's forward the
+    standard ``IncrementalSegmentationModule.forward`` (classifiers on ``pre_logits``, bilinear upsampling,
+    concatenation); no cosine classifier and a single background mode. A numerical check follows on the first input
+    size."""
     hint = "use --attribution captum for this configuration"
     if cfg is not None:
         if getattr(cfg, "cosine", False):
@@ -47,19 +78,21 @@ def check_exact_supported(model, cfg=None) -> None:
     cls = getattr(model, "cls", None)
     if not isinstance(cls, nn.ModuleList) or len(cls) == 0:
         raise UserError(f"--attribution exact needs a model with a ModuleList `cls` of classifiers; {hint}")
-    c0 = cls[0]
+    target = target or resolve_target(model)
+    c0, where = target.layer, target.name
     if type(c0) is not nn.Conv2d or "forward" in vars(c0) or type(c0).forward is not nn.Conv2d.forward:
-        raise UserError(f"--attribution exact needs cls[0] to be a plain nn.Conv2d, got {type(c0).__name__}; {hint}")
+        raise UserError(f"--attribution exact needs {where} to be a plain nn.Conv2d, got {type(c0).__name__}; "
+                        f"{hint}")
     if (tuple(c0.kernel_size) != (1, 1) or tuple(c0.stride) != (1, 1) or tuple(c0.dilation) != (1, 1)
             or c0.groups != 1 or (isinstance(c0.padding, str) and c0.padding != "valid")
             or (not isinstance(c0.padding, str) and tuple(c0.padding) != (0, 0)) or c0.bias is None):
-        raise UserError("--attribution exact needs cls[0] to be a 1x1 convolution with bias (stride 1, no padding, "
-                        f"dilation or groups), got {c0}; {hint}")
+        raise UserError(f"--attribution exact needs {where} to be a 1x1 convolution with bias (stride 1, no "
+                        f"padding, dilation or groups), got {c0}; {hint}")
     if c0._forward_hooks or c0._forward_pre_hooks:
-        raise UserError(f"--attribution exact: cls[0] carries forward hooks that may change its output; {hint}")
+        raise UserError(f"--attribution exact: {where} carries forward hooks that may change its output; {hint}")
     head_channels = getattr(model, "head_channels", c0.in_channels)
     if c0.in_channels != head_channels:
-        raise UserError(f"--attribution exact: cls[0] reads {c0.in_channels} channels but the head produces "
+        raise UserError(f"--attribution exact: {where} reads {c0.in_channels} channels but the head produces "
                         f"{head_channels}; {hint}")
     if not isinstance(model, IncrementalSegmentationModule) \
             or type(model).forward is not IncrementalSegmentationModule.forward or "forward" in vars(model):
@@ -78,16 +111,43 @@ def upsample_column_sums(in_size: tuple[int, int], out_size: tuple[int, int], de
 
 
 class ExactAttributor:
-    """Closed-form Integrated Gradients of ``sum_pixels(logits[:, 0])`` w.r.t. the input of ``cls[0]``.
+    """Closed-form Integrated Gradients of ``sum_pixels(logits[:, k])`` w.r.t. the input ``z`` of the target layer
+    (default: ``k = 0``, the background row of ``cls[0]``, whose input is ``pre_logits``).
 
-    ``F(z) = sum_{c,i,j} W_bg[c] a_ij z[c,i,j] + const``, so ``IG(z; z') = (z - z') * W_bg[c] * a_ij`` exactly
+    ``F(z) = sum_{c,i,j} W_k[c] a_ij z[c,i,j] + const``, so ``IG(z; z') = (z - z') * W_k[c] * a_ij`` exactly
     (docs/awt.md). One forward per image batch; the baseline ``z'`` (zero image) and ``a`` once per input size."""
 
-    def __init__(self, model, cfg=None, *, verify: bool = True):
-        check_exact_supported(model, cfg)
+    def __init__(self, model, cfg=None, *, verify: bool = True, source: TransferSource | None = None):
+        self._target = resolve_target(model, source)
+        check_exact_supported(model, cfg, self._target)
         self.model = unwrap(model)
         self.verify = verify
         self._cache: dict = {}
+
+    @property
+    def target(self) -> Target:
+        if getattr(self, "_target", None) is None:  # an instance built without __init__: the default target
+            self._target = resolve_target(self.model)
+        return self._target
+
+    def _forward(self, images: Tensor, perturb=None) -> tuple[Tensor, Tensor]:
+        """(logits, input of the target layer), the input captured on its way in (after ``perturb``, if any)."""
+        seen = {}
+
+        def capture(_module, inp):
+            z = inp[0] if perturb is None else perturb(inp[0])
+            seen["z"] = z
+            return (z,)
+
+        hook = self.target.layer.register_forward_pre_hook(capture)
+        try:
+            logits, _ = self.model(images)
+        finally:
+            hook.remove()
+        return logits, seen["z"]
+
+    def _weights(self) -> Tensor:
+        return self.target.layer.weight[self.target.row, :, 0, 0].detach()
 
     @torch.no_grad()
     def _baseline(self, shape, device, dtype):
@@ -97,58 +157,53 @@ class ExactAttributor:
         key = (tuple(shape), str(device), dtype)
         if key not in self._cache:
             gen = torch.Generator(device="cpu").manual_seed(0)
-            w = self.model.cls[0].weight[0, :, 0, 0].detach()
+            w = self._weights()
             deltas = {}
 
-            def perturb(_module, inp):
-                z = inp[0]
+            def perturb(z):
                 rand = torch.randn(z.shape[1:], generator=gen, dtype=torch.float64)
                 aligned = rand.abs() * torch.sign(w.double().cpu())[:, None, None]
                 deltas["d"] = torch.stack([torch.zeros_like(rand), rand, aligned]).to(z.device)
-                return (z + deltas["d"].to(z.dtype),)
+                return z + deltas["d"].to(z.dtype)
 
             zeros = torch.zeros(3 if self.verify else 1, 3, *shape, device=device, dtype=dtype)
-            hook = self.model.cls[0].register_forward_pre_hook(perturb) if self.verify else None
-            try:
-                logits, extras = self.model(zeros)
-            finally:
-                if hook is not None:
-                    hook.remove()
-            z0 = extras["pre_logits"][:1]
+            logits, z = self._forward(zeros, perturb if self.verify else None)
+            z0 = z[:1]  # image 0 is not perturbed: the input of the zero image
             a = upsample_column_sums(z0.shape[-2:], logits.shape[-2:], device=device, dtype=z0.dtype)
             if self.verify:
-                self._verify_affine(logits, deltas["d"], w, a)
+                self._verify_affine(logits[:, self.target.index], deltas["d"], w, a, self.target.name)
             self._cache[key] = (z0, a)
         return self._cache[key]
 
     @staticmethod
-    def _verify_affine(logits, deltas, w, a) -> None:
+    def _verify_affine(logit, deltas, w, a, where: str = "cls[0]") -> None:
         grad = w.double()[:, None, None] * a.double()  # dF/dz if F is affine
-        sums = logits[:, 0].double().sum(dim=(1, 2))
+        sums = logit.double().sum(dim=(1, 2))
         for i in (1, 2):
             actual = float(sums[i] - sums[0])
             predicted = float((deltas[i] * grad).sum())
             scale = float((deltas[i].abs() * grad.abs()).sum()) + 1e-12
             if abs(actual - predicted) > 1e-3 * abs(predicted) + 1e-5 * scale:
-                raise UserError("--attribution exact: the background logit sum is not affine in the input of "
-                                f"cls[0] for this model (perturbation check {actual:.6g} vs {predicted:.6g}); "
+                raise UserError("--attribution exact: the attributed logit sum is not affine in the input of "
+                                f"{where} for this model (perturbation check {actual:.6g} vs {predicted:.6g}); "
                                 "use --attribution captum")
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
         """Per-image layer attributions ``(B, C, h, w)`` (same values as Captum's LayerIntegratedGradients)."""
-        _, extras = self.model(images)
-        z = extras["pre_logits"]
+        _, z = self._forward(images)
         z0, a = self._baseline(images.shape[-2:], images.device, images.dtype)
-        w = self.model.cls[0].weight[0, :, 0, 0].to(z.dtype)
+        w = self._weights().to(z.dtype)
         return (z - z0) * w[None, :, None, None] * a[None, None]
 
 
 class CaptumAttributor:
-    """The reference computation: Captum ``LayerIntegratedGradients`` on ``cls[0]``'s input, target 0, zero image
-    baseline, ``n_steps`` Gauss-Legendre points, one image at a time, parameters frozen."""
+    """The reference computation: Captum ``LayerIntegratedGradients`` on the target layer's input (``cls[0]``'s,
+    logit 0, by default), zero image baseline, ``n_steps`` Gauss-Legendre points, one image at a time, parameters
+    frozen."""
 
-    def __init__(self, model, *, n_steps: int = 50, internal_batch_size: int | None = 8):
+    def __init__(self, model, *, n_steps: int = 50, internal_batch_size: int | None = 8,
+                 source: TransferSource | None = None):
         try:
             from captum.attr import LayerIntegratedGradients
         except ImportError as exc:  # pragma: no cover - captum is a requirement
@@ -161,7 +216,8 @@ class CaptumAttributor:
         def summed_logits(x):
             return model_ref(x)[0].sum(dim=(2, 3))
 
-        self.lig = LayerIntegratedGradients(summed_logits, self.model.cls[0])
+        self.target = resolve_target(self.model, source)
+        self.lig = LayerIntegratedGradients(summed_logits, self.target.layer)
 
     def __call__(self, images: Tensor) -> Tensor:
         params = list(self.model.parameters())
@@ -172,7 +228,7 @@ class CaptumAttributor:
         try:
             with torch.enable_grad():
                 for i in range(images.shape[0]):
-                    att = self.lig.attribute(images[i:i + 1], target=0, n_steps=self.n_steps,
+                    att = self.lig.attribute(images[i:i + 1], target=self.target.index, n_steps=self.n_steps,
                                              internal_batch_size=self.internal_batch_size,
                                              attribute_to_layer_input=True)
                     outs.append((att[0] if isinstance(att, (tuple, list)) else att).detach())
@@ -182,11 +238,12 @@ class CaptumAttributor:
         return torch.cat(outs, 0)
 
 
-def build_attributor(model, cfg=None, *, method: str = "exact", n_steps: int = 50, internal_batch_size: int = 8):
+def build_attributor(model, cfg=None, *, method: str = "exact", n_steps: int = 50, internal_batch_size: int = 8,
+                     source: TransferSource | None = None):
     if method == "exact":
-        return ExactAttributor(model, cfg)
+        return ExactAttributor(model, cfg, source=source)
     if method == "captum":
-        return CaptumAttributor(model, n_steps=n_steps, internal_batch_size=internal_batch_size)
+        return CaptumAttributor(model, n_steps=n_steps, internal_batch_size=internal_batch_size, source=source)
     raise UserError(f"unknown --attribution {method!r}; choose exact or captum")
 
 
@@ -271,7 +328,7 @@ def attribution_masks(labels: Tensor, size: tuple[int, int], groups: list[list[i
 def channel_importance(model_old, batches: Iterable, new_classes: Sequence[int], *, aggregation: str = "max_after_mean",
                        mask_att: bool = True, per_class: bool = False, accumulate_classes: bool = False,
                        method: str = "exact", n_steps: int = 50, internal_batch_size: int = 8, cfg=None,
-                       device=None, log_every: int = 0) -> AttributionResult:
+                       device=None, log_every: int = 0, source: TransferSource | None = None) -> AttributionResult:
     """Signed channel scores of the old model's background logit for the step's new classes.
 
     ``batches`` yields ``(images (B,3,H,W), labels (B,H,W))`` with labels in the remapped index space;
@@ -284,7 +341,7 @@ def channel_importance(model_old, batches: Iterable, new_classes: Sequence[int],
     if not new_classes:
         raise UserError("the step has no new classes to attribute")
     attributor = build_attributor(model_old, cfg, method=method, n_steps=n_steps,
-                                  internal_batch_size=internal_batch_size)
+                                  internal_batch_size=internal_batch_size, source=source)
     groups = None if not mask_att else ([[c] for c in new_classes] if per_class else [new_classes])
     acc = ScoreAccumulator(len(groups) if groups else 1, aggregation)
     n_images, t0 = 0, time.time()

@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Subset
 
 from dataset.incremental import build_step_datasets
 from dataset.tasks import classes_per_step, new_class_indices
-from methods.attribution import AGGREGATIONS, channel_importance, unwrap
-from methods.base import Extension, StepContext
+from methods.attribution import AGGREGATIONS, channel_importance, resolve_target, unwrap
+from methods.base import Extension, StepContext, TransferSource
 from methods.channel_masks import classifier_fingerprint, load_mask, write_mask
 from methods.registry import register_extension
 from utils.data import seeded_rng
@@ -239,7 +239,8 @@ def _n_new(cfg, step: int) -> int:
     return int(classes_per_step(cfg.dataset, cfg.task, step)[-1])
 
 
-def compute_mask(cfg, step: int, model_old, device, *, per_class: bool = False, dataset=None):
+def compute_mask(cfg, step: int, model_old, device, *, per_class: bool = False, dataset=None,
+                 source: TransferSource | None = None):
     """Attribute with the step's training set (training transform) seeded by ``--random_seed``.
 
     Returns ``(mask, result, meta)``: bool ``[C]`` (union) or ``[N_new, C]`` (per class), the scores and the
@@ -272,7 +273,7 @@ def compute_mask(cfg, step: int, model_old, device, *, per_class: bool = False, 
                                         mask_att=bool(cfg.mask_att), per_class=per_class,
                                         accumulate_classes=bool(cfg.att_accumulate_classes), method=method,
                                         n_steps=ig_steps, internal_batch_size=cfg.ig_batch_size, cfg=cfg,
-                                        device=device, log_every=50)
+                                        device=device, log_every=50, source=source)
     finally:
         model_old.train(was_training)
     scores = result.scores if per_class else result.scores[0]
@@ -287,7 +288,7 @@ def compute_mask(cfg, step: int, model_old, device, *, per_class: bool = False, 
             "mask_att": bool(cfg.mask_att), "accumulate_classes": bool(per_class and cfg.att_accumulate_classes),
             "new_classes": list(new_classes), "max_images": max_images, "random_seed": int(cfg.random_seed),
             "crop_size": int(cfg.crop_size), "dataset": cfg.dataset, "task": cfg.task, "name": cfg.name,
-            "old_classifier_sha1": classifier_fingerprint(model_old), "seconds": round(seconds, 3)}
+            "old_classifier_sha1": classifier_fingerprint(model_old, source), "seconds": round(seconds, 3)}
     return mask, result, meta
 
 
@@ -305,23 +306,28 @@ def resolve_per_class(cfg, step: int, per_class: bool | None = None) -> bool:
     return False
 
 
-def _compute_or_load_local(cfg, step, model_old, device, per_class, dataset=None):
+def _channels(model, source: TransferSource | None) -> int:
+    return int(resolve_target(model, source).layer.in_channels)
+
+
+def _compute_or_load_local(cfg, step, model_old, device, per_class, dataset=None, source=None):
     path = channels_path(cfg, step, per_class=per_class)
-    channels = int(unwrap(model_old).cls[0].in_channels)
+    channels = _channels(model_old, source)
     n_new = _n_new(cfg, step) if per_class else None
     if os.path.isfile(path):
-        mask = load_mask(path, channels, n_new, model_old=model_old)
+        mask = load_mask(path, channels, n_new, model_old=model_old, source=source)
         log.info("AWT step %d: loaded channel mask %s (%d of %d channels)", step, path,
                  int(mask.reshape(-1, channels)[0].sum()), channels)
         return mask, path
-    mask, result, meta = compute_mask(cfg, step, model_old, device, per_class=per_class, dataset=dataset)
+    mask, result, meta = compute_mask(cfg, step, model_old, device, per_class=per_class, dataset=dataset,
+                                      source=source)
     write_mask(path, mask, result, meta, plot=bool(cfg.att_plot))
     log.info("AWT step %d: wrote channel mask %s", step, path)
     return mask, path
 
 
 def compute_or_load_mask(cfg, step: int, model_old, device, *, per_class: bool | None = None,
-                         dataset=None) -> Tensor | None:
+                         dataset=None, source: TransferSource | None = None) -> Tensor | None:
     """The AWT channel mask of ``step`` for run.py: loaded from :func:`channels_path` when the file exists
     (size validated), else computed with the step's training set and written. None when AWT is not requested
     (``--no_att`` or ``--att 0``). Under DDP rank 0 computes/writes, the others wait and load the same file."""
@@ -330,12 +336,12 @@ def compute_or_load_mask(cfg, step: int, model_old, device, *, per_class: bool |
         return None
     if not is_distributed():
         return _compute_or_load_local(cfg, step, model_old, device, resolve_per_class(cfg, step, per_class),
-                                      dataset)[0]
+                                      dataset, source)[0]
     status, error, mask = None, None, None
     if is_main_process():
         try:
             pc = resolve_per_class(cfg, step, per_class)
-            mask, path = _compute_or_load_local(cfg, step, model_old, device, pc, dataset)
+            mask, path = _compute_or_load_local(cfg, step, model_old, device, pc, dataset, source)
             status = ("ok", path, pc)
         except BaseException as exc:  # noqa: BLE001 - reported to every rank, then re-raised
             error = exc
@@ -348,14 +354,17 @@ def compute_or_load_mask(cfg, step: int, model_old, device, *, per_class: bool |
     if mask is not None:
         return mask
     path, pc = status[1], status[2]
-    channels = int(unwrap(model_old).cls[0].in_channels)
-    return load_mask(path, channels, _n_new(cfg, step) if pc else None, model_old=model_old)
+    return load_mask(path, _channels(model_old, source), _n_new(cfg, step) if pc else None, model_old=model_old,
+                     source=source)
 
 
-def prepare_new_classifier(cfg, step: int, model, model_old, device, *, dataset=None) -> dict | None:
+def prepare_new_classifier(cfg, step: int, model, model_old, device, *, dataset=None,
+                           transfer_source: Callable | None = None) -> dict | None:
     """Initialise the new classifier of ``model`` at ``step`` > 0 (after the previous weights are loaded) following
     :func:`classifier_init_plan`; returns the plan used (with the mask) or None when it stays random.
 
+    ``transfer_source(model) -> TransferSource`` names the classifier row to transfer from and to attribute (the
+    method's ``Method.transfer_source``); None: the background row of ``cls[0]``.
     AWT requested and no mask available -> UserError; never a silent fall-back to a random classifier."""
     if step < 1:
         return None
@@ -365,22 +374,25 @@ def prepare_new_classifier(cfg, step: int, model, model_old, device, *, dataset=
                  "--no_att" if cfg.no_att else "no --att, --orig_init or --init_balanced")
         return None
     net = unwrap(model)
+    new_source = transfer_source(net) if transfer_source else None
     source = plan["mask_source"]
     mask = None
     if source == "attribution":
         if model_old is None:
             raise UserError(f"AWT (--att {cfg.att:g}) at step {step} needs the previous-step model")
-        mask = compute_or_load_mask(cfg, step, model_old, device)
+        old_source = transfer_source(unwrap(model_old)) if transfer_source else None
+        mask = compute_or_load_mask(cfg, step, model_old, device, dataset=dataset, source=old_source)
         if mask is None:  # pragma: no cover - att > 0 always yields a mask or an error
             raise UserError(f"AWT (--att {cfg.att:g}) could not produce a channel mask for step {step}")
         if mask.dim() == 2 and mask.shape[0] == 1:
             mask = mask[0]
     elif source == "random":
-        mask = random_channel_mask(cfg, int(net.cls[0].in_channels))
+        mask = random_channel_mask(cfg, _channels(net, new_source))
         if plan["copy"]:
             mask = mask.bool()  # --copy needs a boolean mask (the reference crashed here)
     net.init_new_classifier(channel_mask=mask, orig_init=plan["orig_init"], copy=plan["copy"],
-                            copy_bias=plan["copy_bias"])
+                            copy_bias=plan["copy_bias"],
+                            source=(new_source.layer, new_source.row) if new_source else None)
     log.info("step %d: new classifier initialised from the background classifier (%s, orig_init=%s, copy=%s, "
              "copy_bias=%s)", step, "no channel mask" if mask is None else
              f"{source} mask, {int((mask.reshape(-1, mask.shape[-1])[0] != 0).sum())} of {mask.shape[-1]} channels",
@@ -409,5 +421,6 @@ class AWT(Extension):
         return classifier_init_plan(cfg) is not None
 
     def init_new_classifier(self, ctx: StepContext) -> bool:
+        transfer = ctx.method.transfer_source if ctx.method is not None else None
         return prepare_new_classifier(self.cfg, ctx.step, ctx.model, ctx.model_old, ctx.device,
-                                      dataset=ctx.train_dataset) is not None
+                                      dataset=ctx.train_dataset, transfer_source=transfer) is not None

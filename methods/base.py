@@ -71,6 +71,7 @@ class StepContext:
     world_size: int = 1
     autocast: Callable[[], contextlib.AbstractContextManager] = _null_autocast
     train_dataset: Any = None  # the step's training dataset as built from the task (before Method.wrap_dataset)
+    method: Any = None  # the run's MethodStack (extensions ask it, e.g. for the method's transfer_source)
 
     @property
     def n_old(self) -> int:

@@ -9,7 +9,8 @@ import os
 import torch
 from torch import Tensor
 
-from methods.attribution import AttributionResult, unwrap
+from methods.attribution import AttributionResult, resolve_target
+from methods.base import TransferSource
 from utils.errors import UserError
 from utils.io import atomic_save_torch, atomic_write
 
@@ -25,14 +26,16 @@ def plot_path(mask_path: str) -> str:
     return mask_path[:-3] + "_scores.png" if mask_path.endswith(".pt") else mask_path + "_scores.png"
 
 
-def classifier_fingerprint(model) -> str:
-    """sha1 of the background classifier's weights: identifies the old model a mask was computed from."""
-    m = unwrap(model).cls[0]
+def classifier_fingerprint(model, source: TransferSource | None = None) -> str:
+    """sha1 of the transfer source's weights (the background classifier by default): identifies the old model a
+    mask was computed from."""
+    m = resolve_target(model, source).layer
     data = torch.cat([m.weight.detach().float().cpu().flatten(), m.bias.detach().float().cpu().flatten()])
     return hashlib.sha1(data.numpy().tobytes()).hexdigest()
 
 
-def load_mask(path: str, channels: int, n_new: int | None = None, *, model_old=None) -> Tensor:
+def load_mask(path: str, channels: int, n_new: int | None = None, *, model_old=None,
+              source: TransferSource | None = None) -> Tensor:
     """Read a mask file: bool ``[C]`` (``n_new`` None) or ``[n_new, C]``; reference ``[..., 1, 1]`` shapes accepted.
 
     With ``model_old`` and a scores file next to the mask, the recorded classifier fingerprint must match."""
@@ -62,7 +65,7 @@ def load_mask(path: str, channels: int, n_new: int | None = None, *, model_old=N
         except Exception:  # noqa: BLE001 - the scores file is informative only
             meta = {}
         recorded = meta.get("old_classifier_sha1")
-        if recorded and recorded != classifier_fingerprint(model_old):
+        if recorded and recorded != classifier_fingerprint(model_old, source):
             raise UserError(f"AWT channel mask {path} was computed from a different previous-step model (background "
                             "classifier fingerprint differs); delete it to recompute, or use another --channels_dir")
     return mask.cpu()

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from methods.base import Extension, LossTerm, Method, StepContext, TrainInputs
+from methods.base import Extension, LossTerm, Method, StepContext, TrainInputs, TransferSource
 from methods.criterion import Criterion, check_supported
 from methods.registry import EXTENSIONS, METHODS
 
@@ -40,6 +40,9 @@ class MethodStack:
 
     def load_previous(self, model: nn.Module, model_old: nn.Module, step: int) -> None:
         self.method.load_previous(model, model_old, step)
+
+    def transfer_source(self, model: nn.Module) -> TransferSource:
+        return self.method.transfer_source(model)
 
     def prepare_model(self, ctx: StepContext) -> None:
         for plugin in self.plugins:

@@ -23,6 +23,7 @@ def conv_head_classifier(channels: int, n_classes: int) -> nn.Module:
     return head
 
 
-def final_layer(classifier: nn.Module) -> nn.Conv2d:
-    """The 1x1 conv producing the logits of a per-step classifier."""
-    return classifier if isinstance(classifier, nn.Conv2d) else classifier[-1]
+def final_layer(classifier: nn.Module) -> nn.Module:
+    """The layer producing the logits of a per-step classifier: the last module of a head, the classifier itself
+    otherwise."""
+    return classifier[-1] if isinstance(classifier, nn.Sequential) else classifier

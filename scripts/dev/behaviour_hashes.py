@@ -15,8 +15,13 @@ import os
 import shutil
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+
+import run  # noqa: E402
+from dataset.synthetic import generate  # noqa: E402
 
 PRESETS = ["FT", "LWF", "LWF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP"]
 
@@ -34,8 +39,6 @@ def _args(data, out, method, awt):
 
 
 def _digest(path):
-    import torch
-
     if path.endswith("_scores.pt"):
         obj = torch.load(path, map_location="cpu", weights_only=True)
         meta = {k: v for k, v in obj.get("meta", {}).items() if k != "seconds"}
@@ -48,11 +51,7 @@ def _digest(path):
 
 
 def main(out, listing):
-    import torch
-
     torch.set_num_threads(2)
-    import run
-    from dataset.synthetic import generate
 
     out = os.path.abspath(out)
     shutil.rmtree(out, ignore_errors=True)
