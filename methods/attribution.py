@@ -259,16 +259,40 @@ class ScoreAccumulator:
     """Streaming aggregation of masked per-image attributions for K groups (union: K = 1; per class: K = N_new).
 
     Memory is O(K * C * h * w) whatever the number of images: the two "mean first" variants keep the running sum
-    of masked maps, the two "per-image reduction first" variants keep running sums of per-image reductions."""
+    of masked maps, the two "per-image reduction first" variants keep running sums of per-image reductions.
 
-    def __init__(self, groups: int, aggregation: str = "max_after_mean"):
+    ``cap``: the reference's image cap (behaviour notes 11.5). Images are offered in order; a group stops after the
+    first image it uses whose position is ``cap - 1`` or later, so it uses the images it can among the first ``cap``
+    positions and, when the last of those was skipped, up to its next usable one."""
+
+    def __init__(self, groups: int, aggregation: str = "max_after_mean", cap: int | None = None):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}")
         self.k = int(groups)
         self.aggregation = aggregation
+        self.cap = cap
         self.sums: Tensor | None = None  # (K, C, h, w) or (K, C), float64
         self.used = torch.zeros(self.k, dtype=torch.long)
         self.skipped = torch.zeros(self.k, dtype=torch.long)
+        self.stopped = torch.zeros(self.k, dtype=torch.bool)
+        self.offered = 0  # images offered so far (positions 0 .. offered - 1)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.stopped.all())
+
+    def _included(self, valid: Tensor) -> Tensor:
+        """(B, K) bool: which offered images each group still takes (and stops the groups that reach the cap)."""
+        b = valid.shape[0]
+        rows = torch.arange(b)[:, None]
+        included = ~self.stopped[None, :].expand(b, -1)
+        if self.cap is not None:
+            last = valid & (torch.arange(self.offered, self.offered + b) >= self.cap - 1)[:, None]  # (B, K)
+            first = torch.where(last.any(0), last.float().argmax(0), torch.full((self.k,), b))
+            included = included & (rows <= first[None, :])
+            self.stopped |= last.any(0)
+        self.offered += b
+        return included
 
     def update(self, attributions: Tensor, masks: Tensor) -> None:
         """``attributions`` (B, C, h, w); ``masks`` (B, K, h, w) 0/1 at attribution resolution."""
@@ -282,12 +306,13 @@ class ScoreAccumulator:
         elif map_based and tuple(self.sums.shape[2:]) != (h, w):
             raise UserError(f"attribution maps change size ({tuple(self.sums.shape[2:])} then {(h, w)}): "
                             f"{self.aggregation} needs one crop size (check --crop_size)")
-        valid = masks.flatten(2).amax(2) > 0  # (B, K)
+        valid = (masks.flatten(2).amax(2) > 0).cpu()  # (B, K)
+        included = self._included(valid)
         for k in range(self.k):
-            sel = valid[:, k]
+            sel = (valid[:, k] & included[:, k]).to(attributions.device)
             n = int(sel.sum())
             self.used[k] += n
-            self.skipped[k] += b - n
+            self.skipped[k] += int(included[:, k].sum()) - n
             if n == 0:
                 continue
             masked = attributions[sel].double() * masks[sel, k, None].double()
@@ -328,13 +353,15 @@ def attribution_masks(labels: Tensor, size: tuple[int, int], groups: list[list[i
 def channel_importance(model_old, batches: Iterable, new_classes: Sequence[int], *, aggregation: str = "max_after_mean",
                        mask_att: bool = True, per_class: bool = False, accumulate_classes: bool = False,
                        method: str = "exact", n_steps: int = 50, internal_batch_size: int = 8, cfg=None,
-                       device=None, log_every: int = 0, source: TransferSource | None = None) -> AttributionResult:
+                       device=None, log_every: int = 0, source: TransferSource | None = None,
+                       max_images: int | None = None) -> AttributionResult:
     """Signed channel scores of the old model's background logit for the step's new classes.
 
     ``batches`` yields ``(images (B,3,H,W), labels (B,H,W))`` with labels in the remapped index space;
     ``new_classes`` are the remapped ids of the step's new classes. Scores are ``[1, C]`` for the union of the new
     classes or ``[N_new, C]`` with ``per_class`` (without ``mask_att`` a per-class split is meaningless: refused).
-    Images whose (downsampled) mask is empty are skipped and counted; if a group has no image left -> UserError."""
+    Images whose (downsampled) mask is empty are skipped and counted; if a group has no image left -> UserError.
+    ``max_images``: the reference's cap (:class:`ScoreAccumulator`); ``batches`` is read only as far as needed."""
     if per_class and not mask_att:
         raise UserError("per-class channel masks need --mask_att (without it every class sees the whole image)")
     new_classes = [int(c) for c in new_classes]
@@ -343,7 +370,7 @@ def channel_importance(model_old, batches: Iterable, new_classes: Sequence[int],
     attributor = build_attributor(model_old, cfg, method=method, n_steps=n_steps,
                                   internal_batch_size=internal_batch_size, source=source)
     groups = None if not mask_att else ([[c] for c in new_classes] if per_class else [new_classes])
-    acc = ScoreAccumulator(len(groups) if groups else 1, aggregation)
+    acc = ScoreAccumulator(len(groups) if groups else 1, aggregation, cap=max_images)
     n_images, t0 = 0, time.time()
     for images, labels in batches:
         images, labels = images_to_device(images, device), labels_to_device(labels, device)
@@ -352,6 +379,8 @@ def channel_importance(model_old, batches: Iterable, new_classes: Sequence[int],
         n_images += images.shape[0]
         if log_every and (n_images // images.shape[0]) % log_every == 0:
             log.info("AWT attribution: %d images (%.1f s)", n_images, time.time() - t0)
+        if acc.done:
+            break
     if n_images == 0:
         raise UserError("no image to attribute: the step's training set is empty")
     scores, used = acc.scores(accumulate_groups=per_class and accumulate_classes)

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from dataset.incremental import build_step_datasets
-from dataset.tasks import classes_per_step, new_class_indices
+from dataset.tasks import canonical_task, classes_per_step, new_class_indices
 from methods.attribution import AGGREGATIONS, channel_importance, resolve_target, unwrap
 from methods.base import Extension, StepContext, TransferSource
 from methods.channel_masks import classifier_fingerprint, load_mask, write_mask
@@ -65,8 +65,8 @@ def add_awt_args(g: argparse._ActionsContainer) -> None:
     g.add_argument("--ig_batch_size", type=int, default=8,
                    help="Captum internal batch size (interpolation points per backbone pass)")
     g.add_argument("--att_max_images", type=int, default=None,
-                   help="cap on the images used for attribution (default: 2000 on ADE, 5000 on ADE task 50, "
-                        "else all)")
+                   help="cap on the images attributed: stop after the first used image at position N-1 or later "
+                        "(the reference's rule; default: 2001 on ADE, 5001 on ADE task 50/50-50, else all)")
     g.add_argument("--channels_dir", default="channels", help="folder of the AWT channel masks (see docs/awt.md)")
     g.add_argument("--att_plot", action="store_true", default=False,
                    help="also write a PNG of the sorted channel scores with the selected channels marked")
@@ -81,8 +81,10 @@ def add_awt_args(g: argparse._ActionsContainer) -> None:
 # ================================================================================================ flag resolution
 
 # The reference's per-dataset choices, in one place: (ig_steps, max_images) per dataset, then per-task overrides.
+# Caps: attribute.py breaks after an attributed image at loader position > 1999 (> 4999 for task 50), i.e. 2001 /
+# 5001 positions (behaviour notes 11.5; the rule for skipped images is ScoreAccumulator's).
 ATTRIBUTION_DEFAULTS = {
-    "ade": {"ig_steps": 30, "max_images": 2000, "tasks": {"50": {"max_images": 5000}}},
+    "ade": {"ig_steps": 30, "max_images": 2001, "tasks": {"50": {"max_images": 5001}}},
     "voc": {"ig_steps": 50, "max_images": None},
     "cityscapes": {"ig_steps": 50, "max_images": None},
 }
@@ -93,7 +95,7 @@ def dataset_defaults(dataset: str, task: str) -> dict:
     """``{"ig_steps": int, "max_images": int | None}``: the reference's choices for this dataset and task."""
     entry = ATTRIBUTION_DEFAULTS.get(dataset, _FALLBACK_DEFAULTS)
     out = {"ig_steps": entry["ig_steps"], "max_images": entry["max_images"]}
-    out.update(entry.get("tasks", {}).get(str(task), {}))
+    out.update(entry.get("tasks", {}).get(canonical_task(dataset, str(task)), {}))
     return out
 
 
@@ -216,15 +218,13 @@ def _collate_list(items):
     return items
 
 
-def attribution_batches(dataset, *, batch_size: int, max_images: int | None, seed: int) -> Iterable:
-    """Batches ``(images, labels)`` of the first ``max_images`` items of a seeded permutation of ``dataset``.
+def attribution_batches(dataset, *, batch_size: int, seed: int) -> Iterable:
+    """Batches ``(images, labels)`` of a seeded permutation of ``dataset``, loaded as they are consumed.
 
     No worker processes (the random training transform draws from the main process's seeded RNG, so the mask does
     not depend on --num_workers); images of different sizes go to different batches."""
     n = len(dataset)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
-    if max_images is not None:
-        order = order[:max_images]
     loader = DataLoader(Subset(dataset, order), batch_size=max(1, int(batch_size)), shuffle=False, num_workers=0,
                         collate_fn=_collate_list)
     for items in loader:
@@ -260,7 +260,7 @@ def compute_mask(cfg, step: int, model_old, device, *, per_class: bool = False, 
     log.info("AWT step %d: %s attribution (%s%s) of the step-%d model, %s of new classes %s, aggregation %s, "
              "%s images", step, method, "closed form" if method == "exact" else f"Captum, {ig_steps} steps",
              "" if cfg.mask_att else ", whole images", step - 1, kind, new_classes, aggregation,
-             "all" if max_images is None else f"at most {max_images}")
+             "all" if max_images is None else f"capped at position {max_images - 1}")
     t0 = time.time()
     model_old = unwrap(model_old)
     was_training = model_old.training
@@ -268,12 +268,12 @@ def compute_mask(cfg, step: int, model_old, device, *, per_class: bool = False, 
     try:
         with seeded_rng(int(cfg.random_seed)):  # same mask in attribute.py and run.py; training RNG untouched
             batches = attribution_batches(dataset, batch_size=cfg.batch_size if method == "exact" else 1,
-                                          max_images=max_images, seed=cfg.random_seed)
+                                          seed=cfg.random_seed)
             result = channel_importance(model_old, batches, new_classes, aggregation=aggregation,
                                         mask_att=bool(cfg.mask_att), per_class=per_class,
                                         accumulate_classes=bool(cfg.att_accumulate_classes), method=method,
                                         n_steps=ig_steps, internal_batch_size=cfg.ig_batch_size, cfg=cfg,
-                                        device=device, log_every=50, source=source)
+                                        device=device, log_every=50, source=source, max_images=max_images)
     finally:
         model_old.train(was_training)
     scores = result.scores if per_class else result.scores[0]

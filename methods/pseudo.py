@@ -42,27 +42,50 @@ def parse_mode(mode: str) -> tuple[str, float | None]:
     raise UserError(f"--pseudo {mode!r} is not a pseudo-labelling mode; use one of {', '.join(MODES)}")
 
 
-def histogram_median(counts: list[float], exact: bool = False) -> float:
-    """Approximate median of values binned on [0, 1] (interpolated inside the median bin).
+def histogram_median(counts, exact: bool = False) -> float:
+    """Approximate median of values binned on [0, 1] (interpolated inside the median bin); 0 for an empty histogram.
 
-    With ``exact=False`` the walk reproduces PLOP's ``find_median``: the running sum adds the bin *index* instead of
-    the bin count (behaviour.md 8.1 #15), so the result is not the median; the PLOP preset numbers depend on it.
-    An empty histogram gives 0. An empty median bin gives its lower border (the reference divides by zero there).
+    ``exact=False`` (default) is PLOP's ``find_median`` walk, reproduced operation for operation
+    (:func:`reference_median`): its thresholds, edge cases included, are what the PLOP preset's numbers came from.
+    ``exact=True`` (``--pseudo_exact_median``) is the corrected median: the running sum adds the bin counts, and an
+    empty median bin gives its lower border.
     """
-    nb_bins = len(counts)
-    total = float(sum(counts))
-    if total <= 0:
+    counts = [int(c) for c in counts]
+    if sum(counts) <= 0:
         return 0.0
-    half = total / 2
+    if not exact:
+        return float(reference_median(counts))
+    nb_bins = len(counts)
+    half = sum(counts) / 2
     running = 0.0
     index = 0
     for index, count in enumerate(counts):
         if running <= half <= running + count:
             break
-        running += count if exact else index
+        running += count
     count = counts[index]
     fraction = (half - running) / count if count > 0 else 0.0
     return index / nb_bins + fraction / nb_bins
+
+
+def reference_median(counts) -> torch.Tensor:
+    """PLOP's walk (``train.py: find_median``, behaviour notes 2.5 and 11.4) as float32 torch scalars, like the
+    reference: the running sum adds the bin *index* (``lower_border * nb_bins``) instead of the bin count; the bin read
+    is ``int(lower_border * nb_bins)``, which float rounding makes ``k - 1`` for some ``k`` (e.g. 29 of 100); a walk
+    that never brackets half of the pixels ends on the last bin and divides by its count, so an empty last bin gives
+    -inf, +inf or nan (0/0, also when the bracket closes on an empty bin). Returns a float32 scalar tensor."""
+    hist = torch.as_tensor(list(counts), dtype=torch.long)
+    nb_bins = hist.numel()
+    half = hist.sum() / 2
+    running_sum = 0.0
+    lower_border, bin_index = 0.0, 0
+    for k in range(nb_bins):
+        lower_border = k / nb_bins
+        bin_index = int(lower_border * nb_bins)
+        if half >= running_sum and half <= (running_sum + hist[bin_index]):
+            break
+        running_sum += lower_border * nb_bins
+    return (lower_border + ((half - running_sum) / hist[bin_index].sum()) * (1 / nb_bins)).float()
 
 
 @register_term
@@ -195,10 +218,16 @@ class PseudoLabel(LossTerm):
         return hist.view(self.n_old, self.nb_bins)
 
     def thresholds_from_histograms(self, hist: Tensor) -> Tensor:
-        """Per-class thresholds: entropy ``max(median, --threshold)``, median mode ``min(median, --threshold)``."""
-        medians = [histogram_median(row, exact=self.exact_median) for row in hist.tolist()]
+        """Per-class thresholds: entropy ``max(median, --threshold)``, median mode ``min(median, --threshold)``.
+
+        Python's ``max``/``min`` on float32 scalars as in the reference: a nan median stays nan (no pixel passes the
+        comparison with it), -inf falls to the bound, +inf stays (every pixel passes)."""
         bound = max if self.mode == "entropy" else min
-        return torch.tensor([bound(m, self.threshold) for m in medians], dtype=torch.float32)
+        thresholds = []
+        for row in hist.tolist():
+            median = torch.tensor(histogram_median(row, exact=self.exact_median), dtype=torch.float32)
+            thresholds.append(float(bound(median, self.threshold)))
+        return torch.tensor(thresholds, dtype=torch.float32)
 
     # ---- per batch ---------------------------------------------------------------------------------------------
     def prepare(self, batch: Batch) -> None:

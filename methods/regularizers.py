@@ -85,6 +85,7 @@ class Regularizer(LossTerm):
         self.delta = {n: torch.zeros_like(p) for n, p in self.start.items()} if kind == "pi" else {}
         self.score = {n: torch.zeros_like(p) for n, p in self.start.items()} if kind == "rw" else {}
         self.previous_params = {n: p.clone() for n, p in self.start.items()}  # PI theta_prev / RW theta_tmp
+        self._resumed_window: dict[str, Tensor] = {}  # RW theta_tmp restored by load_state_dict
         self.old_params = _copy_params(model_old) if model_old is not None else {}
         self.old_score_raw: dict[str, Tensor] = {}
         self.old_importance: dict[str, Tensor] = {}
@@ -129,23 +130,29 @@ class Regularizer(LossTerm):
     # ---- per iteration ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, model: torch.nn.Module, grad_scale: float = 1.0) -> None:
-        """Update the statistics with the gradients currently in ``.grad`` (divided by the AMP ``grad_scale``)."""
+        """Update the statistics with the gradients currently in ``.grad`` (divided by the AMP ``grad_scale``).
+
+        RW follows the reference order (behaviour notes 11.3): every ``--reg_iterations`` calls (from the first) the
+        score takes a path-integral step with the Fisher *before* this call's update and the window start
+        ``theta_tmp`` moves to the current parameters; then the call count and the Fisher EMA are updated."""
         params = [(n, p) for n, p in named_params(model) if p.grad is not None and n in self.start]
         grads = [p.grad.detach().float() / grad_scale for _, p in params]
         if grad_scale != 1.0 and grads and not torch.stack([g.isfinite().all() for g in grads]).all():
             return  # fp16 overflow: the GradScaler skips this optimizer step, skip the statistics too
+        if self.kind == "rw" and self.iteration % self.iterations == 0:
+            for (n, p), g in zip(params, grads):
+                theta = p.detach()
+                if self.iteration > 0:
+                    step = self.previous_params[n] - theta
+                    self.score[n] += g * step / (0.5 * self.fisher[n] * step.pow(2) + RW_EPS)
+                self.previous_params[n] = theta.clone()
         self.iteration += 1
-        rw_now = self.kind == "rw" and self.iteration % self.iterations == 0
         for (n, p), g in zip(params, grads):
             theta = p.detach()
             if self.kind in ("ewc", "rw"):
                 self.fisher[n] = self.alpha * g.pow(2) + (1 - self.alpha) * self.fisher[n]
             if self.kind == "pi":
                 self.delta[n] += g * (self.previous_params[n] - theta)
-                self.previous_params[n] = theta.clone()
-            elif rw_now:
-                step = self.previous_params[n] - theta
-                self.score[n] += g * step / (0.5 * self.fisher[n] * step.pow(2) + RW_EPS)
                 self.previous_params[n] = theta.clone()
 
     def penalty(self, model: torch.nn.Module) -> Tensor | None:
@@ -177,11 +184,12 @@ class Regularizer(LossTerm):
         return out
 
     def _rw_score(self) -> dict[str, Tensor]:
+        """max(0, score), averaged with the previous step's raw score where one exists for the parameter (the
+        reference halves only then)."""
         out = {}
         for n, s in self.score.items():
             old = self.old_score_raw.get(n)
-            old = old if old is not None and old.shape == s.shape else torch.zeros_like(s)
-            out[n] = 0.5 * (s.clamp(min=0) + old)
+            out[n] = 0.5 * (s.clamp(min=0) + old) if old is not None and old.shape == s.shape else s.clamp(min=0)
         return out
 
     def state_dict(self) -> dict:
@@ -195,11 +203,12 @@ class Regularizer(LossTerm):
         else:
             state["fisher"] = dict(self.fisher)
             state["score"] = self._rw_score()
-            state["running"] = {"score": dict(self.score)}
+            state["running"] = {"score": dict(self.score), "window_start": dict(self.previous_params)}
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume inside a step (``theta_prev`` restarts from the step-start parameters' current values)."""
+        """Resume inside a step (``theta_prev`` restarts from the loaded parameters, RW's window start from the saved
+        one)."""
         if state.get("type") != self.kind:
             raise UserError(f"checkpoint holds {state.get('type')!r} regularizer statistics, not {self.kind!r}")
         self.iteration = int(state.get("iteration", 0))
@@ -209,8 +218,12 @@ class Regularizer(LossTerm):
             for n, t in source.items():
                 if n in target:
                     target[n] = t.to(target[n].device, target[n].dtype)
+        self._resumed_window = {n: t.to(self.start[n].device, self.start[n].dtype)
+                                for n, t in running.get("window_start", {}).items() if n in self.start}
 
     def before_step(self, ctx: StepContext) -> None:
-        # theta_prev / theta_tmp follow the model actually trained (after a resume, the loaded weights).
+        # theta_prev / theta_tmp follow the model actually trained (after a resume, the loaded weights; RW's window
+        # start is the one saved with the resumed checkpoint).
         self.model = ctx.model
         self.previous_params = _copy_params(ctx.model, trainable_only=True)
+        self.previous_params.update(self._resumed_window)
