@@ -3,7 +3,7 @@
 
     python report.py results/                                  # every CSV under results/
     python report.py results/2024-05-01_voc_15-1_MiB_AWT.csv --per-class --plot curves.png
-    python report.py results --dataset voc --task '15-1[a-j]'  # the ten 15-1 orders: mean +- std
+    python report.py results --dataset voc --task 15-1 '15-1[a-j]'  # the AWT paper's ten 15-1 orders: mean +- std
     python report.py a.csv b.csv --label "MiB (ours)" "MiB+AWT (ours)"
 
 File names follow run.py: {date}_{dataset}_{task}_{name}.csv (the date may be empty). Definitions and the
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from experiment import ledger
 from metrics import report
 from utils.errors import UserError
 from utils.io import atomic_write_text
@@ -21,7 +22,11 @@ from utils.io import atomic_write_text
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Exit status 2 on bad input.")
-    p.add_argument("inputs", nargs="+", help="result CSV files or folders (searched recursively for *.csv)")
+    p.add_argument("inputs", nargs="*", help="result CSV files or folders (searched recursively for *.csv)")
+    p.add_argument("--ledger", action="store_true",
+                   help="the reproduction ledger (docs/reproduction.md): every published number we can run, ours next "
+                        "to it from these CSVs, the difference, and flags where a run did not follow the published "
+                        "recipe (batch, lr, epochs, class order, missing steps)")
     p.add_argument("--label", nargs="+", default=None,
                    help="method label per input (same count as inputs), instead of the name parsed from the file")
     p.add_argument("--dataset", nargs="+", default=[], help="only these datasets (shell patterns)")
@@ -34,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-step", action="store_true", help="also the all-classes mIoU after every step")
     p.add_argument("--separate-orders", action="store_true",
                    help="one row per class order (15-1a ... 15-1j) instead of their mean +- std")
+    p.add_argument("--orders", default="paper", choices=["paper", "all"],
+                   help="VOC 15-1 class orders pooled into mean +- std: paper = the AWT paper's ten (15-1 and 15-1a, "
+                        "b, c, e ... j; default), all = the eleven (15-1d too)")
     p.add_argument("--plot", metavar="PNG", default=None, help="write per-step curves (all / old / new) to this PNG")
     p.add_argument("--output", "-o", metavar="MD", default=None, help="also write the Markdown to this file")
     p.add_argument("--columns", default="auto", choices=["auto", "remapped", "original"],
@@ -45,13 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.inputs and not args.ledger:
+        parser.error("give result CSV files or folders (or --ledger)")
     try:
+        if args.ledger:
+            runs = report.load_runs(args.inputs, None, args.columns, args.dataset, args.task, args.name,
+                                    allow_empty=True) if args.inputs else []
+            sys.stdout.write(ledger.render_ledger(ledger.load_ledger(), runs, args.decimals))
+            return 0
         runs = report.load_runs(args.inputs, args.label, args.columns, args.dataset, args.task, args.name)
         text = report.render(runs, reference_average=args.reference_average, per_class=args.per_class,
-                             per_step=args.per_step, separate_orders=args.separate_orders, decimals=args.decimals)
+                             per_step=args.per_step, separate_orders=args.separate_orders, decimals=args.decimals,
+                             orders=args.orders)
         if args.plot:
-            groups = report.group_runs(runs, args.separate_orders)
+            groups = report.group_runs(runs, args.separate_orders, args.orders)
             report.plot_curves(groups, args.plot, args.reference_average)
         if args.output:
             atomic_write_text(args.output, text)

@@ -19,10 +19,11 @@ from dataset.tasks import order
 from experiment.builders import (build_model, build_step_datasets, ckpt_path, classes_for_step, load_previous_step,
                                  load_weights, resolve_precision, select_device)
 from experiment.config import check_resume_config, dump, parse_config, step_lrs
+from experiment.recipes import Recipe, match
 from experiment.validate import validate_run
 from methods import MethodStack, StepContext, build_method
 from metrics.report import read_run, step_scores
-from metrics.results import csv_row, format_summary, results_csv_path, summary_path, upsert_row
+from metrics.results import csv_row, format_summary, results_csv_path, summary_path, update_run_record, upsert_row
 from metrics.stream_metrics import old_new_all
 import train
 from train import EpochSetup
@@ -38,8 +39,6 @@ from utils.visualize import SampleCollector, index_to_class_lut
 
 log = logging.getLogger("run")
 VERSION = 1
-PUBLISHED_BATCH = 24  # 2 GPUs x 12 in every AWT/PLOP script
-PUBLISHED_LR = (0.02, 0.001)  # step 0, later steps (AWT/PLOP scripts)
 
 
 def seed_everything(seed: int) -> None:
@@ -89,7 +88,7 @@ def prepare_models(cfg, step: int, device: torch.device, first_step_of_call: boo
         trainer_state = prev.get("trainer_state") or {}
     ctx.model, ctx.model_old, ctx.trainer_state = model, model_old, trainer_state
     method.prepare_model(ctx)
-    if step > 0:
+    if model_old is not None and len(model.cls) > len(model_old.cls):  # domain-incremental steps add no classifier
         method.init_new_classifier(ctx)
     return model, model_old, trainer_state
 
@@ -214,7 +213,17 @@ def sample_collector(cfg, step: int) -> SampleCollector:
                            index_to_class_lut(order(cfg.dataset, cfg.task, step)))
 
 
-def test_step(cfg, step: int, model, test_loader, precision, device, board, method: MethodStack) -> dict:
+def run_record(cfg, step: int, lr: float, recipe: Recipe | None) -> dict:
+    """How this step was trained, stored next to the results CSV (the reproduction ledger compares it with the
+    recipe of the published number)."""
+    return {"task": cfg.task, "method": cfg.method, "lr": lr, "epochs": cfg.epochs,
+            "effective_batch": effective_batch(cfg), "batch_size": cfg.batch_size, "processes": get_world_size(),
+            "grad_accum": cfg.grad_accum, "overlap": bool(cfg.overlap), "random_seed": cfg.random_seed,
+            "recipe": recipe.id if recipe else None, "command": " ".join(sys.argv)}
+
+
+def test_step(cfg, step: int, model, test_loader, precision, device, board, method: MethodStack,
+              record: dict | None = None) -> dict:
     """Evaluate on the cumulative test set; write the CSV row and the old/new/all summary (rank 0)."""
     cm = train.evaluate(model, test_loader, n_classes=sum(model.classes), device=device, precision=precision,
                         show_progress=not cfg.no_progress, predict=method.predict)
@@ -231,6 +240,8 @@ def test_step(cfg, step: int, model, test_loader, precision, device, board, meth
         path = results_csv_path(cfg.results_dir, cfg.date, cfg.dataset, cfg.task, cfg.name)
         n_total = READERS[cfg.dataset].NUM_CLASSES
         upsert_row(path, step, csv_row(step, res["Class IoU"], sum(model.classes), n_total, res["Mean IoU"]))
+        if record is not None:
+            update_run_record(path, step, record)
         written = read_run(path, columns="remapped")
         rows = [{"step": s, **step_scores(written, s)} for s in sorted(written.values)]
         text = format_summary(rows, f"{cfg.dataset} {cfg.task} {cfg.name} (mIoU %, test set)")
@@ -239,18 +250,17 @@ def test_step(cfg, step: int, model, test_loader, precision, device, board, meth
     return {**res, **split}
 
 
-def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: torch.device) -> dict:
-    """One incremental step: data, models, training (or resume), final checkpoint, test, results."""
+def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: torch.device,
+             recipe: Recipe | None = None) -> dict:
+    """One incremental step: data, models, training (or resume), final checkpoint, test, results. ``recipe``: the
+    published recipe the run follows (its lr and batch are compared with this run's)."""
     seed_everything(cfg.random_seed)
     method = build_method(cfg)
     precision = resolve_precision(cfg, device)
     configure_backends(cfg, device)
     final_path = ckpt_path(cfg, step)
     log.info("step %d: lr %g, %s", step, lr, describe_batch(cfg))
-    published_lr = PUBLISHED_LR[0] if step == 0 else PUBLISHED_LR[1]
-    if lr != published_lr:
-        log.warning("lr %g at step %d differs from the published %g (0.02 at step 0, 0.001 after)", lr, step,
-                    published_lr)
+    compare_with_recipe(cfg, step, lr, recipe)
     loaders, train_dataset = build_loaders(cfg, step, device, method)
     board = logger.Board(os.path.join(cfg.logdir, f"{cfg.task}-{cfg.dataset}", cfg.name) if cfg.visualize
                          else None)
@@ -258,6 +268,7 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
         model = build_model(cfg, step, pretrained=False, method=method).to(device)
         load_weights(model, cfg.ckpt or final_path, strict=cfg.strict_weights, what="step checkpoint")
         return test_step(cfg, step, model, loaders[2], precision, device, board, method)
+    record = run_record(cfg, step, lr, recipe)
     ctx = StepContext(step=step, classes=classes_for_step(cfg, step), model=None, device=device,
                       train_loader=loaders[0], world_size=get_world_size(), autocast=precision.autocast,
                       train_dataset=train_dataset, method=method)
@@ -278,20 +289,41 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
         if os.path.exists(partial_ckpt_path(final_path)):
             os.remove(partial_ckpt_path(final_path))
     barrier()
-    result = test_step(cfg, step, model, loaders[2], precision, device, board, method)
+    result = test_step(cfg, step, model, loaders[2], precision, device, board, method, record)
     board.close()
     return result
 
 
+def effective_batch(cfg) -> int:
+    return cfg.batch_size * get_world_size() * cfg.grad_accum
+
+
 def describe_batch(cfg) -> str:
-    """States the effective batch and warns when it differs from the published 24."""
-    effective = cfg.batch_size * get_world_size() * cfg.grad_accum
-    text = f"effective batch {effective} (batch_size {cfg.batch_size} x {get_world_size()} processes x grad_accum " \
-           f"{cfg.grad_accum})"
-    if effective != PUBLISHED_BATCH:
-        log.warning("effective batch %d differs from the published %d: results may differ from the papers "
-                    "(use --grad_accum to match)", effective, PUBLISHED_BATCH)
-    return text
+    return (f"effective batch {effective_batch(cfg)} (batch_size {cfg.batch_size} x {get_world_size()} processes x "
+            f"grad_accum {cfg.grad_accum})")
+
+
+def find_recipe(cfg) -> Recipe | None:
+    """The published recipe (scripts/recipes.toml) whose flags these are; None when none matches."""
+    recipe = match(cfg, parse_config)
+    if recipe is None:
+        log.info("no recipe of scripts/recipes.toml matches these flags: lr and batch are not compared with a "
+                 "published script")
+    else:
+        log.info("these flags follow %s", recipe.describe())
+    return recipe
+
+
+def compare_with_recipe(cfg, step: int, lr: float, recipe: Recipe | None) -> None:
+    """Warn when this step's lr, epochs or effective batch differ from the recipe the run follows."""
+    if recipe is None:
+        return
+    for what, ours, theirs in (("lr", lr, recipe.lr_at(step)), ("epochs", cfg.epochs, recipe.epochs_at(step)),
+                               ("effective batch", effective_batch(cfg), recipe.batch)):
+        if ours != theirs:
+            log.warning("%s %g at step %d differs from %g of %s: results may differ from the published ones%s", what,
+                        ours, step, theirs, recipe.describe(),
+                        " (--grad_accum keeps the batch on fewer GPUs)" if what == "effective batch" else "")
 
 
 def main(argv=None) -> int:
@@ -303,8 +335,9 @@ def main(argv=None) -> int:
         device = select_device(cfg)
         init_distributed(device.type)
         logger.setup_logging(cfg.debug)  # again: the rank (log prefix, rank-0-only INFO) is known only now
+        recipe = find_recipe(cfg)
         for i, (step, lr) in enumerate(step_lrs(cfg)):
-            run_step(cfg, step, lr, first_step_of_call=(i == 0), device=device)
+            run_step(cfg, step, lr, first_step_of_call=(i == 0), device=device, recipe=recipe)
         return 0
     except UserError as exc:
         if cfg is not None and cfg.debug:

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.base import Reader, _decode, _label_array
+from dataset.cityscapes_domain import DomainIncremental
 from dataset.readers import READERS
 from dataset.tasks import canonical_task, get_task_labels
 from dataset.transform import ToTensor, eval_preset, train_preset
@@ -283,6 +284,11 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
     def describe(split):
         return f"{dataset} task {task} step {step} {split} split ({mode})"
 
+    if getattr(reader_cls, "DOMAIN_INCREMENTAL", False):
+        return _domain_datasets(train_reader, labels=labels, labels_old=labels_old, step=step, folder=folder,
+                                crop_size=crop_size, crop_val=crop_val, val_on_trainset=val_on_trainset,
+                                cross_val=cross_val, seed=seed, describe=describe)
+
     train = IncrementalSegmentation(
         train_reader, labels=labels, labels_old=labels_old, overlap=overlap, masking=data_masking, train=True,
         transform=train_preset(crop_size), idxs_path=os.path.join(folder, f"train-{step}.npy"),
@@ -300,6 +306,25 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
         masking="current", train=val_on_trainset, transform=eval_preset(crop_size, crop_val),
         idxs_path=os.path.join(folder, f"test_on_{test_split}-{step}.npy"), presence_dir=presence_dir,
         test_on_val=test_on_val, description=describe(f"test ({test_split})"))
+    return train, val, test
+
+
+def _domain_datasets(reader, *, labels, labels_old, step, folder, crop_size, crop_val, val_on_trainset, cross_val,
+                     seed, describe):
+    """PLOP's cityscapes_domain ``get_dataset``: train and validation split the step's cities 80/20, the test set is
+    the 20 % of every city seen so far (the 80 % with ``--val_on_trainset``)."""
+    eval_transform = eval_preset(crop_size, crop_val)
+    train = DomainIncremental(reader, cities=labels, train=True, transform=train_preset(crop_size),
+                              idxs_path=os.path.join(folder, f"train-{step}.npy"), description=describe("train"))
+    if cross_val:
+        val = _cross_val_split(train, seed, describe("cross-validation"))
+    else:
+        val = DomainIncremental(reader, cities=labels, train=False, transform=eval_transform,
+                                idxs_path=os.path.join(folder, f"val-{step}.npy"), description=describe("val"))
+    split = "train" if val_on_trainset else "val"
+    test = DomainIncremental(reader, cities=labels_old + labels, train=val_on_trainset, transform=eval_transform,
+                             idxs_path=os.path.join(folder, f"test_on_{split}-{step}.npy"),
+                             description=describe(f"test ({split})"))
     return train, val, test
 
 

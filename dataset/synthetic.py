@@ -15,7 +15,9 @@ deck (balanced class frequencies).
 
 VOC labels get 255 rings (1 px) on object outlines; train labels are saved in mode L, val labels in mode P (VOC
 palette), as in the real data. Cityscapes labels hold raw label ids (mapped by the reader's LUT) and include some
-regions with ignored ids. The output is deterministic for a seed and written atomically (temporary folder, then
+regions with ignored ids; images are spread over the real city folders of each split (18 train, 3 val cities), so
+the same folder serves the class-incremental (``--dataset cityscapes``) and the domain-incremental
+(``--dataset cityscapes_domain``) protocols. The output is deterministic for a seed and written atomically (temporary folder, then
 rename).
 """
 from __future__ import annotations
@@ -234,7 +236,11 @@ class _CityscapesLayout:
     num_classes, train, val, aspect = CityscapesReader.NUM_CLASSES, 400, 100, 2.0  # twice as wide as high
     dirs: tuple = ()
     clutter_ids = CITYSCAPES_IGNORED_IDS
-    cities = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau")}
+    # the real cities of each split, so the domain-incremental protocol (one city per step in 1-1) runs on it too
+    cities = {"train": ("aachen", "bremen", "darmstadt", "erfurt", "hanover", "krefeld", "strasbourg", "tubingen",
+                        "weimar", "bochum", "cologne", "dusseldorf", "hamburg", "jena", "monchengladbach", "stuttgart",
+                        "ulm", "zurich"),
+              "val": ("frankfurt", "lindau", "munster")}
 
     @classmethod
     def write(cls, root, split, index, image, label, clutter_map) -> None:

@@ -5,11 +5,10 @@ to step 0. The order of the ids inside a list matters: the remapped (model) inde
 ``[0] + labels_old + labels`` (see ``dataset/incremental.py``), which is what makes permuted tasks like ``15-1a``
 differ from ``15-1``.
 
-``15-1b`` ... ``15-1j`` are NOT the reference lists (PLOP's ``15-5s_c`` ... ``15-5s_k`` could not be recovered):
-they were produced once with ``numpy.random.RandomState(2021)``: repeatedly ``[0] + permutation(1..20)``, skipping
-any order equal to ``15-1a`` or an earlier one; the first 16 ids form step 0, the last five are the single steps.
-The lists are hard-coded below; replace them with the reference lists for exact reproduction
-(docs/deviations.md).
+The permuted VOC 15-1 orders are the reference's (PLOP's ``tasks.py``, identical in AWT; behaviour notes 11.1):
+AWT's ``15-1a`` ... ``15-1j`` are PLOP's ``15-5s_b`` ... ``15-5s_k``; PLOP's ``15-5s_l`` ... ``15-5s_w`` exist under
+their PLOP names only. PLOP's names are accepted as aliases (``15-5s`` is ``15-1``). The AWT paper's ten-order
+ablation is ``PAPER_ORDERS``: ``15-1`` and the lettered orders without ``15-1d``.
 """
 from __future__ import annotations
 
@@ -36,20 +35,40 @@ def _order(seq: list[int]) -> dict[int, list[int]]:
     return _steps(seq[:16], *[[c] for c in seq[16:]])
 
 
-_VOC_ORDERS = {
-    # reference (AWT 15-1a = PLOP 15-5s_b)
-    "15-1a": [0, 12, 9, 20, 7, 15, 8, 14, 16, 5, 19, 4, 1, 13, 2, 11, 17, 3, 6, 18, 10],
-    # generated (see module docstring), not the reference lists
-    "15-1b": [0, 4, 10, 20, 11, 3, 5, 9, 17, 12, 8, 6, 2, 19, 15, 16, 7, 18, 13, 14, 1],
-    "15-1c": [0, 1, 4, 16, 14, 5, 9, 3, 2, 12, 13, 10, 19, 20, 8, 15, 11, 7, 6, 17, 18],
-    "15-1d": [0, 18, 5, 17, 1, 7, 20, 15, 8, 3, 10, 14, 2, 4, 12, 6, 13, 11, 9, 16, 19],
-    "15-1e": [0, 11, 17, 2, 16, 1, 7, 9, 6, 20, 3, 4, 13, 15, 14, 12, 5, 18, 19, 8, 10],
-    "15-1f": [0, 4, 3, 10, 5, 17, 9, 1, 12, 14, 16, 8, 13, 15, 6, 11, 2, 18, 20, 7, 19],
-    "15-1g": [0, 3, 5, 1, 6, 9, 11, 15, 20, 14, 2, 13, 18, 16, 12, 7, 10, 19, 17, 4, 8],
-    "15-1h": [0, 19, 15, 13, 3, 18, 9, 10, 14, 11, 16, 5, 7, 4, 2, 20, 8, 17, 12, 6, 1],
-    "15-1i": [0, 20, 19, 9, 18, 2, 16, 17, 8, 15, 1, 13, 4, 3, 6, 10, 12, 5, 11, 14, 7],
-    "15-1j": [0, 11, 1, 18, 16, 7, 19, 9, 2, 20, 14, 17, 10, 6, 3, 15, 12, 13, 4, 5, 8],
+# PLOP's tasks.py (4b4a060), "15-5s_b" ... "15-5s_w": the full order, step 0 first (16 ids incl. 0), then one class
+# per step.
+_PLOP_ORDERS = {
+    "b": [0, 12, 9, 20, 7, 15, 8, 14, 16, 5, 19, 4, 1, 13, 2, 11, 17, 3, 6, 18, 10],
+    "c": [0, 13, 19, 15, 17, 9, 8, 5, 20, 4, 3, 10, 11, 18, 16, 7, 12, 14, 6, 1, 2],
+    "d": [0, 15, 3, 2, 12, 14, 18, 20, 16, 11, 1, 19, 8, 10, 7, 17, 6, 5, 13, 9, 4],
+    "e": [0, 7, 5, 3, 9, 13, 12, 14, 19, 10, 2, 1, 4, 16, 8, 17, 15, 18, 6, 11, 20],
+    "f": [0, 7, 13, 5, 11, 9, 2, 15, 12, 14, 3, 20, 1, 16, 4, 18, 8, 6, 10, 19, 17],
+    "g": [0, 7, 5, 9, 1, 15, 18, 14, 3, 20, 10, 4, 19, 11, 17, 16, 12, 8, 6, 2, 13],
+    "h": [0, 12, 9, 19, 6, 4, 10, 5, 18, 14, 15, 16, 3, 8, 7, 11, 13, 2, 20, 17, 1],
+    "i": [0, 13, 10, 15, 8, 7, 19, 4, 3, 16, 12, 14, 11, 5, 20, 6, 2, 18, 9, 17, 1],
+    "j": [0, 1, 14, 9, 5, 2, 15, 8, 20, 6, 16, 18, 7, 11, 10, 19, 3, 4, 17, 12, 13],
+    "k": [0, 16, 13, 1, 11, 12, 18, 6, 14, 5, 3, 7, 9, 20, 19, 15, 4, 2, 10, 8, 17],
+    "l": [0, 10, 7, 6, 19, 16, 8, 17, 1, 14, 4, 9, 3, 15, 11, 12, 2, 18, 20, 13, 5],
+    "m": [0, 18, 4, 14, 17, 12, 10, 7, 3, 9, 1, 8, 15, 6, 13, 2, 5, 11, 20, 16, 19],
+    "n": [0, 5, 4, 13, 18, 14, 10, 19, 15, 7, 9, 3, 2, 8, 16, 20, 1, 12, 11, 6, 17],
+    "o": [0, 9, 12, 13, 18, 7, 1, 15, 17, 10, 8, 4, 5, 20, 16, 6, 14, 19, 11, 2, 3],
+    "p": [0, 9, 12, 13, 18, 2, 11, 15, 17, 10, 8, 4, 5, 20, 16, 6, 14, 19, 1, 7, 3],
+    "q": [0, 3, 14, 13, 18, 2, 11, 15, 17, 10, 8, 4, 5, 20, 16, 6, 12, 19, 1, 7, 9],
+    "r": [0, 3, 14, 13, 1, 2, 11, 15, 17, 7, 8, 4, 5, 9, 16, 19, 12, 6, 18, 10, 20],
+    "s": [0, 3, 14, 6, 1, 2, 11, 12, 17, 7, 20, 4, 5, 9, 16, 19, 15, 13, 18, 10, 8],
+    "t": [0, 3, 15, 13, 1, 2, 11, 18, 17, 7, 20, 8, 5, 9, 16, 19, 14, 6, 12, 10, 4],
+    "u": [0, 3, 15, 13, 14, 6, 11, 18, 17, 7, 20, 8, 4, 9, 16, 10, 1, 2, 12, 19, 5],
+    "v": [0, 1, 2, 12, 14, 6, 19, 18, 17, 5, 20, 8, 4, 9, 16, 10, 3, 15, 13, 11, 7],
+    "w": [0, 1, 2, 12, 14, 13, 19, 18, 7, 11, 20, 8, 4, 9, 16, 10, 3, 15, 6, 5, 17],
 }
+# AWT's names: 15-1a ... 15-1j = PLOP's 15-5s_b ... 15-5s_k.
+_AWT_ORDER_NAMES = {f"15-1{awt}": f"15-5s_{plop}" for awt, plop in zip("abcdefghij", "bcdefghijk")}
+_VOC_ORDERS = {**{name: _PLOP_ORDERS[plop[-1]] for name, plop in _AWT_ORDER_NAMES.items()},
+               **{f"15-5s_{k}": seq for k, seq in _PLOP_ORDERS.items() if f"15-5s_{k}" not in _AWT_ORDER_NAMES.values()}}
+
+ALL_ORDERS = ("15-1",) + tuple(_AWT_ORDER_NAMES)  # the default order and AWT's ten lettered ones
+PAPER_ORDERS = tuple(o for o in ALL_ORDERS if o != "15-1d")  # AWT supplementary: 15-1 and a, b, c, e ... j
+ORDER_SETS = {"paper": PAPER_ORDERS, "all": ALL_ORDERS}  # what run_orders.sh and report.py average over
 
 TASKS: dict[str, dict[str, dict[int, list[int]]]] = {
     "voc": {
@@ -69,6 +88,13 @@ TASKS: dict[str, dict[str, dict[int, list[int]]]] = {
         "100-5": _base_then_chunks(100, 150, 5),
         "50": _steps(range(51), range(51, 101), range(101, 151)),
     },
+    # Domain-incremental (PLOP's cityscapes_domain): the ids are cities (DOMAIN_CITIES), the 19 classes stay.
+    "cityscapes_domain": {
+        "offline": _steps(range(21)),
+        "11-5": _steps(range(11), range(11, 16), range(16, 21)),
+        "11-1": _base_then_singles(10, 20),
+        "1-1": _steps(*[[c] for c in range(21)]),
+    },
     "cityscapes": {
         "offline": _steps(range(20)),
         "14-1": _base_then_singles(14, 19),
@@ -79,7 +105,14 @@ TASKS: dict[str, dict[str, dict[int, list[int]]]] = {
 }
 
 # Alternative names accepted on the command line; caches and logs use the canonical name.
-ALIASES: dict[str, dict[str, str]] = {"voc": {}, "ade": {"50-50": "50"}, "cityscapes": {}}
+ALIASES: dict[str, dict[str, str]] = {
+    "voc": {"15-5s": "15-1", **{plop: awt for awt, plop in _AWT_ORDER_NAMES.items()}},  # PLOP's task names
+    "ade": {"50-50": "50"},
+    "cityscapes": {},
+    "cityscapes_domain": {},
+}
+# Datasets whose steps add domains (cities) instead of classes: the model keeps one classifier of this many classes.
+DOMAIN_CLASSES: dict[str, int] = {"cityscapes_domain": 19}
 
 
 def dataset_names() -> list[str]:
@@ -138,9 +171,16 @@ def get_task_labels(dataset: str, task: str, step: int) -> tuple[list[int], list
     return labels, labels_old
 
 
+def is_domain_incremental(dataset: str) -> bool:
+    return dataset in DOMAIN_CLASSES
+
+
 def classes_per_step(dataset: str, task: str, step: int) -> list[int]:
-    """Number of classes of each step up to ``step`` included, e.g. VOC 15-1 step 2 -> ``[16, 1, 1]``."""
+    """Number of classes of each step up to ``step`` included, e.g. VOC 15-1 step 2 -> ``[16, 1, 1]``; a
+    domain-incremental dataset has one classifier of all its classes at every step."""
     table = _table(dataset, task, step)
+    if dataset in DOMAIN_CLASSES:
+        return [DOMAIN_CLASSES[dataset]]
     return [len(table[s]) for s in range(step + 1)]
 
 
@@ -155,6 +195,17 @@ def new_class_indices(dataset: str, task: str, step: int) -> list[int]:
 
 
 def order(dataset: str, task: str, step: int) -> list[int]:
-    """``[0] + labels_old + labels`` without duplicates: original id at each remapped index."""
+    """``[0] + labels_old + labels`` without duplicates: original id at each remapped index (a domain-incremental
+    dataset: every class, in id order)."""
+    if dataset in DOMAIN_CLASSES:
+        _table(dataset, task, step)
+        return list(range(DOMAIN_CLASSES[dataset]))
     labels, labels_old = get_task_labels(dataset, task, step)
     return [0] + [c for c in labels_old + labels if c != 0]
+
+
+def base_classes(dataset: str, task: str) -> list[int]:
+    """Original ids of the classes learnt at step 0 (background included): the "old" classes of the papers' tables."""
+    if dataset in DOMAIN_CLASSES:
+        return list(range(DOMAIN_CLASSES[dataset]))
+    return sorted(set(get_task_labels(dataset, task, 0)[0]) | {0})

@@ -33,7 +33,8 @@ def _add_performance(parser: argparse.ArgumentParser) -> None:
 def _add_dataset(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("dataset")
     g.add_argument("--data_root", default="data", help="dataset root (VOC: the PascalVOC12 folder)")
-    g.add_argument("--dataset", default="voc", help="voc, ade or cityscapes")
+    g.add_argument("--dataset", default="voc",
+                   help="voc, ade, cityscapes (class-incremental) or cityscapes_domain (PLOP's domain-incremental)")
     g.add_argument("--num_classes", type=int, default=None, help="(ignored: always taken from the dataset)")
     g.add_argument("--dont_predict_bg", action="store_true", help=IGNORED)
     g.add_argument("--ignore_test_bg", action="store_true",

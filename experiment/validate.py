@@ -5,7 +5,7 @@ import os
 import tempfile
 
 from dataset.readers import READERS
-from dataset.tasks import classes_per_step, num_steps
+from dataset.tasks import classes_per_step, is_domain_incremental, num_steps
 from experiment.builders import ckpt_path, classes_for_step, pretrained_path, previous_ckpt_path
 from experiment.config import step_lrs
 from methods import build_method
@@ -90,6 +90,23 @@ def _check_protocol(cfg) -> None:
                         "current+old or new")
     if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.grad_accum < 1:
         raise UserError("--batch_size, --epochs and --grad_accum must be at least 1")
+    if is_domain_incremental(cfg.dataset):
+        _check_domain_flags(cfg)
+
+
+# Flags that act on the classes a step adds (default values): meaningless when steps add domains. The reference ran
+# them with every class "old" (UNCE then has no loss at all); its domain-incremental scripts use none of them.
+_CLASS_STEP_FLAGS = {"unce": False, "unkd": False, "pseudo": None, "icarl": False, "init_balanced": False,
+                     "orig_init": False, "att": 0.0, "random_channels": False}
+
+
+def _check_domain_flags(cfg) -> None:
+    bad = [flag for flag, default in _CLASS_STEP_FLAGS.items() if getattr(cfg, flag) != default]
+    if bad:
+        origin = f" (set by --method {cfg.method})" if cfg.method else ""
+        raise UserError(f"--{bad[0]}{origin} works on the classes a step adds, but {cfg.dataset} adds cities and keeps "
+                        "its 19 classes; use --method FT with --pod/--loss_kd as the published domain-incremental "
+                        "scripts do (scripts/cityscapes_domain/)")
 
 
 def _check_checkpoints(cfg) -> int:

@@ -108,16 +108,19 @@ def parse_filename(path: str) -> tuple[str, str, str, str]:
     if not base.endswith(".csv"):
         raise UserError(f"{path}: not a .csv file (expected results/{{date}}_{{dataset}}_{{task}}_{{name}}.csv)")
     parts = base[:-4].split("_")
-    for i in range(len(parts) - 2):
-        if parts[i] not in _datasets():
-            continue
-        try:
-            task = canonical_task(parts[i], parts[i + 1])
-        except UserError:
-            continue
-        name = "_".join(parts[i + 2:])
-        if name:
-            return "_".join(parts[:i]), parts[i], task, name
+    # dataset and task names may hold "_" (cityscapes_domain, PLOP's 15-5s_b): the longest names that parse win
+    datasets = sorted(_datasets(), key=lambda d: -len(d.split("_")))
+    for i in range(len(parts)):
+        for dataset in datasets:
+            nd = len(dataset.split("_"))
+            if "_".join(parts[i:i + nd]) != dataset:
+                continue
+            for nt in range(len(parts) - i - nd - 1, 0, -1):
+                try:
+                    task = canonical_task(dataset, "_".join(parts[i + nd:i + nd + nt]))
+                except UserError:
+                    continue
+                return "_".join(parts[:i]), dataset, task, "_".join(parts[i + nd + nt:])
     raise UserError(f"{path}: cannot read dataset/task/name from the file name; expected "
                     f"{{date}}_{{dataset}}_{{task}}_{{name}}.csv with dataset one of {', '.join(_datasets())} "
                     "and a task of dataset/tasks.py, e.g. 2024-05-01_voc_15-1_MiB_AWT.csv")
@@ -139,7 +142,10 @@ def _cell(text: str, where: str) -> object:
 
 
 def _step_order(dataset: str, task: str, step: int) -> tuple[list[int], list[int]]:
-    """``(order, step0)``: original class id at each remapped index after ``step``, and the classes of step 0."""
+    """``(order, step0)``: original class id at each remapped index after ``step``, and the classes of step 0 (a
+    domain-incremental dataset has every class at every step)."""
+    if task_tables.is_domain_incremental(dataset):
+        return task_tables.order(dataset, task, step), task_tables.base_classes(dataset, task)
     labels, labels_old = get_task_labels(dataset, task, step)
     seen = [c for c in labels_old + labels if c != 0]
     step0 = list(get_task_labels(dataset, task, 0)[0])
@@ -240,7 +246,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple[str, str, bool]]:
 
 def load_runs(inputs: Sequence[str], labels: Sequence[str] | None = None, columns: str = "auto",
               datasets: Sequence[str] = (), tasks: Sequence[str] = (), names: Sequence[str] = (),
-              warn=None) -> list[Run]:
+              warn=None, allow_empty: bool = False) -> list[Run]:
     """Read every CSV of ``inputs``; files inside folders whose names do not parse are skipped with a warning."""
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     if labels and len(labels) != len(inputs):
@@ -263,7 +269,7 @@ def load_runs(inputs: Sequence[str], labels: Sequence[str] | None = None, column
         if names and not any(fnmatch.fnmatchcase(name, p) for p in names):
             continue
         runs.append(read_run(path, label_of.get(origin), columns))
-    if not runs:
+    if not runs and not allow_empty:
         raise UserError("no result CSVs found in " + ", ".join(inputs)
                         + (" matching the filters" if (datasets or tasks or names) else ""))
     return runs
@@ -308,12 +314,26 @@ def average_over_steps(run: Run, reference_average: bool = False) -> float | Non
                  if v is not None)
 
 
-def setting_of(run: Run, separate_orders: bool = False) -> str:
-    m = ORDER_RE.match(run.task)
-    if m and not separate_orders:
-        return f"{m.group(1)} (orders)"
-    aliases = {canonical: alias for alias, canonical in task_tables.ALIASES[run.dataset].items()}
+ORDER_SET_LABELS = {"paper": "the AWT paper's ten orders", "all": "all eleven orders"}
+
+
+def setting_of(run: Run) -> str:
+    """The setting's name as the papers write it (``50-50``, not the task ``50``)."""
+    aliases = {canonical: alias for alias, canonical in task_tables.ALIASES[run.dataset].items()
+               if not alias.startswith("15-5s")}  # PLOP's names of the VOC orders stay aliases only
     return aliases.get(run.task, run.task)
+
+
+def pooled_orders_label(orders: str) -> str:
+    return f"15-1, {ORDER_SET_LABELS[orders]}"
+
+
+def describe_order_set(orders: str) -> str:
+    chosen = task_tables.ORDER_SETS[orders]
+    left = [o for o in task_tables.ALL_ORDERS if o not in chosen]
+    return (f"Class orders pooled into the '{pooled_orders_label(orders)}' rows (mean +- std over the runs found, n): "
+            f"{', '.join(chosen)}" + (f"; left out: {', '.join(left)} (--orders all pools them too)" if left else "")
+            + ".")
 
 
 @dataclass
@@ -325,10 +345,21 @@ class Group:
     runs: list[Run]
 
 
-def group_runs(runs: Sequence[Run], separate_orders: bool = False) -> list[Group]:
+def group_runs(runs: Sequence[Run], separate_orders: bool = False, orders: str = "paper") -> list[Group]:
+    """One group per (dataset, setting, protocol, method label). Runs of the VOC 15-1 class orders of a method pool
+    into one group when a lettered order (15-1a ...) is among them: the orders of ``ORDER_SETS[orders]``
+    (``paper``: 15-1 and 15-1a, b, c, e ... j; ``all``: the eleven); the others keep their own row."""
+    if orders not in task_tables.ORDER_SETS:
+        raise UserError(f"unknown order set {orders!r}; use one of {', '.join(task_tables.ORDER_SETS)}")
+    chosen = set(task_tables.ORDER_SETS[orders])
+    lettered = {(r.dataset, r.protocol, r.label) for r in runs
+                if r.task in task_tables.ALL_ORDERS and ORDER_RE.match(r.task)}
     groups: dict[tuple, Group] = {}
     for run in runs:
-        key = (run.dataset, setting_of(run, separate_orders), run.protocol, run.label)
+        setting = setting_of(run)
+        if not separate_orders and (run.dataset, run.protocol, run.label) in lettered and run.task in chosen:
+            setting = pooled_orders_label(orders)
+        key = (run.dataset, setting, run.protocol, run.label)
         groups.setdefault(key, Group(*key, runs=[])).runs.append(run)
     return list(groups.values())
 
@@ -472,12 +503,14 @@ def plot_curves(groups: Sequence[Group], path: str, reference_average: bool = Fa
 
 
 def render(runs: Sequence[Run], *, reference_average: bool = False, per_class: bool = False, per_step: bool = False,
-           separate_orders: bool = False, decimals: int = 1) -> str:
-    groups = group_runs(runs, separate_orders)
+           separate_orders: bool = False, decimals: int = 1, orders: str = "paper") -> str:
+    groups = group_runs(runs, separate_orders, orders)
     how = ("reference average (average_csv.py: x/X cells count as 0 in old/new; all = the CSV's mIoU column)"
            if reference_average else "x/X cells (class not learnt / absent from the test set) excluded")
     parts = [f"mIoU (%) at the last tested step; old = step-0 classes incl. background, new = later classes; {how}.",
              "", summary_table(groups, reference_average, decimals)]
+    if any(g.setting == pooled_orders_label(orders) for g in groups):
+        parts += ["", describe_order_set(orders)]
     if per_step:
         parts += ["", "All-classes mIoU (%) after each step:", "", steps_table(groups, reference_average, decimals)]
     if per_class:

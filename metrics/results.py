@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 
@@ -50,3 +51,35 @@ def format_summary(rows: list[dict], title: str) -> str:
     out = [f"### {title}", "", "| step | old | new | all |", "|---:|---:|---:|---:|"]
     out += [f"| {r['step']} | {pct(r['old'])} | {pct(r['new'])} | {pct(r['all'])} |" for r in rows]
     return "\n".join(out) + "\n"
+
+
+def run_record_path(csv_path: str) -> str:
+    """``{csv}.run.json`` next to a results CSV: how each step of the run was trained (read by the ledger)."""
+    return os.path.splitext(csv_path)[0] + ".run.json"
+
+
+def update_run_record(csv_path: str, step: int, record: dict) -> None:
+    """Store ``record`` (JSON-serialisable) for ``step``, keeping the other steps' records; written atomically."""
+    path = run_record_path(csv_path)
+    data: dict = {}
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, ValueError):
+            data = {}  # unreadable: this step's record replaces it
+    steps = data.get("steps") if isinstance(data.get("steps"), dict) else {}
+    steps[str(step)] = record
+    atomic_write_text(path, json.dumps({"steps": dict(sorted(steps.items(), key=lambda kv: int(kv[0])))},
+                                       indent=1, sort_keys=False) + "\n")
+
+
+def read_run_record(csv_path: str) -> dict[int, dict]:
+    """``{step: record}`` of a results CSV ({} when there is no record)."""
+    path = run_record_path(csv_path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        return {int(k): v for k, v in data.get("steps", {}).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Write the per-setting wrapper scripts scripts/{voc,ade,cityscapes}/{method}_{setting}.sh.
+"""Write the wrapper scripts scripts/{dataset}/{method}_{setting}.sh, one per row of scripts/recipes.toml.
 
-Each wrapper is a few lines that call scripts/run_setting.sh; the generated files are committed. Edit this file and
-re-run it (``python scripts/generate_wrappers.py``) instead of editing a wrapper; tests/test_scripts.py checks that
-the committed wrappers match this generator. ``--check`` only compares and exits 1 on a difference.
+Each wrapper is a few lines that call scripts/run_setting.sh and name, in its header, the published script it mirrors
+(or why there is none); the generated files are committed. Edit recipes.toml or this file and re-run it
+(``python scripts/generate_wrappers.py``) instead of editing a wrapper; tests/test_scripts.py checks that the committed
+wrappers match. ``--check`` only compares and exits 1 on a difference; wrappers no recipe produces are reported (and
+removed without ``--check``).
 """
 from __future__ import annotations
 
@@ -12,28 +14,16 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
 
-# Methods with a wrapper in every setting (METHOD_NAME of run_setting.sh -> file-name prefix).
-BASE_METHODS = ["FT", "MiB", "MiB_AWT", "PLOP", "PLOP_AWT"]
-# MiB paper, Table 1 (VOC 19-1, 15-5, 15-1): the other baselines.
-MIB_TABLE1_METHODS = ["LWF", "LWF-MC", "ILT", "EWC", "RW", "PI"]
+from dataset.tasks import ORDER_SETS, num_steps  # noqa: E402
+from experiment.recipes import load_recipes  # noqa: E402
 
-# dataset -> [(file-name setting, task name of dataset/tasks.py, description)]
-SETTINGS = {
-    "voc": [("19-1", "19-1", "2 steps"), ("15-5", "15-5", "2 steps"), ("15-1", "15-1", "6 steps"),
-            ("10-1", "10-1", "11 steps"), ("5-3", "5-3", "6 steps")]
-           + [(f"15-1{o}", f"15-1{o}", "6 steps, class order " + o) for o in "abcdefghij"],
-    "ade": [("100-50", "100-50", "2 steps"), ("100-10", "100-10", "6 steps"), ("100-5", "100-5", "11 steps"),
-            ("50-50", "50", "3 steps: 50 + 50 + 50")],
-    "cityscapes": [("14-1", "14-1", "6 steps"), ("10-1", "10-1", "10 steps"), ("14-5", "14-5", "2 steps"),
-                   ("18-1", "18-1", "2 steps")],
-}
-# The published AWT scripts used attribute_class.py (one channel mask per new class) for these ADE settings.
-PER_CLASS_ATTRIBUTION = {("ade", "100-10"), ("ade", "100-50"), ("ade", "50")}
-ORDERS = [f"15-1{o}" for o in "abcdefghij"]
-
-DATASET_TITLE = {"voc": "Pascal VOC 2012", "ade": "ADE20K", "cityscapes": "Cityscapes (class-incremental)"}
-EXAMPLE_ROOT = {"voc": "PascalVOC12", "ade": "ADEChallengeData2016", "cityscapes": "cityscapes"}
+DATASET_TITLE = {"voc": "Pascal VOC 2012", "ade": "ADE20K", "cityscapes": "Cityscapes (class-incremental)",
+                 "cityscapes_domain": "Cityscapes (domain-incremental: new cities at each step)"}
+EXAMPLE_ROOT = {"voc": "PascalVOC12", "ade": "ADEChallengeData2016", "cityscapes": "cityscapes",
+                "cityscapes_domain": "cityscapes"}
+ORDER_METHODS = ["FT", "MiB", "MiB_base", "MiB_AWT", "PLOP", "PLOP_AWT"]  # wrappers over the 15-1 class orders
 
 
 def file_prefix(method: str) -> str:
@@ -41,39 +31,38 @@ def file_prefix(method: str) -> str:
 
 
 def display(method: str) -> str:
-    return method.replace("_AWT", " + AWT")
+    return method.replace("_AWT", " + AWT").replace("_base", " (AWT's baseline: --orig_init)")
 
 
-def methods_for(dataset: str, setting: str) -> list[str]:
-    methods = list(BASE_METHODS)
-    if dataset == "voc" and setting in ("19-1", "15-5", "15-1"):
-        methods += MIB_TABLE1_METHODS
-    return methods
-
-
-def wrapper(dataset: str, setting: str, task: str, desc: str, method: str) -> str:
-    extra = ""
-    notes = ""
-    if method.endswith("_AWT") and (dataset, task) in PER_CLASS_ATTRIBUTION:
-        extra = " --att_per_class"
-        notes = "# One AWT channel mask per new class (the published scripts used attribute_class.py here).\n"
-    rel = f"scripts/{dataset}/{file_prefix(method)}_{setting}.sh"
+def wrapper(recipe) -> str:
+    rel = f"scripts/{recipe.dataset}/{file_prefix(recipe.method)}_{recipe.setting}.sh"
+    steps = num_steps(recipe.dataset, recipe.task)
+    origin = (f"# Mirrors {recipe.source}.\n" if recipe.source else
+              f"# {recipe.note[0].upper() + recipe.note[1:]}.\n")
+    later = f"; from step 1 also {' '.join(recipe.later_flags)}" if recipe.later_flags else ""
     return (
         "#!/usr/bin/env bash\n"
-        f"# {DATASET_TITLE[dataset]} {setting} ({desc}), {display(method)}. Every step, step 0 included.\n"
-        f"# Usage: DATA_ROOT={EXAMPLE_ROOT[dataset]} NB_GPU=2 bash {rel} [extra run.py flags]\n"
+        f"# {DATASET_TITLE[recipe.dataset]} {recipe.setting} ({steps} step{'s' if steps > 1 else ''}), "
+        f"{display(recipe.method)}. Every step, step 0 included.\n"
+        f"{origin}"
+        f"# Recipe {recipe.id} (scripts/recipes.toml): lr {recipe.lr[0]:g} / {recipe.lr[1]:g}, epochs "
+        f"{recipe.epochs[0]} / {recipe.epochs[1]}, effective batch {recipe.batch},\n"
+        f"#   {' '.join(recipe.flags)}{later}\n"
+        f"# Usage: DATA_ROOT={EXAMPLE_ROOT[recipe.dataset]} NB_GPU=2 bash {rel} [extra run.py flags]\n"
         "# Environment variables: scripts/README.md. Generated by scripts/generate_wrappers.py (edit that instead).\n"
-        f"{notes}"
-        f'exec bash "$(dirname "${{BASH_SOURCE[0]}}")/../run_setting.sh" {dataset} {task} {method}{extra} "$@"\n'
+        f'exec bash "$(dirname "${{BASH_SOURCE[0]}}")/../run_setting.sh" {recipe.dataset} {recipe.setting} '
+        f'{recipe.method} "$@"\n'
     )
 
 
 def orders_wrapper(method: str) -> str:
     rel = f"scripts/voc/{file_prefix(method)}_15-1-orders.sh"
+    paper = " ".join(ORDER_SETS["paper"])
     return (
         "#!/usr/bin/env bash\n"
-        f"# Pascal VOC 15-1 over the ten class orders 15-1a..15-1j (6 steps each), {display(method)};\n"
-        "# then one table with mean +- std over the orders.\n"
+        f"# Pascal VOC 15-1 over the AWT paper's ten class orders ({paper}; ORDERS=all adds 15-1d), "
+        f"{display(method)};\n"
+        "# each order with its own recipe (scripts/recipes.toml), then one table with mean +- std over the orders.\n"
         f"# Usage: DATA_ROOT=PascalVOC12 NB_GPU=2 bash {rel} [extra run.py flags]\n"
         "# Environment variables: scripts/README.md. Generated by scripts/generate_wrappers.py (edit that instead).\n"
         f'exec bash "$(dirname "${{BASH_SOURCE[0]}}")/../run_orders.sh" {method} "$@"\n'
@@ -81,12 +70,8 @@ def orders_wrapper(method: str) -> str:
 
 
 def all_wrappers() -> dict[str, str]:
-    files = {}
-    for dataset, settings in SETTINGS.items():
-        for setting, task, desc in settings:
-            for method in methods_for(dataset, setting):
-                files[f"{dataset}/{file_prefix(method)}_{setting}.sh"] = wrapper(dataset, setting, task, desc, method)
-    for method in BASE_METHODS:
+    files = {f"{r.dataset}/{file_prefix(r.method)}_{r.setting}.sh": wrapper(r) for r in load_recipes().values()}
+    for method in ORDER_METHODS:
         files[f"voc/{file_prefix(method)}_15-1-orders.sh"] = orders_wrapper(method)
     return files
 
@@ -97,7 +82,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=HERE, help="output folder (default: scripts/)")
     args = parser.parse_args(argv)
     stale = []
-    for rel, text in sorted(all_wrappers().items()):
+    wanted = all_wrappers()
+    for folder in DATASET_TITLE:
+        for name in sorted(os.listdir(os.path.join(args.out, folder))) if os.path.isdir(os.path.join(args.out, folder)) else []:
+            rel = f"{folder}/{name}"
+            if name.endswith(".sh") and rel not in wanted:
+                stale.append(rel)
+                if not args.check:
+                    os.remove(os.path.join(args.out, rel))
+    for rel, text in sorted(wanted.items()):
         path = os.path.join(args.out, rel)
         current = open(path).read() if os.path.isfile(path) else None
         if current == text:

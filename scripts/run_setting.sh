@@ -1,30 +1,31 @@
 #!/usr/bin/env bash
-# Run every step of one class-incremental setting with the published hyper-parameters, then print its table.
+# Run every step of one setting with the recipe of scripts/recipes.toml (the published script it mirrors), then print
+# its table.
 #
-#   bash scripts/run_setting.sh DATASET TASK METHOD_NAME [extra run.py flags...]
+#   bash scripts/run_setting.sh DATASET SETTING METHOD_NAME [extra run.py flags...]
 #
-#   DATASET      voc | ade | cityscapes
-#   TASK         a task of dataset/tasks.py (15-1, 15-1a, 100-50, 50, 14-1, ...)
-#   METHOD_NAME  FT LWF LWF-MC ILT EWC RW PI MiB PLOP, or MiB_AWT / PLOP_AWT (= the method + --att $ATT --mask_att)
+#   DATASET      voc | ade | cityscapes | cityscapes_domain
+#   SETTING      a setting of the recipe table (15-1, 15-1a, 100-50, 50-50, 14-1, 11-1, ...)
+#   METHOD_NAME  FT LWF LWF-MC ILT EWC RW PI MiB MiB_base MiB_AWT PLOP PLOP_AWT (those with a recipe for the setting)
 #
 # One run.py call per step (step 0 included). A step whose final checkpoint
 # {CHECKPOINT_DIR}/{TASK}-{DATASET}_{NAME}_{step}.pth exists is skipped (REDO=1 runs it again), so re-running an
 # interrupted setting continues where it stopped; run.py itself resumes inside an interrupted step.
-# Environment variables (defaults in brackets) are documented in scripts/README.md:
-#   DATA_ROOT [data]  NB_GPU [1]  BATCH_SIZE [24/(NB_GPU*GRAD_ACCUM)]  GRAD_ACCUM [1]  LR0 [0.02]  LR [0.001]
-#   EPOCHS [30; ADE 60]  CROP [512]  BACKBONE [resnet101]  OVERLAP [1] / DISJOINT [0]  ATT [25]  AMP_LEVEL [O1]
-#   NAME [METHOD_NAME, +_disjoint]  CHECKPOINT_DIR [checkpoints/step]  RESULTS_DIR [results]  DATE [see README]
-#   NUM_WORKERS [run.py default]  STEP0_FROM [unset]  REDO [0]  DRY_RUN [0]  EXTRA [""]  PYTHON [python]
-#   LAUNCHER [$PYTHON -m torch.distributed.run --standalone --nproc_per_node=$NB_GPU]
+# Environment variables override the recipe (defaults in brackets; scripts/README.md):
+#   DATA_ROOT [data]  NB_GPU [1]  BATCH_SIZE [recipe batch/(NB_GPU*GRAD_ACCUM)]  GRAD_ACCUM [1]  LR0, LR [recipe]
+#   EPOCHS0, EPOCHS [recipe; EPOCHS alone sets both]  CROP [512]  BACKBONE [resnet101]  OVERLAP [1] / DISJOINT [0]
+#   ATT [recipe's --att]  AMP_LEVEL [O1]  NAME [METHOD_NAME, +_disjoint]  CHECKPOINT_DIR [checkpoints/step]
+#   RESULTS_DIR [results]  DATE [see README]  NUM_WORKERS [run.py default]  STEP0_FROM [unset]  REDO [0]
+#   DRY_RUN [0]  EXTRA [""]  PYTHON [python]  LAUNCHER [$PYTHON -m torch.distributed.run --standalone ...]
 set -euo pipefail
 
 die() { echo "run_setting.sh: error: $*" >&2; exit 2; }
 
 if [[ $# -lt 3 ]]; then
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
-DATASET=$1; TASK=$2; METHOD_NAME=$3; shift 3
+DATASET=$1; SETTING=$2; METHOD_NAME=$3; shift 3
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CALLER_DIR=$(pwd)
@@ -37,29 +38,35 @@ NB_GPU=${NB_GPU:-1}
 GRAD_ACCUM=${GRAD_ACCUM:-1}
 [[ $NB_GPU =~ ^[1-9][0-9]*$ ]] || die "NB_GPU must be a positive integer, got '$NB_GPU'"
 [[ $GRAD_ACCUM =~ ^[1-9][0-9]*$ ]] || die "GRAD_ACCUM must be a positive integer, got '$GRAD_ACCUM'"
-EFFECTIVE_BATCH=24   # published: 2 GPUs x 12
+
+cd "$ROOT"
+# The recipe: experiment/recipes.py reads scripts/recipes.toml (no torch import: fast dry runs).
+RECIPE=$("$PYTHON" -m experiment.recipes shell "$DATASET" "$SETTING" "$METHOD_NAME") || exit 2
+eval "$RECIPE"
+TASK=$RECIPE_TASK
+NSTEPS=$RECIPE_STEPS
+
+EFFECTIVE_BATCH=$RECIPE_BATCH
 if [[ -z ${BATCH_SIZE:-} ]]; then
     (( EFFECTIVE_BATCH % (NB_GPU * GRAD_ACCUM) == 0 )) || \
-        die "24 is not divisible by NB_GPU*GRAD_ACCUM=$((NB_GPU * GRAD_ACCUM)); set BATCH_SIZE (per process) explicitly"
+        die "the recipe's batch $EFFECTIVE_BATCH is not divisible by NB_GPU*GRAD_ACCUM=$((NB_GPU * GRAD_ACCUM)); set BATCH_SIZE (per process) explicitly"
     BATCH_SIZE=$(( EFFECTIVE_BATCH / (NB_GPU * GRAD_ACCUM) ))
 fi
 if (( BATCH_SIZE * NB_GPU * GRAD_ACCUM != EFFECTIVE_BATCH )); then
     echo "run_setting.sh: warning: effective batch $((BATCH_SIZE * NB_GPU * GRAD_ACCUM)) (BATCH_SIZE x NB_GPU x GRAD_ACCUM)" \
-         "differs from the published 24; the published learning rates assume 24" >&2
+         "differs from the recipe's $EFFECTIVE_BATCH; its learning rates assume $EFFECTIVE_BATCH" >&2
 fi
+echo "run_setting.sh: $DATASET $SETTING $METHOD_NAME follows recipe $RECIPE_ID: $RECIPE_SOURCE${RECIPE_NOTE:+ ($RECIPE_NOTE)}" >&2
 
-case $DATASET in
-    voc|cityscapes) DEFAULT_EPOCHS=30 ;;
-    ade) DEFAULT_EPOCHS=60 ;;
-    *) die "unknown dataset '$DATASET' (voc, ade or cityscapes)" ;;
-esac
-EPOCHS=${EPOCHS:-$DEFAULT_EPOCHS}
+EPOCHS0=${EPOCHS0:-${EPOCHS:-$RECIPE_EPOCHS0}}
+EPOCHS=${EPOCHS:-$RECIPE_EPOCHS}
 CROP=${CROP:-512}
 BACKBONE=${BACKBONE:-resnet101}
-LR0=${LR0:-0.02}
-LR=${LR:-0.001}
-ATT=${ATT:-25}
+LR0=${LR0:-$RECIPE_LR0}
+LR=${LR:-$RECIPE_LR}
 AMP_LEVEL=${AMP_LEVEL:-O1}
+METHOD_FLAGS=("${RECIPE_FLAGS[@]}")
+if [[ -n ${ATT:-} ]]; then METHOD_FLAGS+=(--att "$ATT"); fi
 
 OVERLAP=${OVERLAP:-1}
 if [[ ${DISJOINT:-0} == 1 ]]; then OVERLAP=0; fi
@@ -67,33 +74,12 @@ PROTOCOL_FLAGS=()
 SUFFIX=""
 if [[ $OVERLAP == 1 ]]; then PROTOCOL_FLAGS=(--overlap); else SUFFIX="_disjoint"; fi
 
-case $METHOD_NAME in
-    FT|LWF|LWF-MC|ILT|EWC|RW|PI|MiB|PLOP) METHOD_FLAGS=(--method "$METHOD_NAME") ;;
-    MiB_AWT|PLOP_AWT) METHOD_FLAGS=(--method "${METHOD_NAME%_AWT}" --att "$ATT" --mask_att) ;;
-    *) die "unknown METHOD_NAME '$METHOD_NAME' (FT LWF LWF-MC ILT EWC RW PI MiB PLOP MiB_AWT PLOP_AWT)" ;;
-esac
-
 NAME=${NAME:-$METHOD_NAME$SUFFIX}
 CHECKPOINT_DIR=$(abspath "${CHECKPOINT_DIR:-checkpoints/step}")
 RESULTS_DIR=$(abspath "${RESULTS_DIR:-results}")
 DATA_ROOT=$(abspath "${DATA_ROOT:-data}")
 REDO=${REDO:-0}
 DRY_RUN=${DRY_RUN:-0}
-
-cd "$ROOT"
-
-# dataset/tasks.py is loaded on its own (not through the dataset package, which imports torch): fast dry runs.
-NSTEPS=$("$PYTHON" -c 'import importlib.util, sys
-sys.path.insert(0, ".")
-spec = importlib.util.spec_from_file_location("_ciss_tasks", "dataset/tasks.py")
-tasks = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tasks)
-from utils.errors import UserError
-try:
-    print(tasks.canonical_task(sys.argv[1], sys.argv[2]), tasks.num_steps(sys.argv[1], sys.argv[2]))
-except UserError as exc:
-    sys.exit(f"run_setting.sh: error: {exc}")' "$DATASET" "$TASK") || exit 2
-read -r TASK NSTEPS <<<"$NSTEPS"
 
 ckpt_path() { printf '%s/%s-%s_%s_%s.pth' "$CHECKPOINT_DIR" "$TASK" "$DATASET" "$NAME" "$1"; }
 
@@ -128,7 +114,8 @@ if [[ -n ${STEP0_FROM:-} ]]; then
     # Share a finished step 0 between methods whose step 0 is plain cross-entropy (every method but EWC/RW/PI).
     STEP0_FROM=$(abspath "$STEP0_FROM")
     [[ -f $STEP0_FROM || $DRY_RUN == 1 ]] || die "STEP0_FROM=$STEP0_FROM does not exist"
-    case $METHOD_NAME in EWC|RW|PI) die "STEP0_FROM cannot be used with $METHOD_NAME (its step 0 stores regularizer state)" ;; esac
+    case " ${METHOD_FLAGS[*]} " in *" --method EWC "*|*" --method RW "*|*" --method PI "*)
+        die "STEP0_FROM cannot be used with $METHOD_NAME (its step 0 stores regularizer state)" ;; esac
     FIRST=1
 fi
 
@@ -147,15 +134,16 @@ for (( step = FIRST; step < NSTEPS; step++ )); do
         echo "run_setting.sh: step $step has a checkpoint but no row in $CSV: testing it" >&2
         STATE_FLAGS=(--test)
     fi
-    if (( step == 0 )); then lr=$LR0; else lr=$LR; fi
+    if (( step == 0 )); then lr=$LR0; epochs=$EPOCHS0; STEP_FLAGS=(); else lr=$LR; epochs=$EPOCHS; STEP_FLAGS=(${RECIPE_LATER_FLAGS[@]+"${RECIPE_LATER_FLAGS[@]}"}); fi
     PREV_FLAGS=()
     if (( step == 1 )) && [[ -n ${STEP0_FROM:-} ]]; then PREV_FLAGS=(--step_ckpt "$STEP0_FROM"); fi
     run "${LAUNCH[@]}" run.py \
         --data_root "$DATA_ROOT" --dataset "$DATASET" --task "$TASK" --step "$step" --lr "$lr" \
-        --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --grad_accum "$GRAD_ACCUM" --crop_size "$CROP" \
+        --epochs "$epochs" --batch_size "$BATCH_SIZE" --grad_accum "$GRAD_ACCUM" --crop_size "$CROP" \
         --backbone "$BACKBONE" --opt_level "$AMP_LEVEL" \
         ${PROTOCOL_FLAGS[@]+"${PROTOCOL_FLAGS[@]}"} \
         ${METHOD_FLAGS[@]+"${METHOD_FLAGS[@]}"} \
+        ${STEP_FLAGS[@]+"${STEP_FLAGS[@]}"} \
         --name "$NAME" --checkpoint "$CHECKPOINT_DIR" --results_dir "$RESULTS_DIR" --date "$DATE" \
         ${WORKER_FLAGS[@]+"${WORKER_FLAGS[@]}"} \
         ${PREV_FLAGS[@]+"${PREV_FLAGS[@]}"} \

@@ -75,8 +75,8 @@ def test_class_orders_pool_into_mean_and_std(tmp_path, capsys):
     md = _run_md(capsys, str(tmp_path))
     # old 0.5 / 0.6, new 0.1 / 0.2, all 0.42 / (9.6 + 1) / 21 = 0.504762; sample std of two values = |a - b| / sqrt 2
     # avg: order a (0.8 + 0.42) / 2 = 0.61, order b 0.504762 -> 55.7 +- 7.4
-    assert _row(md, "voc", "15-1 (orders)", "MiB+AWT") == [
-        "voc", "15-1 (orders)", "MiB+AWT", "2", "6/6", "55.0 ± 7.1", "15.0 ± 7.1", "46.2 ± 6.0", "55.7 ± 7.4"]
+    assert _row(md, "voc", "15-1, the AWT paper's ten orders", "MiB+AWT") == [
+        "voc", "15-1, the AWT paper's ten orders", "MiB+AWT", "2", "6/6", "55.0 ± 7.1", "15.0 ± 7.1", "46.2 ± 6.0", "55.7 ± 7.4"]
     md = _run_md(capsys, str(tmp_path), "--separate-orders")
     assert _row(md, "voc", "15-1a", "MiB+AWT")[5:] == ["50.0", "10.0", "42.0", "61.0"]
     assert _row(md, "voc", "15-1b", "MiB+AWT")[5:] == ["60.0", "20.0", "50.5", "50.5"]

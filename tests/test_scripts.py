@@ -12,7 +12,8 @@ import pytest
 from conftest import ROOT
 
 RUNNER = os.path.join(ROOT, "scripts", "run_setting.sh")
-WRAPPERS = sorted(glob.glob(os.path.join(ROOT, "scripts", d, "*.sh")) for d in ("voc", "ade", "cityscapes"))
+WRAPPERS = sorted(glob.glob(os.path.join(ROOT, "scripts", d, "*.sh"))
+                  for d in ("voc", "ade", "cityscapes", "cityscapes_domain"))
 WRAPPERS = [w for group in WRAPPERS for w in group]
 SETTING_WRAPPERS = [w for w in WRAPPERS if not w.endswith("-orders.sh")]
 
@@ -77,42 +78,74 @@ def test_wrappers_match_their_generator():
 def test_expected_settings_and_methods_exist():
     names = {os.path.relpath(w, os.path.join(ROOT, "scripts")) for w in WRAPPERS}
     for setting in ["19-1", "15-5", "15-1", "10-1", "5-3"] + [f"15-1{o}" for o in "abcdefghij"]:
-        for method in ["ft", "mib", "mib_awt", "plop", "plop_awt"]:
+        for method in ["mib", "mib_base", "mib_awt", "plop", "plop_awt"]:
             assert f"voc/{method}_{setting}.sh" in names
     for setting in ["19-1", "15-5", "15-1"]:
-        for method in ["lwf", "lwf-mc", "ilt", "ewc", "rw", "pi"]:
+        for method in ["ft", "lwf", "lwf-mc", "ilt", "ewc", "rw", "pi"]:
             assert f"voc/{method}_{setting}.sh" in names
     for setting in ["100-50", "100-10", "100-5", "50-50"]:
         assert f"ade/mib_awt_{setting}.sh" in names and f"ade/plop_{setting}.sh" in names
     for setting in ["14-1", "10-1", "14-5", "18-1"]:
         assert f"cityscapes/mib_awt_{setting}.sh" in names and f"cityscapes/ft_{setting}.sh" in names
+    for setting in ["11-5", "11-1", "1-1"]:
+        assert f"cityscapes_domain/plop_{setting}.sh" in names and f"cityscapes_domain/mib_{setting}.sh" in names
 
 
-def test_every_wrapper_command_parses_with_the_real_parser(tmp_path):
+def test_every_wrapper_runs_its_recipe_row(tmp_path):
+    """Each wrapper's run.py command lines (dry run through run_setting.sh), parsed with the real parser, carry
+    exactly its row of scripts/recipes.toml: lr, epochs, effective batch and flags per step."""
     parse_config = pytest.importorskip("experiment.config").parse_config
     from dataset.tasks import num_steps
+    from experiment.recipes import get
 
     env = _env(tmp_path)
     for path in SETTING_WRAPPERS:
         runs, report, _ = _dry([path], env)
         body = open(path).read().split("run_setting.sh\" ")[1].split()
-        dataset, task, method_name = body[0], body[1], body[2]
-        assert [int(_flag(a, "--step")) for a in runs] == list(range(num_steps(dataset, task))), path
+        dataset, setting, method_name = body[0], body[1], body[2]
+        recipe = get(dataset, setting, method_name)
+        assert [int(_flag(a, "--step")) for a in runs] == list(range(num_steps(dataset, recipe.task))), path
         for args in runs:
             cfg = parse_config(args)
             step = cfg.step[0]
-            assert (cfg.dataset, cfg.task) == (dataset, task)
-            assert cfg.lr == [0.02 if step == 0 else 0.001]
-            assert cfg.epochs == (60 if dataset == "ade" else 30)
-            assert cfg.batch_size * cfg.grad_accum == 24 and cfg.crop_size == 512
+            expected = parse_config(list(recipe.flags_at(step)) + ["--dataset", dataset, "--task", recipe.task])
+            assert (cfg.dataset, cfg.task) == (dataset, recipe.task)
+            assert cfg.lr == [recipe.lr_at(step)] and cfg.epochs == recipe.epochs_at(step), (path, step)
+            assert cfg.batch_size * cfg.grad_accum == recipe.batch and cfg.crop_size == 512
             assert cfg.backbone == "resnet101" and cfg.overlap is True and cfg.opt_level == "O1"
-            assert cfg.method == method_name.replace("_AWT", "") and cfg.name == method_name
-            if method_name.endswith("_AWT"):
-                assert cfg.att == 25 and cfg.mask_att
-                assert cfg.att_per_class == ((dataset, task) in {("ade", "100-10"), ("ade", "100-50"), ("ade", "50")})
-            else:
-                assert cfg.att == 0
-        assert report[-1] == str(tmp_path / "results" / f"d_{dataset}_{task}_{method_name}.csv")
+            assert cfg.name == method_name
+            for flag in recipe.flags_at(step):
+                if flag.startswith("--"):
+                    dest = flag[2:]
+                    assert getattr(cfg, dest) == getattr(expected, dest), (path, step, dest)
+            if step == 0:
+                assert cfg.pod_options == expected.pod_options  # later-step flags stay off step 0
+        assert report[-1] == str(tmp_path / "results" / f"d_{dataset}_{recipe.task}_{method_name}.csv")
+
+
+def test_published_values_of_selected_wrappers(tmp_path):
+    """A few rows written out from the published scripts themselves (not from recipes.toml)."""
+    parse_config = pytest.importorskip("experiment.config").parse_config
+    env = _env(tmp_path)
+
+    def steps(script):
+        return [parse_config(a) for a in _dry([os.path.join(ROOT, "scripts", *script.split("/"))], env)[0]]
+
+    plop_10_1 = steps("voc/plop_10-1.sh")  # PLOP scripts/voc/plop_10-1.sh: lr 0.01 / 0.001, 30 then 10 epochs
+    assert [(c.lr[0], c.epochs) for c in plop_10_1[:2]] == [(0.01, 30), (0.001, 10)] and len(plop_10_1) == 11
+    awt_15_1 = steps("voc/mib_awt_15-1.sh")  # AWT scripts/voc/mib_voc_15-1.sh: lr 0.02, --att 25 --mask_att
+    assert awt_15_1[0].lr == [0.02] and awt_15_1[1].att == 25 and awt_15_1[1].mask_att
+    mib_15_1 = steps("voc/mib_15-1.sh")  # MiB README: lr 0.01; MiB issue #22: loss_kd 100 on 15-1
+    assert mib_15_1[0].lr == [0.01] and mib_15_1[1].loss_kd == 100
+    ewc = steps("voc/ewc_15-5.sh")  # MiB argparser: EWC reg_importance 500
+    assert ewc[1].reg_importance == 500
+    plop_ade = steps("ade/plop_100-50.sh")  # PLOP plop_ade_100-50.sh: FT + pod 0.001, logits factor 1e-5 at step 1
+    assert plop_ade[0].method == "FT" and plop_ade[0].pod_factor == 0.001 and plop_ade[0].pod_options is None
+    assert plop_ade[1].pod_options["switch"]["after"]["factor"] == 0.00001 and plop_ade[0].epochs == 60
+    awt_ade = steps("ade/mib_awt_100-50.sh")  # AWT mib_ade_100-50.sh: step-0 lr 0.01, attribute_class.py
+    assert awt_ade[0].lr == [0.01] and awt_ade[1].att_per_class and awt_ade[1].att_accumulate_classes
+    domain = steps("cityscapes_domain/plop_1-1.sh")  # PLOP plop_cityscapesDomain_1-1.sh: 21 steps, 50 epochs
+    assert len(domain) == 21 and domain[0].epochs == 50 and domain[5].pod_options["switch"]["after"]["factor"] == 0.001
 
 
 def test_environment_overrides(tmp_path):
@@ -136,9 +169,9 @@ def test_environment_overrides(tmp_path):
 
 
 def test_bad_input_fails_with_one_line(tmp_path):
-    for args, extra, needle in [(["voc", "15-9", "MiB"], {}, "unknown task"),
-                                (["voc", "15-1", "MIBX"], {}, "unknown METHOD_NAME"),
-                                (["mnist", "15-1", "MiB"], {}, "unknown dataset"),
+    for args, extra, needle in [(["voc", "15-9", "MiB"], {}, "no recipe for MiB on voc 15-9"),
+                                (["voc", "15-1", "MIBX"], {}, "no recipe for MIBX on voc 15-1"),
+                                (["mnist", "15-1", "MiB"], {}, "no recipe for MiB on mnist"),
                                 (["voc", "15-1", "MiB"], {"NB_GPU": 5}, "not divisible")]:
         proc = subprocess.run(["bash", RUNNER, *args], env=_env(tmp_path, **extra), capture_output=True, text=True)
         assert proc.returncode == 2, args
@@ -206,10 +239,13 @@ def test_step0_can_be_shared(tmp_path):
     assert proc.returncode == 2 and "regularizer state" in proc.stderr
 
 
-def test_orders_wrapper_runs_all_ten_orders(tmp_path):
-    runs, _, _ = _dry([os.path.join(ROOT, "scripts", "voc", "mib_awt_15-1-orders.sh")], _env(tmp_path))
-    assert sorted({_flag(a, "--task") for a in runs}) == [f"15-1{o}" for o in "abcdefghij"]
-    assert len(runs) == 60
+def test_orders_wrapper_runs_the_papers_ten_orders(tmp_path):
+    """Default: the AWT paper's ten (15-1 and 15-1a, b, c, e ... j; not 15-1d); ORDERS=all: the eleven."""
+    runs, _, err = _dry([os.path.join(ROOT, "scripts", "voc", "mib_awt_15-1-orders.sh")], _env(tmp_path))
+    assert sorted({_flag(a, "--task") for a in runs}) == sorted(["15-1"] + [f"15-1{o}" for o in "abcefghij"])
+    assert len(runs) == 60 and "order set 'paper'" in err
+    runs, _, _ = _dry([os.path.join(ROOT, "scripts", "voc", "mib_awt_15-1-orders.sh")], _env(tmp_path, ORDERS="all"))
+    assert len({_flag(a, "--task") for a in runs}) == 11
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""The assembly of a run: command line, configuration, builders, recipes and validation."""

@@ -1,0 +1,202 @@
+"""The reproduction ledger: every published number the framework can run (``docs/ledger.toml``), the command that
+runs it, and ours next to it once a result CSV exists.
+
+    python report.py --ledger results/                        # published, ours and the difference, with flags
+    python -m experiment.ledger --markdown > docs/reproduction.md
+
+A row's result is the newest CSV ``{date}_{dataset}_{task}_{name}.csv`` of its setting, protocol and run name. It is
+flagged when its run record (``.run.json``, written by run.py) shows another lr, epoch count or effective batch than
+the recipe of the row's wrapper, another class order, missing steps, or no record at all.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tomllib
+from dataclasses import dataclass
+from functools import lru_cache
+
+from dataset.tasks import canonical_task, num_steps
+from experiment.recipes import Recipe, load_recipes
+from metrics import report
+from metrics.results import read_run_record
+from utils.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LEDGER_FILE = os.path.join(ROOT, "docs", "ledger.toml")
+METRICS = ("old", "new", "all", "avg")
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    paper: str
+    table: str
+    dataset: str
+    setting: str
+    protocol: str  # overlap | disjoint
+    method: str
+    wrapper: str  # scripts/{wrapper}.sh
+    command: str
+    name: str  # run name: results/{date}_{dataset}_{task}_{name}.csv
+    published: dict  # {"old": 59.1, ...}, only the published metrics
+    src: str
+    ref: str
+    gpus: int
+    note: str
+
+    @property
+    def task(self) -> str:
+        return recipe_of(self).task
+
+    @property
+    def run_name(self) -> str:
+        """The CSV name: ``name``, with run_setting.sh's ``_disjoint`` suffix for the disjoint protocol."""
+        if self.protocol == "disjoint" and not self.name.endswith("_disjoint"):
+            return self.name + "_disjoint"
+        return self.name
+
+
+@lru_cache(maxsize=None)
+def load_ledger(path: str = LEDGER_FILE) -> tuple[Row, ...]:
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle).get("row", [])
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"cannot read the ledger {path} ({exc})") from exc
+    rows = []
+    for r in raw:
+        rows.append(Row(id=r["id"], paper=r["paper"], table=r["table"], dataset=r["dataset"], setting=r["setting"],
+                        protocol=r.get("protocol", "overlap"), method=r["method"], wrapper=r["wrapper"],
+                        command=r["command"], name=r["name"],
+                        published={k: float(r[k]) for k in METRICS if k in r}, src=r["src"], ref=r.get("ref", ""),
+                        gpus=int(r.get("gpus", 2)), note=r.get("note", "")))
+    ids = [r.id for r in rows]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{path}: duplicate row ids {sorted({i for i in ids if ids.count(i) > 1})}")
+    return tuple(rows)
+
+
+def recipe_of(row: Row) -> Recipe:
+    """The recipe of the row's wrapper (``scripts/{dataset}/{method}_{setting}.sh``)."""
+    dataset, _, stem = row.wrapper.partition("/")
+    for (d, setting, method), recipe in load_recipes().items():
+        if d == dataset and f"{method.lower()}_{setting}" == stem:
+            return recipe
+    raise UserError(f"ledger row {row.id}: no wrapper scripts/{row.wrapper}.sh in scripts/recipes.toml")
+
+
+def _newest(runs: list[report.Run]) -> report.Run | None:
+    return max(runs, key=lambda r: (r.date, os.path.getmtime(r.path)), default=None)
+
+
+def find_run(row: Row, runs) -> report.Run | None:
+    """The newest run of the row's dataset, task, protocol and name."""
+    task = canonical_task(row.dataset, row.task)
+    return _newest([r for r in runs if r.dataset == row.dataset and r.task == task and r.protocol == row.protocol
+                    and r.name == row.run_name])
+
+
+def flags(row: Row, run: report.Run) -> list[str]:
+    """Why ``run`` may not be comparable with the published number of ``row``."""
+    recipe, out = recipe_of(row), []
+    total = num_steps(row.dataset, row.task)
+    if run.last_step + 1 < total or len(run.values) < total:
+        out.append(f"steps {len(run.values)}/{total}")
+    records = read_run_record(run.path)
+    if not records:
+        return out + ["no run record: lr, batch and class order unknown"]
+    for step, rec in sorted(records.items()):
+        if rec.get("effective_batch") != recipe.batch:
+            out.append(f"batch {rec.get('effective_batch')}≠{recipe.batch} (step {step})")
+        if rec.get("lr") != recipe.lr_at(step):
+            out.append(f"lr {rec.get('lr'):g}≠{recipe.lr_at(step):g} (step {step})")
+        if rec.get("epochs") != recipe.epochs_at(step):
+            out.append(f"epochs {rec.get('epochs')}≠{recipe.epochs_at(step)} (step {step})")
+        if rec.get("task") and canonical_task(row.dataset, rec["task"]) != recipe.task:
+            out.append(f"class order {rec['task']}≠{recipe.task}")
+    return list(dict.fromkeys(out))  # each difference once, in step order
+
+
+def ours(run: report.Run) -> dict[str, float | None]:
+    scores = report.step_scores(run)
+    scores["avg"] = report.average_over_steps(run)
+    return {k: (None if v is None else 100 * v) for k, v in scores.items()}
+
+
+def _triple(values: dict, keys=("old", "new", "all"), decimals: int | None = 1) -> str:
+    """``old / new / all``; ``decimals`` None: as published (``44.03``, ``5.3``)."""
+    def cell(v):
+        return "—" if v is None else (str(v) if decimals is None else f"{v:.{decimals}f}")
+    return " / ".join(cell(values.get(k)) for k in keys)
+
+
+def _setting(row: Row) -> str:
+    return f"{row.dataset} {row.setting}" + (" disj." if row.protocol == "disjoint" else "")
+
+
+def render_ledger(rows, runs, decimals: int = 1) -> str:
+    """Markdown: published, ours and ours - published (all) per row, with the flags of each result."""
+    lines = ["Published against ours (mIoU %, old / new / all at the last step; Δ = ours - published, all).", "",
+             "| id | setting | method | published | ours | Δ all | flags |", "|---|---|---|---|---|---:|---|"]
+    found = 0
+    for row in rows:
+        run = find_run(row, runs)
+        if run is None:
+            lines.append(f"| {row.id} | {_setting(row)} | {row.method} | {_triple(row.published, decimals=None)} | — | "
+                         "| not run |")
+            continue
+        found += 1
+        mine = ours(run)
+        delta = ("" if mine["all"] is None or "all" not in row.published
+                 else f"{mine['all'] - row.published['all']:+.{decimals}f}")
+        lines.append(f"| {row.id} | {_setting(row)} | {row.method} | {_triple(row.published, decimals=None)} | "
+                     f"{_triple(mine, decimals=decimals)} | {delta} | {'; '.join(flags(row, run)) or 'ok'} |")
+    lines += ["", f"{found} of {len(rows)} rows have a result; commands: docs/reproduction.md."]
+    return "\n".join(lines) + "\n"
+
+
+def reproduction_markdown() -> str:
+    """docs/reproduction.md: one row per published number with its source, command, batch and GPUs."""
+    rows = load_ledger()
+    out = ["# Reproduction ledger", "",
+           "Every published number the framework can run, the command that runs it and the training recipe behind it.",
+           "Generated from `docs/ledger.toml` by `python -m experiment.ledger --markdown` (a test keeps the two equal);",
+           "`python report.py --ledger results/` prints the same rows with our results and flags whatever differs from",
+           "the published recipe (effective batch, lr, epochs, class order, missing steps).", "",
+           "Numbers: mIoU (%) old / new / all at the last step, overlapped protocol unless marked `disj.`; `avg` is",
+           "PLOP's mean of all over the steps. Sources: V primary, S secondary, D derived (`ref`: section of the",
+           "project notes' `published-results.md`). Batch: effective batch x GPUs of the published runs; the recipe",
+           "column names the published script the wrapper mirrors (`scripts/recipes.toml`).", "",
+           "**Ours: nothing is reproduced yet** (no GPU and no real dataset were available when this was written).", "",
+           "| id | paper, table | setting | method | published | avg | src | command | batch x GPUs | recipe | ours |",
+           "|---|---|---|---|---|---:|---|---|---|---|---|"]
+    for row in rows:
+        recipe = recipe_of(row)
+        avg = str(row.published["avg"]) if "avg" in row.published else ""
+        origin = recipe.id + ("" if recipe.published else " (no published script)")
+        note = f" ({row.note})" if row.note else ""
+        out.append(f"| {row.id} | {row.paper}, {row.table}{note} | {_setting(row)} | {row.method} | "
+                   f"{_triple(row.published, decimals=None)} | {avg} | {row.src} | `{row.command}` | "
+                   f"{recipe.batch} / {row.gpus} | {origin} | — |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", help="print docs/reproduction.md")
+    args = parser.parse_args(argv)
+    try:
+        if args.markdown:
+            sys.stdout.write(reproduction_markdown())
+            return 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
