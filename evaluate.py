@@ -13,6 +13,7 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
 import sys
 
@@ -24,6 +25,7 @@ from dataset.tasks import order
 from experiment.argparser import get_argparser
 from experiment.builders import build_model, build_step_datasets, ckpt_path, load_weights, resolve_precision, select_device
 from experiment.config import parse_config, replace
+from experiment.validate import check_writable
 from methods import build_method
 from metrics.stream_metrics import old_new_all
 from train import evaluate
@@ -64,13 +66,24 @@ def format_report(res: dict, split: dict, class_names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def strict_json(value):
+    """NaN and inf (a mean over no class, e.g. "new" at step 0) become null: metrics.json stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def evaluate_checkpoint(cfg) -> dict:
     """Load the step's checkpoint, evaluate it on the chosen split, optionally write pictures."""
     step = cfg.step[0]
     device = select_device(cfg)
     method = build_method(cfg)
     model = build_model(cfg, step, pretrained=False, method=method).to(device)
-    load_weights(model, cfg.ckpt or ckpt_path(cfg, step), strict=cfg.strict_weights, what="step checkpoint")
+    load_weights(model, cfg.ckpt or ckpt_path(cfg, step), strict=cfg.strict_weights, what="step checkpoint", cfg=cfg)
     data_cfg = replace(cfg, val_on_trainset=cfg.split == "train")
     test_ds = method.wrap_dataset("test", build_step_datasets(data_cfg, step)[2], step)
     loader = build_loader(test_ds, batch_size=cfg.batch_size if cfg.crop_val else 1, train=False,
@@ -92,7 +105,8 @@ def evaluate_checkpoint(cfg) -> dict:
         metrics = {"step": step, "split": cfg.split, "full_resolution": not cfg.crop_val, **split,
                    "mIoU": res["Mean IoU"], "overall_acc": res["Overall Acc"],
                    "class_iou": {names[i]: v for i, v in res["Class IoU"].items()}}
-        atomic_write_text(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(metrics, indent=2))
+        atomic_write_text(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(strict_json(metrics), indent=2,
+                                                                                 allow_nan=False))
     return {**res, **split}
 
 
@@ -103,6 +117,8 @@ def main(argv=None) -> int:
         setup_logging(cfg.debug)
         if len(cfg.step) != 1:
             raise UserError("evaluate.py takes one --step")
+        if cfg.out_dir:
+            check_writable(cfg.out_dir, "--out_dir")
         with torch.no_grad():
             evaluate_checkpoint(cfg)
         return 0

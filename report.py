@@ -12,16 +12,31 @@ difference from the reference's average_csv.py: metrics/report.py and the README
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from experiment import ledger
 from metrics import report
 from utils.errors import UserError
+from utils.flags import ArgumentParser, nonnegative_int
 from utils.io import atomic_write_text
 
 
+def decimals(text: str) -> int:
+    value = nonnegative_int(text)
+    if value > 6:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most 6 decimals")
+    return value
+
+
+def plot_path(text: str) -> str:
+    if os.path.splitext(text)[1].lower() not in (".png", ".pdf", ".svg"):
+        raise argparse.ArgumentTypeError(f"{text!r} must end in .png, .pdf or .svg (the plot's format)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Exit status 2 on bad input.")
+    p = ArgumentParser(description=__doc__.splitlines()[0], epilog="Exit status 2 on bad input.")
     p.add_argument("inputs", nargs="*", help="result CSV files or folders (searched recursively for *.csv)")
     p.add_argument("--ledger", action="store_true",
                    help="the reproduction ledger (docs/reproduction.md): every published number we can run, ours next "
@@ -42,12 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orders", default="paper", choices=["paper", "all"],
                    help="VOC 15-1 class orders pooled into mean +- std: paper = the AWT paper's ten (15-1 and 15-1a, "
                         "b, c, e ... j; default), all = the eleven (15-1d too)")
-    p.add_argument("--plot", metavar="PNG", default=None, help="write per-step curves (all / old / new) to this PNG")
+    p.add_argument("--plot", metavar="PNG", type=plot_path, default=None,
+                   help="write per-step curves (all / old / new) to this file (.png, .pdf or .svg)")
     p.add_argument("--output", "-o", metavar="MD", default=None, help="also write the Markdown to this file")
     p.add_argument("--columns", default="auto", choices=["auto", "remapped", "original"],
                    help="class order of the CSV columns: model (remapped) order as the reference wrote it, or "
                         "original class ids; auto decides from the x cells (default)")
-    p.add_argument("--decimals", type=int, default=1, help="decimals of the percentages (default 1)")
+    p.add_argument("--decimals", type=decimals, default=1, help="decimals of the percentages, 0 to 6 (default 1)")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return p
 

@@ -4,6 +4,8 @@ Runs on the CPU or one GPU without a launcher, and under ``torchrun --nproc_per_
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
@@ -16,23 +18,26 @@ import torch
 
 from dataset.readers import READERS
 from dataset.tasks import order
-from experiment.builders import (build_model, build_step_datasets, ckpt_path, classes_for_step, load_previous_step,
-                                 load_weights, resolve_precision, select_device)
+from experiment.builders import (build_model, build_step_datasets, check_compatible, ckpt_path, classes_for_step,
+                                 load_previous_step, load_weights, resolve_precision, select_device)
 from experiment.config import check_resume_config, dump, parse_config, step_lrs
 from experiment.recipes import Recipe, match
-from experiment.validate import validate_run
+from experiment.validate import check_writable, validate_run
 from methods import MethodStack, StepContext, build_method
 from metrics.report import read_run, step_scores
-from metrics.results import csv_row, format_summary, results_csv_path, summary_path, update_run_record, upsert_row
+from metrics.results import (csv_row, format_summary, read_rows, results_csv_path, summary_path, update_run_record,
+                             upsert_row)
 from metrics.stream_metrics import old_new_all
 import train
 from train import EpochSetup
-from utils.checkpoint import model_state, partial_ckpt_path, safe_load, save_checkpoint
+from utils.checkpoint import (check_resumable, model_state, nonfinite_entry, nonfinite_in_model, partial_ckpt_path,
+                              safe_load, save_checkpoint)
 from utils.data import build_loader
 from utils.dist import (barrier, cleanup, get_rank, get_world_size, init_distributed, is_distributed,
                         is_main_process, peer_failure_message)
 from utils.errors import UserError, one_line
 from utils.io import atomic_write_text
+from utils.lock import RunLock
 from utils import logger
 from utils.optim import build_optimizer, build_scheduler
 from utils.visualize import SampleCollector, index_to_class_lut
@@ -131,7 +136,8 @@ def build_setup(cfg, step: int, lr: float, model, model_old, train_loader, train
     return setup, ctx
 
 
-def checkpoint_content(cfg, model, setup, epoch: int, best_score: float, method: MethodStack) -> dict:
+def checkpoint_content(cfg, model, setup, epoch: int, best_score: float, method: MethodStack,
+                       step_lr: float | None = None) -> dict:
     """The reference keys plus what an exact resume needs."""
     trainer_state = {"regularizer": None, **setup.criterion.state_dict()}
     if methods_state := method.state_dict():
@@ -139,21 +145,60 @@ def checkpoint_content(cfg, model, setup, epoch: int, best_score: float, method:
     return {"epoch": epoch, "model_state": model.state_dict(), "optimizer_state": setup.optimizer.state_dict(),
             "scheduler_state": setup.scheduler.state_dict(), "scaler_state": setup.scaler.state_dict(),
             "best_score": best_score, "trainer_state": trainer_state,
-            "rng_state": {"torch": torch.get_rng_state()}, "config": dump(cfg), "version": VERSION}
+            "rng_state": {"torch": torch.get_rng_state()}, "config": dump(cfg), "version": VERSION,
+            **({"step_lr": step_lr} if step_lr is not None else {})}
 
 
-def resume_if_possible(cfg, model, setup, final_path: str, method: MethodStack | None = None) -> int:
-    """Restore an interrupted step (``.partial.pth`` or ``--ckpt``); returns the epoch to start from."""
+def saved_step_lr(ckpt: dict, cfg) -> float | None:
+    """The lr the checkpoint's step was trained with (``step_lr``; older files: from their stored configuration)."""
+    if "step_lr" in ckpt:
+        return float(ckpt["step_lr"])
+    try:
+        saved = json.loads(ckpt["config"])
+        lrs = saved["lr"] * len(saved["step"]) if len(saved["lr"]) == 1 else saved["lr"]
+        return float(dict(zip(saved["step"], lrs))[cfg.step[0] if cfg.ckpt else ckpt.get("step", cfg.step[0])])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def apply_new_lr(setup, old: float | None, new: float, path: str) -> None:
+    """Continue an interrupted step with a changed --lr: the schedule restarts from the new base lr at the epoch
+    reached (momentum and the other optimiser state are kept)."""
+    if old is None or old == new:
+        return
+    ratio = new / old
+    for group in setup.optimizer.param_groups:
+        group["lr"] *= ratio
+        group["initial_lr"] = group.get("initial_lr", group["lr"]) * ratio
+    setup.scheduler.base_lrs = [base * ratio for base in setup.scheduler.base_lrs]
+    log.warning("--lr %g differs from the %g the in-step checkpoint %s was trained with: the step continues with the "
+                "new lr (schedule rescaled, now %g); the checkpoint and the run record store %g", new, old, path,
+                setup.optimizer.param_groups[0]["lr"], new)
+
+
+def resume_if_possible(cfg, model, setup, final_path: str, method: MethodStack | None = None,
+                       lr: float | None = None) -> int:
+    """Restore an interrupted step (``.partial.pth`` or ``--ckpt``); returns the epoch to start from. A changed
+    ``lr`` is applied from there (``apply_new_lr``); any other changed training flag is refused."""
     path = cfg.ckpt or partial_ckpt_path(final_path)
     if not os.path.isfile(path) or (cfg.no_auto_resume and not cfg.ckpt):
         if cfg.ckpt:  # --resume without an in-step checkpoint is refused up front (experiment/validate.py)
             raise UserError(f"nothing to resume: --ckpt {path} does not exist")
         return 0
-    ckpt = safe_load(path, "resume checkpoint")
+    restart = "pass --no_auto_resume to start the step over" if not cfg.ckpt else "give another --ckpt"
+    ckpt = safe_load(path, "resume checkpoint", hint=f"; {restart}")
+    check_resumable(ckpt, path, restart)
     check_resume_config(ckpt, cfg, path)
-    model.load_state_dict(model_state(ckpt, path), strict=cfg.strict_weights)
+    state = model_state(ckpt, path)
+    check_compatible(ckpt, state, model, cfg, path, "resume checkpoint")
+    bad = nonfinite_entry(state)
+    if bad is not None:
+        raise UserError(f"resume checkpoint {path} holds NaN or inf ({bad}): it cannot be continued; {restart}")
+    model.load_state_dict(state, strict=cfg.strict_weights)
     setup.optimizer.load_state_dict(ckpt["optimizer_state"])
     setup.scheduler.load_state_dict(ckpt["scheduler_state"])
+    if lr is not None:
+        apply_new_lr(setup, saved_step_lr(ckpt, cfg), lr, path)
     if ckpt.get("scaler_state"):
         setup.scaler.load_state_dict(ckpt["scaler_state"])
     trainer_state = ckpt.get("trainer_state") or {}
@@ -167,7 +212,7 @@ def resume_if_possible(cfg, model, setup, final_path: str, method: MethodStack |
 
 
 def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, board, start_epoch: int,
-        final_path: str, method: MethodStack) -> float:
+        final_path: str, method: MethodStack, lr: float | None = None) -> float:
     """The epoch loop: train, validate every ``--val_interval``, checkpoint every ``--ckpt_interval``."""
     train_loader, val_loader, _ = loaders
     score = 0.0
@@ -197,7 +242,7 @@ def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, b
                 board.image(f"Sample_{k}/{step}", picture.transpose(2, 0, 1), epoch)
         if (epoch + 1) % cfg.ckpt_interval == 0 and epoch + 1 < cfg.epochs and is_main_process():
             save_checkpoint(partial_ckpt_path(final_path),
-                            **checkpoint_content(cfg, model, setup, epoch + 1, score, method))
+                            **checkpoint_content(cfg, model, setup, epoch + 1, score, method, lr))
     return score
 
 
@@ -225,6 +270,7 @@ def run_record(cfg, step: int, lr: float, recipe: Recipe | None) -> dict:
 def test_step(cfg, step: int, model, test_loader, precision, device, board, method: MethodStack,
               record: dict | None = None) -> dict:
     """Evaluate on the cumulative test set; write the CSV row and the old/new/all summary (rank 0)."""
+    check_finite_model(model, f"the model of step {step}", "no result is computed from it; retrain the step")
     cm = train.evaluate(model, test_loader, n_classes=sum(model.classes), device=device, precision=precision,
                         show_progress=not cfg.no_progress, predict=method.predict)
     res = cm.results()
@@ -253,45 +299,63 @@ def test_step(cfg, step: int, model, test_loader, precision, device, board, meth
 def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: torch.device,
              recipe: Recipe | None = None) -> dict:
     """One incremental step: data, models, training (or resume), final checkpoint, test, results. ``recipe``: the
-    published recipe the run follows (its lr and batch are compared with this run's)."""
+    published recipe the run follows (its lr and batch are compared with this run's). A step trained and tested by
+    an earlier call is skipped; one trained but not tested (killed in between) is only tested."""
+    final_path = ckpt_path(cfg, step)
+    results = results_csv_path(cfg.results_dir, cfg.date, cfg.dataset, cfg.task, cfg.name)
+    finished = not cfg.test and not cfg.overwrite and os.path.isfile(final_path)
+    if finished and step in read_rows(results):
+        log.info("step %d is already trained and tested (%s, row in %s): skipped; --overwrite retrains it, --test "
+                 "evaluates it again", step, final_path, results)
+        return {}
     seed_everything(cfg.random_seed)
     method = build_method(cfg)
     precision = resolve_precision(cfg, device)
     configure_backends(cfg, device)
-    final_path = ckpt_path(cfg, step)
     log.info("step %d: lr %g, %s", step, lr, describe_batch(cfg))
     compare_with_recipe(cfg, step, lr, recipe)
     loaders, train_dataset = build_loaders(cfg, step, device, method)
     board = logger.Board(os.path.join(cfg.logdir, f"{cfg.task}-{cfg.dataset}", cfg.name) if cfg.visualize
                          else None)
-    if cfg.test:
-        model = build_model(cfg, step, pretrained=False, method=method).to(device)
-        load_weights(model, cfg.ckpt or final_path, strict=cfg.strict_weights, what="step checkpoint")
-        return test_step(cfg, step, model, loaders[2], precision, device, board, method)
     record = run_record(cfg, step, lr, recipe)
+    if cfg.test or finished:
+        if finished:
+            log.info("step %d is trained (%s) but has no row in %s: testing it", step, final_path, results)
+        model = build_model(cfg, step, pretrained=False, method=method).to(device)
+        load_weights(model, cfg.ckpt or final_path, strict=cfg.strict_weights, what="step checkpoint", cfg=cfg)
+        return test_step(cfg, step, model, loaders[2], precision, device, board, method,
+                         record if finished else None)
     ctx = StepContext(step=step, classes=classes_for_step(cfg, step), model=None, device=device,
                       train_loader=loaders[0], world_size=get_world_size(), autocast=precision.autocast,
                       train_dataset=train_dataset, method=method)
     model, model_old, trainer_state = prepare_models(cfg, step, device, first_step_of_call, method=method, ctx=ctx)
     setup, ctx = build_setup(cfg, step, lr, model, model_old, loaders[0], trainer_state, precision, device,
                              method=method, ctx=ctx)
-    start_epoch = resume_if_possible(cfg, model, setup, final_path, method)
+    start_epoch = resume_if_possible(cfg, model, setup, final_path, method, lr)
     method.before_step(ctx)
     setup.criterion.before_step(ctx)
     train_model = wrap_for_training(cfg, model, device)
     if cfg.channels_last and model_old is not None:  # same layout as the images it sees
         model_old.to(memory_format=torch.channels_last)
     score = fit(cfg, step, model, train_model, model_old, loaders, setup, device, board, start_epoch, final_path,
-                method)
+                method, lr)
     method.after_step(ctx)
+    check_finite_model(model, f"the model of step {step} after training", train.RERUN_HINT)
     if is_main_process():
-        save_checkpoint(final_path, **checkpoint_content(cfg, model, setup, cfg.epochs, score, method))
+        save_checkpoint(final_path, **checkpoint_content(cfg, model, setup, cfg.epochs, score, method, lr))
         if os.path.exists(partial_ckpt_path(final_path)):
             os.remove(partial_ckpt_path(final_path))
     barrier()
     result = test_step(cfg, step, model, loaders[2], precision, device, board, method, record)
     board.close()
     return result
+
+
+def check_finite_model(model, what: str, hint: str) -> None:
+    """Stop before a checkpoint or a number is written from weights holding NaN or inf."""
+    bad = nonfinite_in_model(model)
+    if bad is not None:
+        raise UserError(f"{what} holds NaN or inf ({bad}); nothing was written: {hint}")
 
 
 def effective_batch(cfg) -> int:
@@ -326,18 +390,29 @@ def compare_with_recipe(cfg, step: int, lr: float, recipe: Recipe | None) -> Non
                         " (--grad_accum keeps the batch on fewer GPUs)" if what == "effective batch" else "")
 
 
+def experiment_lock(cfg):
+    """The experiment's lock (checkpoint folder, --name) for the whole call, taken by the first process only (the
+    others of a torchrun job share it)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    check_writable(cfg.checkpoint, "--checkpoint")
+    return RunLock(cfg.checkpoint, f"{cfg.task}-{cfg.dataset}_{cfg.name}",
+                   label=f"--name {cfg.name} (task {cfg.task}, {cfg.dataset})")
+
+
 def main(argv=None) -> int:
     cfg = None
     try:
         cfg = parse_config(argv)
         logger.setup_logging(cfg.debug)
-        validate_run(cfg)
-        device = select_device(cfg)
-        init_distributed(device.type)
-        logger.setup_logging(cfg.debug)  # again: the rank (log prefix, rank-0-only INFO) is known only now
-        recipe = find_recipe(cfg)
-        for i, (step, lr) in enumerate(step_lrs(cfg)):
-            run_step(cfg, step, lr, first_step_of_call=(i == 0), device=device, recipe=recipe)
+        with experiment_lock(cfg):
+            validate_run(cfg)
+            device = select_device(cfg)
+            init_distributed(device.type)
+            logger.setup_logging(cfg.debug)  # again: the rank (log prefix, rank-0-only INFO) is known only now
+            recipe = find_recipe(cfg)
+            for i, (step, lr) in enumerate(step_lrs(cfg)):
+                run_step(cfg, step, lr, first_step_of_call=(i == 0), device=device, recipe=recipe)
         return 0
     except UserError as exc:
         if cfg is not None and cfg.debug:

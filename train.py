@@ -15,6 +15,7 @@ import torch
 from dataset.transform import images_to_device, labels_to_device
 from methods.base import Batch, LossTerm, TrainInputs
 from metrics.stream_metrics import ConfusionMatrix
+from utils.checkpoint import finite_flags
 from utils.dist import all_reduce_sum
 from utils.errors import UserError
 from utils.logger import progress
@@ -107,15 +108,30 @@ def _uses_after_backward(criterion) -> bool:
     return any(type(t).after_backward is not LossTerm.after_backward for t in terms)
 
 
-def _check_finite(sums: dict[str, torch.Tensor], window: list, step: int, epoch: int, n_iter: int) -> None:
-    """``window``: (iteration, loss terms) since the last check; reports the first non-finite iteration in it."""
+RERUN_HINT = ("the last good checkpoint is kept; rerun with a lower --lr (the step continues from its last in-step "
+              "checkpoint with the new lr) or add --no_auto_resume to start the step over; also check the data or try "
+              "--amp off")
+
+
+def _check_finite(sums: dict[str, torch.Tensor], window: list, step: int, epoch: int, n_iter: int,
+                  model: torch.nn.Module | None = None) -> None:
+    """``window``: (iteration, loss terms) since the last check; reports the first non-finite iteration in it. Then
+    the weights: an update from a finite loss can still make them NaN/inf (found here, before any checkpoint)."""
     values = {k: float(v) for k, v in sums.items()}
-    if all(math.isfinite(v) for v in values.values()):
+    if not all(math.isfinite(v) for v in values.values()):
+        it, last = next(((i, t) for i, t in window if not all(math.isfinite(float(v)) for v in t.values())),
+                        window[-1])
+        terms = ", ".join(f"{k}={float(v):.6g}" for k, v in last.items())
+        raise NonFiniteLoss(f"non-finite loss at step {step}, epoch {epoch}, iteration {it + 1}/{n_iter}: {terms}; "
+                            + RERUN_HINT)
+    if model is None:
         return
-    it, last = next(((i, t) for i, t in window if not all(math.isfinite(float(v)) for v in t.values())), window[-1])
-    terms = ", ".join(f"{k}={float(v):.6g}" for k, v in last.items())
-    raise NonFiniteLoss(f"non-finite loss at step {step}, epoch {epoch}, iteration {it + 1}/{n_iter}: {terms}; the "
-                        "last good checkpoint is kept; lower --lr, check the data, or use --amp off")
+    keys, flags = finite_flags(model.state_dict())
+    if not bool(flags.all()):  # the one host sync of the weight check, at log lines only
+        bad = keys[int((~flags).nonzero()[0])]
+        last_it = window[-1][0] + 1 if window else n_iter
+        raise NonFiniteLoss(f"non-finite weights at step {step}, epoch {epoch}, by iteration {last_it}/{n_iter} ({bad} "
+                            "holds NaN or inf after an update from a finite loss); " + RERUN_HINT)
 
 
 def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, epoch: int, board=None,
@@ -156,7 +172,7 @@ def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, e
         for k, v in last.items():
             sums[k] = sums.get(k, torch.zeros((), device=device)) + v.float()
         if (it + 1) % setup.log_interval == 0 or it + 1 == n_iter:
-            _check_finite(sums, window, step, epoch, n_iter)
+            _check_finite(sums, window, step, epoch, n_iter, unwrap(model))
             window = []
             _log_iteration(board, last, lr, step, epoch, it, n_iter)
     return _epoch_means(sums, n_iter, device)

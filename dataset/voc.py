@@ -39,14 +39,19 @@ class VOCReader(Reader):
             raise UserError(f"VOC split file {listing!r} does not exist; point --data_root to the PascalVOC12 "
                             f"folder (with splits/) or {self.hint(root)}")
         samples = []
-        with open(listing, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                fields = line.split()
-                if not fields:
-                    continue
-                if len(fields) != 2:
-                    raise UserError(f"{listing!r} line {number}: expected 'image_path label_path', got "
-                                    f"{line.strip()!r}; fix the listing")
-                samples.append(tuple(os.path.join(root, f.lstrip("/")) for f in fields))
+        try:
+            with open(listing, encoding="utf-8") as handle:
+                lines = handle.readlines()
+        except UnicodeDecodeError as exc:
+            raise UserError(f"VOC split file {listing!r} is not UTF-8 text (byte {exc.start}): it must list "
+                            "'image_path label_path' per line; restore or regenerate it") from None
+        for number, line in enumerate(lines, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2:
+                raise UserError(f"{listing!r} line {number}: expected 'image_path label_path', got "
+                                f"{line.strip()!r}; fix the listing")
+            samples.append(tuple(os.path.join(root, f.lstrip("/")) for f in fields))
         self.root = root
         return samples

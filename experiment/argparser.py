@@ -9,7 +9,8 @@ import argparse
 
 from methods import add_extension_args, add_method_args
 from models import BACKBONES
-from utils.flags import IGNORED, ArgumentParser
+from utils.flags import (IGNORED, ArgumentParser, momentum_value, nonnegative_float, nonnegative_int, plain_name,
+                         positive_float, positive_int)
 
 __all__ = ["ArgumentParser", "IGNORED", "get_argparser"]
 
@@ -18,8 +19,8 @@ def _add_performance(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("performance and distributed")
     g.add_argument("--local_rank", "--local-rank", type=int, default=0,
                    help="accepted for torch.distributed.launch compatibility; the rank comes from torchrun's LOCAL_RANK")
-    g.add_argument("--random_seed", type=int, default=42, help="seed for torch, numpy, random and data-loader workers")
-    g.add_argument("--num_workers", type=int, default=2, help="data-loader worker processes per GPU (reference: 16)")
+    g.add_argument("--random_seed", type=nonnegative_int, default=42, help="seed for torch, numpy, random and data-loader workers")
+    g.add_argument("--num_workers", type=nonnegative_int, default=2, help="data-loader worker processes per GPU (reference: 16)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (auto: cuda if available)")
     g.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
                    help="mixed precision via torch.amp (default: from --opt_level; off on CPU unless given)")
@@ -47,21 +48,21 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--strict_weights", action="store_false", default=True,
                    help="pass to load the previous step / --ckpt non-strictly")
     g.add_argument("--base_weights", action="store_true", help="build only the step-0 classifier")
-    g.add_argument("--epochs", type=int, default=30, help="epochs per step")
+    g.add_argument("--epochs", type=positive_int, default=30, help="epochs per step")
     g.add_argument("--fix_bn", action="store_true", help="freeze batch-norm statistics and affine parameters")
-    g.add_argument("--batch_size", type=int, default=4, help="batch size per process")
-    g.add_argument("--grad_accum", type=int, default=1,
+    g.add_argument("--batch_size", type=positive_int, default=4, help="batch size per process")
+    g.add_argument("--grad_accum", type=positive_int, default=1,
                    help="gradient accumulation: effective batch = batch_size x processes x grad_accum")
-    g.add_argument("--crop_size", type=int, default=512, help="training crop (and evaluation crop with --crop_val)")
+    g.add_argument("--crop_size", type=positive_int, default=512, help="training crop (and evaluation crop with --crop_val)")
     g.add_argument("--buffer_size", type=int, default=0, help=IGNORED + "(no exemplar memory in AWT)")
-    g.add_argument("--lr", type=float, nargs="+", default=[0.007], help="learning rate, one per --step or one for all")
-    g.add_argument("--lr_old", type=float, default=None, help="old classifiers get lr_old x lr")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
-    g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay")
+    g.add_argument("--lr", type=positive_float, nargs="+", default=[0.007], help="learning rate, one per --step or one for all")
+    g.add_argument("--lr_old", type=positive_float, default=None, help="old classifiers get lr_old x lr")
+    g.add_argument("--momentum", type=momentum_value, default=0.9, help="SGD momentum (Nesterov)")
+    g.add_argument("--weight_decay", type=nonnegative_float, default=1e-4, help="weight decay")
     g.add_argument("--lr_policy", default="poly", choices=["poly", "step"], help="poly (per iteration) or step")
-    g.add_argument("--lr_decay_step", type=int, default=5000, help="StepLR step (iterations)")
-    g.add_argument("--lr_decay_factor", type=float, default=0.1, help="StepLR factor")
-    g.add_argument("--lr_power", type=float, default=0.9, help="poly power")
+    g.add_argument("--lr_decay_step", type=positive_int, default=5000, help="StepLR step (iterations)")
+    g.add_argument("--lr_decay_factor", type=positive_float, default=0.1, help="StepLR factor")
+    g.add_argument("--lr_power", type=positive_float, default=0.9, help="poly power")
     g.add_argument("--freeze", action="store_true", help="freeze the backbone; train head and classifiers")
     g.add_argument("--freeze_old", action="store_true", help="freeze old classifiers")
     g.add_argument("--freeze_old_and_FE", action="store_true", help="freeze backbone and old classifiers")
@@ -80,13 +81,13 @@ def _add_validation(parser: argparse.ArgumentParser) -> None:
 def _add_logging(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging")
     g.add_argument("--logdir", default="./logs", help="TensorBoard folder: {logdir}/{task}-{dataset}/{name}/")
-    g.add_argument("--name", default="Experiment", help="experiment name (checkpoint, CSV and log names)")
-    g.add_argument("--sample_num", type=int, default=0, help="validation samples logged as images")
+    g.add_argument("--name", type=plain_name, default="Experiment", help="experiment name (checkpoint, CSV and log names)")
+    g.add_argument("--sample_num", type=nonnegative_int, default=0, help="validation samples logged as images")
     g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     g.add_argument("--visualize", action="store_false", default=True, help="pass to disable TensorBoard")
-    g.add_argument("--print_interval", type=int, default=10, help="iterations between log lines")
-    g.add_argument("--val_interval", type=int, default=1, help="epochs between validations")
-    g.add_argument("--ckpt_interval", type=int, default=1, help="epochs between resumable checkpoints inside a step")
+    g.add_argument("--print_interval", type=positive_int, default=10, help="iterations between log lines")
+    g.add_argument("--val_interval", type=positive_int, default=1, help="epochs between validations")
+    g.add_argument("--ckpt_interval", type=positive_int, default=1, help="epochs between resumable checkpoints inside a step")
     g.add_argument("--results_dir", default="results", help="folder of the results CSVs")
     g.add_argument("--date", default="", help="CSV name prefix (default: today's date)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -103,7 +104,7 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                    help="normalisation + activation of the resnet* backbones and the deeplabv3 head (tv_resnet* "
                         "backbones always use BatchNorm + ReLU)")
     g.add_argument("--fusion-mode", dest="fusion_mode", default="mean", help=IGNORED)
-    g.add_argument("--pooling", type=int, default=32, help="ASPP image-pooling window in evaluation")
+    g.add_argument("--pooling", type=positive_int, default=32, help="ASPP image-pooling window in evaluation")
     g.add_argument("--code_directory", default=".", help="root of pretrained/")
     g.add_argument("--disable_background", action="store_true",
                    help="(not implemented: rejected) zero the background logit in evaluation (PLOP's "
@@ -125,7 +126,7 @@ def _add_checkpoint(parser: argparse.ArgumentParser) -> None:
 def _add_protocol(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("incremental protocol")
     g.add_argument("--task", default="19-1", help="class split, e.g. 15-1, 100-50, 14-1")
-    g.add_argument("--step", type=int, nargs="+", default=[0], help="step(s) to run, in order")
+    g.add_argument("--step", type=nonnegative_int, nargs="+", default=[0], help="step(s) to run, in order")
     g.add_argument("--no_mask", action="store_true", help="keep old-class labels (unsupported: rejected)")
     g.add_argument("--data_masking", default="current", choices=["current", "current+old", "all", "new"],
                    help="training label masking")

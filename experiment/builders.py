@@ -1,6 +1,7 @@
 """Builders shared by run.py, attribute.py, attribute_class.py and evaluate.py: config in, objects out."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -12,7 +13,7 @@ from models import BACKBONES
 from modules.heads import final_layer
 from segmentation_module import IncrementalSegmentationModule, ModelSpec, build_model_from_spec
 from train import Precision
-from utils.checkpoint import check_class_layout, model_state, safe_load, step_ckpt_path
+from utils.checkpoint import check_class_layout, model_state, nonfinite_entry, safe_load, step_ckpt_path
 from utils.errors import UserError
 
 __all__ = ["classes_for_step", "model_spec", "pretrained_path", "build_model", "ckpt_path", "previous_ckpt_path",
@@ -64,15 +65,73 @@ def previous_ckpt_path(cfg, step: int, *, first_step_of_call: bool) -> str:
     return ckpt_path(cfg, step - 1)
 
 
-def load_weights(model, path: str, *, strict: bool = True, what: str = "checkpoint") -> dict:
-    """Load a step checkpoint's weights into ``model``; returns the whole checkpoint dict."""
+# Flags that change the model's layout; a checkpoint that records other values does not fit (named before loading).
+MODEL_FLAGS = ("backbone", "norm_act", "output_stride")
+_NONFINITE_ADVICE = {
+    "previous-step checkpoint": "retrain the previous step (--overwrite) or give another --step_ckpt",
+    "step checkpoint": "no result is computed from it; retrain the step (--overwrite)",
+}
+
+
+def _saved_config(ckpt) -> dict:
+    try:
+        return json.loads(ckpt["config"]) if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), str) else {}
+    except ValueError:
+        return {}
+
+
+def _family_of(state: dict) -> str:
+    """A guess of the backbone a state dict was built with, from its keys (for messages)."""
+    tv = [k for k in state if k.startswith("body.layer")]
+    if tv:
+        blocks = tuple(1 + max(int(k.split(".")[2]) for k in tv if k.startswith(f"body.layer{i}."))
+                       for i in range(1, 5) if any(k.startswith(f"body.layer{i}.") for k in tv))
+        return {(2, 2, 2, 2): "tv_resnet18", (3, 4, 6, 3): "tv_resnet50", (3, 4, 23, 3): "tv_resnet101"}.get(
+            blocks, "a torchvision-layout ResNet")
+    blocks = tuple(sum(1 for k in state if k.startswith(f"body.mod{i}.block") and k.endswith("convs.conv1.weight"))
+                   for i in range(2, 6))
+    return {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}.get(
+        blocks, "an unknown backbone")
+
+
+def check_model_flags(ckpt, cfg, path: str, what: str) -> None:
+    """The model flags the checkpoint's stored configuration records must be this run's (no model needed)."""
+    saved = _saved_config(ckpt)
+    for flag in MODEL_FLAGS:
+        if flag in saved and saved[flag] != getattr(cfg, flag):
+            raise UserError(f"{what} {path} was trained with --{flag} {saved[flag]}, this run builds "
+                            f"--{flag} {getattr(cfg, flag)}: pass --{flag} {saved[flag]} or another checkpoint")
+
+
+def check_compatible(ckpt, state: dict, model, cfg, path: str, what: str, strict: bool = True) -> None:
+    """One line naming what differs between a checkpoint and the model this run builds, before loading it: the
+    model flags the checkpoint records, the classes per step, then keys and shapes."""
+    if cfg is not None:
+        check_model_flags(ckpt, cfg, path, what)
+    check_class_layout(state, [int(final_layer(m).weight.shape[0]) for m in model.cls], path)
+    own = model.state_dict()
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    missing = [k for k in own if k not in state] if strict else []
+    unexpected = [k for k in state if k not in own] if strict else []
+    if shapes or missing or unexpected:
+        parts = [f"{name} {len(keys)} (first {keys[0]})" for name, keys in
+                 (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)) if keys]
+        here = f"--backbone {cfg.backbone} --norm_act {cfg.norm_act}" if cfg is not None else "this model"
+        raise UserError(f"{what} {path} does not fit the model of this run ({here}): {'; '.join(parts)}; it looks "
+                        f"like a {_family_of(state)} checkpoint: check --backbone, --norm_act and --method")
+
+
+def load_weights(model, path: str, *, strict: bool = True, what: str = "checkpoint", cfg=None) -> dict:
+    """Load a step checkpoint's weights into ``model`` after checking that they fit it and are finite; returns the
+    whole checkpoint dict."""
     ckpt = safe_load(path, what)
     state = model_state(ckpt, path)
-    check_class_layout(state, [int(final_layer(m).weight.shape[0]) for m in model.cls], path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if strict and (missing or unexpected):
-        raise UserError(f"{what} {path} does not match the model: missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]} (check --backbone, --norm_act, --output_stride)")
+    check_compatible(ckpt, state, model, cfg, path, what, strict)
+    bad = nonfinite_entry(state)
+    if bad is not None:
+        advice = _NONFINITE_ADVICE.get(what, "retrain it")
+        raise UserError(f"{what} {path} holds NaN or inf ({bad}), written before this check existed: {advice}")
+    model.load_state_dict(state, strict=False)
     return ckpt if isinstance(ckpt, dict) else {"model_state": state}
 
 
@@ -85,7 +144,7 @@ def load_previous_step(cfg, step: int, device, *, first_step_of_call: bool = Tru
         raise UserError(f"previous-step checkpoint not found: {path}; run step {step - 1} first "
                         f"(python run.py ... --step {step - 1}) or pass --step_ckpt")
     model_old = build_model(cfg, step - 1, pretrained=False, method=method)
-    ckpt = load_weights(model_old, path, strict=cfg.strict_weights, what="previous-step checkpoint")
+    ckpt = load_weights(model_old, path, strict=cfg.strict_weights, what="previous-step checkpoint", cfg=cfg)
     model_old.to(device).eval()
     for p in model_old.parameters():
         p.requires_grad_(False)

@@ -9,7 +9,7 @@ from torch import Tensor
 from methods.registry import register_term
 from methods.base import Batch, LossTerm, StepContext, pixel_mean
 from utils import loss as L
-from utils.flags import NOT_IMPLEMENTED
+from utils.flags import NOT_IMPLEMENTED, nonnegative_float
 from utils.constants import IGNORE_INDEX
 from utils.errors import UserError
 
@@ -40,7 +40,7 @@ class Classification(LossTerm):
                             help="MiB unbiased cross-entropy at steps > 0 (old classes folded into background)")
         parser.add_argument("--icarl", action="store_true", default=False,
                             help="LwF-MC / iCaRL: BCE criterion plus BCE distillation on the old classes")
-        parser.add_argument("--icarl_importance", type=float, default=1.0,
+        parser.add_argument("--icarl_importance", type=nonnegative_float, default=1.0,
                             help="weight of the iCaRL distillation term (LWF-MC preset: 10)")
         parser.add_argument("--icarl_disjoint", action="store_true", default=False,
                             help="iCaRL 'disjoint' variant: old-class BCE targets := sigmoid(old logits), no separate "

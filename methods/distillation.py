@@ -10,7 +10,7 @@ from torch import Tensor
 from methods.registry import register_term
 from methods.base import Batch, LossTerm, StepContext
 from utils import loss as L
-from utils.flags import NOT_IMPLEMENTED, IGNORED
+from utils.flags import IGNORED, NOT_IMPLEMENTED, nonnegative_float, positive_float
 
 
 
@@ -36,12 +36,12 @@ class KnowledgeDistillation(LossTerm):
 
     @staticmethod
     def add_args(parser: argparse._ActionsContainer) -> None:
-        parser.add_argument("--loss_kd", type=float, default=0.0,
+        parser.add_argument("--loss_kd", type=nonnegative_float, default=0.0,
                             help="weight of output distillation at steps > 0 (default 0 as PLOP/MiB; AWT used 10, "
                                  "LWF/ILT presets 100, MiB 10)")
         parser.add_argument("--unkd", action="store_true", default=False,
                             help="MiB unbiased KD (new-model background absorbs the new classes)")
-        parser.add_argument("--alpha", type=float, default=1.0,
+        parser.add_argument("--alpha", type=positive_float, default=1.0,
                             help="old logits are multiplied by alpha before the softmax in KD; also focal-loss alpha")
         parser.add_argument("--kd_scheduling", action="store_true", default=False,
                             help="multiply the KD loss by sqrt(classes seen / new classes)")
@@ -94,7 +94,7 @@ class FeatureDistillation(LossTerm):
 
     @staticmethod
     def add_args(parser: argparse._ActionsContainer) -> None:
-        parser.add_argument("--loss_de", type=float, default=0.0,
+        parser.add_argument("--loss_de", type=nonnegative_float, default=0.0,
                             help="ILT feature distillation weight: MSE between new and old backbone outputs "
                                  "(ILT preset: 100)")
 

@@ -20,7 +20,7 @@ from methods.registry import register_term
 from methods.base import Batch, LossTerm, StepContext
 from utils.constants import BACKGROUND
 from utils.errors import UserError
-from utils.flags import NOT_IMPLEMENTED
+from utils.flags import NOT_IMPLEMENTED, nonnegative_float
 from utils.loss import upcast
 
 SPP_SCALES = (1, 2, 4)  # PLOP default --spp_scales
@@ -215,7 +215,7 @@ class PODDistillation(LossTerm):
     def add_args(parser: argparse._ActionsContainer) -> None:
         parser.add_argument("--pod", default=None, choices=list(COLLAPSES),
                             help="PLOP POD feature distillation at steps > 0 (PLOP preset: local)")
-        parser.add_argument("--pod_factor", type=float, default=5.0,
+        parser.add_argument("--pod_factor", type=nonnegative_float, default=5.0,
                             help="POD weight of the feature maps (PLOP preset: 0.01)")
         parser.add_argument("--pod_options", type=json.loads, default=None,
                             help='JSON options, e.g. {"switch": {"after": {"extra_channels": "sum", '

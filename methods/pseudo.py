@@ -20,7 +20,7 @@ from dataset.transform import images_to_device, labels_to_device
 from methods.registry import register_term
 from methods.base import Batch, LossTerm, StepContext
 from utils import loss as L
-from utils.flags import NOT_IMPLEMENTED
+from utils.flags import NOT_IMPLEMENTED, nonnegative_float
 from utils.constants import BACKGROUND, IGNORE_INDEX
 from utils.errors import UserError
 
@@ -103,7 +103,7 @@ class PseudoLabel(LossTerm):
         parser.add_argument("--pseudo", type=str, default=None,
                             help="pseudo-label background pixels with the old model: naive, confidence, "
                                  "threshold_<t>, median, entropy (PLOP preset: entropy)")
-        parser.add_argument("--threshold", type=float, default=0.9,
+        parser.add_argument("--threshold", type=nonnegative_float, default=0.9,
                             help="entropy mode: lower bound of the per-class entropy thresholds (PLOP: 0.001); "
                                  "median mode: upper bound of the per-class probability thresholds")
         parser.add_argument("--step_threshold", type=float, default=None,

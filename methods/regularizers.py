@@ -21,6 +21,7 @@ from torch import Tensor
 from methods.registry import register_term
 from methods.base import LossTerm, StepContext
 from utils.errors import UserError
+from utils.flags import nonnegative_float, positive_int
 
 LOG = logging.getLogger(__name__)
 NORM_EPS = 1e-8  # normalize_fn denominator
@@ -58,13 +59,13 @@ class Regularizer(LossTerm):
     def add_args(parser: argparse._ActionsContainer) -> None:
         parser.add_argument("--regularizer", default=None, choices=list(KINDS),
                             help="weight regulariser (EWC/RW/PI presets)")
-        parser.add_argument("--reg_importance", type=float, default=1.0,
+        parser.add_argument("--reg_importance", type=nonnegative_float, default=1.0,
                             help="weight of the regulariser penalty (EWC/RW/PI presets: 100; MiB used 500 for EWC/PI)")
         parser.add_argument("--reg_alpha", type=float, default=0.9,
                             help="EMA factor of the Fisher information (EWC, RW): F = a*g^2 + (1-a)*F")
         parser.add_argument("--reg_no_normalize", action="store_true", default=False,
                             help="do not min-max normalise the old importance tensors")
-        parser.add_argument("--reg_iterations", type=int, default=10, help="RW: iterations between score updates")
+        parser.add_argument("--reg_iterations", type=positive_int, default=10, help="RW: iterations between score updates")
 
     @classmethod
     def check(cls, cfg: Any) -> None:

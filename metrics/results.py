@@ -28,15 +28,33 @@ def csv_row(step: int, class_iou: dict, n_seen: int, num_classes: int, miou: flo
     return ",".join([str(step), *cells, repr(float(miou))])
 
 
+def _row_step(line: str) -> int | None:
+    """The step of a CSV row; None for a header or any line report.py skips."""
+    head = line.split(",", 1)[0].strip()
+    return int(head) if head.isdigit() else None
+
+
+def read_rows(path: str) -> dict[int, str]:
+    """``{step: row}`` of a results CSV as report.py reads it (a header line and blank lines are skipped)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        lines = [ln.strip() for ln in handle.read().splitlines()]
+    return {step: ln for ln in lines if ln and (step := _row_step(ln)) is not None}
+
+
 def upsert_row(path: str, step: int, row: str) -> None:
-    """Write the row of ``step`` atomically, replacing an earlier row of the same step (a re-run)."""
-    lines = []
+    """Write the row of ``step`` atomically, replacing an earlier row of the same step (a re-run); a header line of
+    a file edited by hand is kept, blank lines are dropped."""
+    header = []
     if os.path.exists(path):
-        with open(path) as handle:
-            lines = [ln for ln in handle.read().splitlines() if ln.strip() and ln.split(",")[0] != str(step)]
-    lines.append(row)
-    lines.sort(key=lambda ln: int(ln.split(",")[0]))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            first = handle.readline().strip()
+        if first and _row_step(first) is None:
+            header = [first]
+    rows = read_rows(path)
+    rows[step] = row
+    atomic_write_text(path, "\n".join(header + [rows[s] for s in sorted(rows)]) + "\n")
 
 
 def summary_path(csv_path: str) -> str:

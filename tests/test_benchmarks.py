@@ -62,7 +62,8 @@ def test_evaluation_benchmark_runs(capsys):
 
 def test_host_sync_audit_cli(capsys):
     assert host_sync.main(["--args", "--method MiB", "--iters", "2", "--log_interval", "2"]) == 0
-    assert "| --method MiB | 1 | 6 | none |" in capsys.readouterr().out  # 2 terms x (check, log line, mean)
+    # 2 terms x (loss check, log line, epoch mean) + 1 weight check
+    assert "| --method MiB | 1 | 7 | none |" in capsys.readouterr().out
 
 
 def test_gpu_suite_reports_unknown_parts_and_keeps_going(tmp_path):

@@ -39,12 +39,15 @@ def data_copy(tiny_voc, tmp_path):
 
 
 def _tree(*roots, skip=()) -> dict[str, str]:
-    """sha1 of every file under ``roots`` (``skip``: folders left out)."""
+    """sha1 of every file under ``roots`` (``skip``: folders left out; the experiment lock a running step holds in
+    its checkpoint folder is not a result)."""
     out = {}
     for root in roots:
         for folder, dirs, files in os.walk(root):
             dirs[:] = [d for d in dirs if os.path.join(folder, d) not in skip]
             for name in files:
+                if name.startswith(".") and name.endswith(".lock"):
+                    continue
                 path = os.path.join(folder, name)
                 with open(path, "rb") as handle:
                     out[path] = hashlib.sha1(handle.read()).hexdigest()

@@ -52,12 +52,14 @@ def test_step_checkpoint_holds_reference_keys(synthetic_voc, tmp_path):
 
 
 def test_existing_step_is_not_overwritten(synthetic_voc, tmp_path, capsys):
+    """Rerunning the same command continues the experiment: a trained and tested step is skipped, untouched."""
     args = smoke_args(synthetic_voc, tmp_path, extra=["--lr", "0.01"])
     assert _run(args) == 0
     path = tmp_path / "ckpt" / "15-5-voc_Experiment_0.pth"
     before = path.read_bytes()
-    assert _run(args) == 2
-    assert "already trained" in capsys.readouterr().err
+    capsys.readouterr()
+    assert _run(args) == 0
+    assert "step 0 is already trained and tested" in capsys.readouterr().out
     assert path.read_bytes() == before
 
 

@@ -50,19 +50,34 @@ def partial_ckpt_path(final_path: str) -> str:
     return f"{root}.partial{ext}"
 
 
-def safe_load(path: str, what: str = "checkpoint") -> Any:
-    """``torch.load(weights_only=True)`` with an explicit allow-list of the numpy types older files contain."""
+def safe_load(path: str, what: str = "checkpoint", hint: str = "") -> Any:
+    """``torch.load(weights_only=True)`` with an explicit allow-list of the numpy types older files contain;
+    ``hint`` ends the message of an unreadable file (e.g. "; pass --no_auto_resume ...")."""
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:
         with torch.serialization.safe_globals(_NUMPY_ALLOWED):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UserError(f"{what} {path} holds objects outside the safe allow-list ({_unpickling_reason(exc)}); "
-                        "it was not loaded; re-save it with tensors and plain Python types only") from exc
+        if _refused_global(exc):
+            raise UserError(f"{what} {path} holds objects outside the safe allow-list ({_unpickling_reason(exc)}); "
+                            "it was not loaded; re-save it with tensors and plain Python types only") from exc
+        raise UserError(f"{what} {path} is not a checkpoint ({_first_line(exc)}): the file is damaged, truncated or "
+                        f"something else{hint}") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UserError(f"{what} {path} cannot be read ({str(exc).splitlines()[0][:200]}); "
-                        "the file is damaged or not a PyTorch checkpoint") from exc
+        raise UserError(f"{what} {path} cannot be read ({_first_line(exc)}): the file is damaged, truncated or not a "
+                        f"PyTorch checkpoint{hint}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:160]
+
+
+def _refused_global(exc: BaseException) -> bool:
+    """Whether torch's weights-only unpickler refused a global (a pickled object), not a broken byte stream."""
+    text = str(exc)
+    return "GLOBAL" in text or "Unsupported global" in text or "not an allowed global" in text
 
 
 def strip_module_prefix(state: dict) -> dict:
@@ -78,6 +93,14 @@ def model_state(ckpt: Any, path: str) -> dict:
         raise UserError(f"checkpoint {path} has no model_state: it is not a step checkpoint of this framework "
                         "or of the reference code")
     return strip_module_prefix(ckpt)
+
+
+def check_resumable(ckpt: Any, path: str, restart: str) -> None:
+    """An in-step checkpoint must carry the optimiser and schedule state to continue a step."""
+    if not isinstance(ckpt, dict) or "optimizer_state" not in ckpt or "model_state" not in ckpt:
+        raise UserError(f"resume checkpoint {path} has no optimizer and schedule state (a bare state dict or a "
+                        "final checkpoint?): it cannot continue a step; use it as --step_ckpt (previous step) or with "
+                        f"--test --ckpt, or {restart}")
 
 
 def classifier_weights(state: dict) -> list[torch.Tensor]:
@@ -106,6 +129,47 @@ def check_class_layout(state: dict, classes: list[int], path: str) -> None:
                         "it was trained on another task, dataset or step (check --task, --dataset, --name)")
 
 
+def finite_flags(state: dict) -> tuple[list[str], torch.Tensor]:
+    """``(keys, flags)``: the floating-point tensors of ``state`` and a bool tensor (on their device, no host sync),
+    True where a tensor holds only finite values."""
+    keys = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    if not keys:
+        return [], torch.ones(0, dtype=torch.bool)
+    device = state[keys[0]].device
+    return keys, torch.stack([torch.isfinite(state[k]).all().to(device) for k in keys])
+
+
+def first_nonfinite(keys: list[str], flags: torch.Tensor) -> str | None:
+    """The first key whose flag is False (one host sync), else None."""
+    if bool(flags.all()):
+        return None
+    return keys[int((~flags).nonzero()[0])]
+
+
+def nonfinite_entry(state: dict) -> str | None:
+    """The key of the first floating-point tensor of ``state`` holding NaN or inf, else None."""
+    return first_nonfinite(*finite_flags(state))
+
+
+def nonfinite_in_model(model) -> str | None:
+    """The name of the first parameter or buffer of ``model`` holding NaN or inf, else None."""
+    return nonfinite_entry(model.state_dict())
+
+
 def save_checkpoint(path: str, **content: Any) -> None:
-    """Write a checkpoint atomically (temporary file, fsync, rename)."""
+    """Write a checkpoint atomically (temporary file, fsync, rename); a model state with NaN/inf is refused
+    (``NonFiniteState``) before anything is written."""
+    state = content.get("model_state")
+    if isinstance(state, dict):
+        bad = nonfinite_entry(state)
+        if bad is not None:
+            raise NonFiniteState(f"not writing {path}: {bad} holds NaN or inf", key=bad)
     atomic_save_torch(content, path)
+
+
+class NonFiniteState(UserError):
+    """A model state holds NaN/inf; ``key`` names the first such tensor."""
+
+    def __init__(self, message: str, key: str = ""):
+        super().__init__(message)
+        self.key = key

@@ -2,13 +2,42 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
+import shutil
 import tempfile
 from typing import Iterator
 
 import numpy as np
 import torch
+
+from utils.errors import UserError
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota, file-size limit
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed writing")
+
+
+class DiskFull(UserError):
+    """A write failed for lack of space (or a quota / file-size limit); the previous file is intact."""
+
+
+def free_space(folder: str) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown free space"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit} free" if unit == "B" else f"{free:.1f} {unit} free"
+        free /= 1024
+    return ""
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TORCH_WRITE_FAILURES)
 
 
 def _file_mode(path: str) -> int:
@@ -24,8 +53,14 @@ def _file_mode(path: str) -> int:
 def atomic_write(path: str, mode: str = "wb") -> Iterator[io.IOBase]:
     """Open a temporary file next to ``path``; on success flush, fsync and rename it onto ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise DiskFull(f"cannot write {path}: no space left in {folder} ({free_space(folder)}); free space or "
+                           "choose another folder") from exc
+        raise UserError(f"cannot write {path} ({exc.strerror}): choose a writable folder") from exc
     try:
         os.chmod(tmp, _file_mode(path))  # mkstemp creates 0600; keep the old file's mode or follow the umask
         with os.fdopen(fd, mode) as handle:
@@ -33,9 +68,13 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[io.IOBase]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if _out_of_space(exc):
+            raise DiskFull(f"cannot write {path}: no space left in {folder} ({free_space(folder)}; "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else 'write failed'}); "
+                           "the previous file is kept: free space or choose another folder") from exc
         raise
     _fsync_folder(folder)
 

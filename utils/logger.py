@@ -9,10 +9,18 @@ from utils.dist import get_rank, is_main_process
 
 
 def setup_logging(debug: bool = False) -> None:
+    """One stdout handler of ours on the root logger, replaced on each call (the rank is known only after the
+    process group starts). Handlers others installed (pytest's, a user's) are left in place."""
     level = logging.INFO if is_main_process() else logging.WARNING
-    logging.basicConfig(level=logging.DEBUG if debug and is_main_process() else level,
-                        format=f"%(asctime)s rank{get_rank()} %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout, force=True)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_ciss", False)]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler._ciss = True
+    handler.setFormatter(logging.Formatter(f"%(asctime)s rank{get_rank()} %(levelname)s %(message)s",
+                                           datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug and is_main_process() else level)
 
 
 class Board:
