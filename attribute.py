@@ -12,11 +12,26 @@ from __future__ import annotations
 import sys
 
 from experiment.builders import build_step_datasets, load_old_model, select_device
+from experiment.argparser import get_argparser
 from experiment.config import parse_config
 from methods import awt, build_method
 from methods.channel_masks import write_mask
 from utils.errors import UserError, one_line
 from utils.logger import setup_logging
+
+
+USAGE = "%(prog)s --dataset D --data_root PATH --task T --step N [N ...] --name NAME --att 25 [--mask_att] [...]"
+DESCRIPTION = (
+    "AWT, step 1 of 2 (optional: run.py computes a missing mask itself): score the channels of the classifier input "
+    "that matter for the new classes of each --step, by Integrated Gradients of the previous-step model's "
+    "background logit on the step's training images (only new-class pixels with --mask_att), keep the top --att % "
+    "and write the mask to {channels_dir}/{task}-{dataset}_{name}/ (see docs/awt.md). Needs the checkpoint of step "
+    "t-1 (same --checkpoint/--name as run.py, or --step_ckpt). Takes run.py's flags; an existing mask is "
+    "recomputed and replaced.")
+CLASS_DESCRIPTION = (
+    "AWT with one mask per new class: as attribute.py, but each new class of the step gets its own top --att % "
+    "channels (needs --mask_att; --att_accumulate_classes reproduces the released script, where class k used the "
+    "pixels of classes 1..k). run.py uses these masks with --att_per_class. Takes run.py's flags.")
 
 
 def run_attribution(argv=None, *, per_class: bool = False) -> int:
@@ -25,7 +40,8 @@ def run_attribution(argv=None, *, per_class: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        cfg = parse_config(argv)
+        cfg = parse_config(argv, parser=get_argparser(usage=USAGE, description=CLASS_DESCRIPTION if per_class
+                                                      else DESCRIPTION))
         setup_logging(cfg.debug)
         awt.validate_awt_args(cfg)
         if cfg.no_att or cfg.random_channels:

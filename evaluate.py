@@ -1,6 +1,6 @@
 """Evaluate a step checkpoint on a data split and write pictures of its predictions.
 
-    python evaluate.py --dataset voc --data_root PascalVOC12 --task 15-1 --name MiB --step 5 \
+    python evaluate.py --dataset voc --data_root PascalVOC12 --task 15-1 --name MiB --step 5
         [--ckpt PATH] [--split val|train] [--crop_val] [--out_dir samples/ --save_samples 16]
 
 Takes the same flags as run.py (model, task, checkpoint naming). Passing ``--crop_val`` evaluates at full resolution
@@ -41,7 +41,7 @@ log = logging.getLogger("evaluate")
 
 def get_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(parents=[get_argparser(add_help=False)], description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            usage="%(prog)s [run.py flags] [--split val|train] [--out_dir DIR [--save_samples N]]")
     g = parser.add_argument_group("evaluate")
     g.add_argument("--split", default="val", choices=["val", "train"], help="data split to evaluate on")
     g.add_argument("--out_dir", default=None, help="folder for metrics.json and PNG panels")
@@ -93,7 +93,7 @@ def evaluate_checkpoint(cfg) -> dict:
     samples = SampleCollector(cfg.save_samples if cfg.out_dir else 0, reader.colorize, lut)
     cm = evaluate(model, loader, n_classes=sum(model.classes), device=device,
                   precision=resolve_precision(cfg, device), show_progress=not cfg.no_progress, sample_hook=samples,
-                  predict=method.predict)
+                  predict=method.predict, what=f"step {step} evaluation ({cfg.split} split)")
     res = cm.results()
     split = old_new_all(res["Class IoU"], model.classes[0], sum(model.classes))
     names = [reader.CLASS_NAMES[c] for c in order(cfg.dataset, cfg.task, step)]

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "b, c, e ... j; default), all = the eleven (15-1d too)")
     p.add_argument("--plot", metavar="PNG", type=plot_path, default=None,
                    help="write per-step curves (all / old / new) to this file (.png, .pdf or .svg)")
+    p.add_argument("--full-scale", action="store_true",
+                   help="plot every panel on the same 0-100 %% mIoU axis (default: each panel fits its data)")
     p.add_argument("--output", "-o", metavar="MD", default=None, help="also write the Markdown to this file")
     p.add_argument("--columns", default="auto", choices=["auto", "remapped", "original"],
                    help="class order of the CSV columns: model (remapped) order as the reference wrote it, or "
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
                              orders=args.orders)
         if args.plot:
             groups = report.group_runs(runs, args.separate_orders, args.orders)
-            report.plot_curves(groups, args.plot, args.reference_average)
+            report.plot_curves(groups, args.plot, args.reference_average, full_scale=args.full_scale)
         if args.output:
             atomic_write_text(args.output, text)
     except UserError as exc:

@@ -5,13 +5,17 @@ Runs on the CPU or one GPU without a launcher, and under ``torchrun --nproc_per_
 from __future__ import annotations
 
 import contextlib
+import datetime
+import functools
 import json
 import logging
 import math
 import os
 import random
+import shlex
 import sys
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -19,8 +23,9 @@ import torch
 from dataset.readers import READERS
 from dataset.tasks import order
 from experiment.builders import (build_model, build_step_datasets, check_compatible, ckpt_path, classes_for_step,
-                                 load_previous_step, load_weights, resolve_precision, select_device)
-from experiment.config import check_resume_config, dump, parse_config, step_lrs
+                                 data_kind, load_previous_step, load_weights, log_folder, norm_fallback_note,
+                                 resolve_precision, select_device)
+from experiment.config import check_resume_config, dump, parse_config, step_lrs, to_dict
 from experiment.recipes import Recipe, match
 from experiment.validate import check_writable, validate_run
 from methods import MethodStack, StepContext, build_method
@@ -40,6 +45,7 @@ from utils.io import atomic_write_text
 from utils.lock import RunLock
 from utils import logger
 from utils.optim import build_optimizer, build_scheduler
+from utils.progress import duration, eta, status
 from utils.visualize import SampleCollector, index_to_class_lut
 
 log = logging.getLogger("run")
@@ -132,21 +138,27 @@ def build_setup(cfg, step: int, lr: float, model, model_old, train_loader, train
     criterion = method.criterion(ctx)
     setup = EpochSetup(criterion=criterion, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                        precision=precision, n_old=ctx.n_old, n_new=ctx.n_new, grad_accum=cfg.grad_accum,
-                       log_interval=cfg.print_interval, show_progress=not cfg.no_progress, hooks=method)
+                       log_interval=cfg.print_interval, show_progress=not cfg.no_progress, hooks=method,
+                       epochs=cfg.epochs)
     return setup, ctx
 
 
 def checkpoint_content(cfg, model, setup, epoch: int, best_score: float, method: MethodStack,
-                       step_lr: float | None = None) -> dict:
-    """The reference keys plus what an exact resume needs."""
+                       step_lr: float | None = None, *, record: dict | None = None, final: bool = False) -> dict:
+    """The reference keys plus what an exact resume needs. ``final``: the step's checkpoint, which keeps only what
+    the next step and evaluation read (weights, the terms' statistics, configuration, the run record): no
+    optimiser, schedule, scaler or RNG state, which live in the in-step ``.partial.pth`` only."""
     trainer_state = {"regularizer": None, **setup.criterion.state_dict()}
     if methods_state := method.state_dict():
         trainer_state["methods"] = methods_state
-    return {"epoch": epoch, "model_state": model.state_dict(), "optimizer_state": setup.optimizer.state_dict(),
-            "scheduler_state": setup.scheduler.state_dict(), "scaler_state": setup.scaler.state_dict(),
-            "best_score": best_score, "trainer_state": trainer_state,
-            "rng_state": {"torch": torch.get_rng_state()}, "config": dump(cfg), "version": VERSION,
-            **({"step_lr": step_lr} if step_lr is not None else {})}
+    content = {"epoch": epoch, "model_state": model.state_dict(), "best_score": best_score,
+               "trainer_state": trainer_state, "config": dump(cfg), "version": VERSION,
+               **({"step_lr": step_lr} if step_lr is not None else {}),
+               **({"run_record": record, "train_id": record["train_id"]} if record else {})}
+    if not final:
+        content.update(optimizer_state=setup.optimizer.state_dict(), scheduler_state=setup.scheduler.state_dict(),
+                       scaler_state=setup.scaler.state_dict(), rng_state={"torch": torch.get_rng_state()})
+    return content
 
 
 def saved_step_lr(ckpt: dict, cfg) -> float | None:
@@ -177,9 +189,10 @@ def apply_new_lr(setup, old: float | None, new: float, path: str) -> None:
 
 
 def resume_if_possible(cfg, model, setup, final_path: str, method: MethodStack | None = None,
-                       lr: float | None = None) -> int:
+                       lr: float | None = None, record: dict | None = None) -> int:
     """Restore an interrupted step (``.partial.pth`` or ``--ckpt``); returns the epoch to start from. A changed
-    ``lr`` is applied from there (``apply_new_lr``); any other changed training flag is refused."""
+    ``lr`` is applied from there (``apply_new_lr``); any other changed training flag is refused. ``record`` (the
+    run record of this step) takes over the interrupted training's ``train_id``: it is the same training."""
     path = cfg.ckpt or partial_ckpt_path(final_path)
     if not os.path.isfile(path) or (cfg.no_auto_resume and not cfg.ckpt):
         if cfg.ckpt:  # --resume without an in-step checkpoint is refused up front (experiment/validate.py)
@@ -207,33 +220,43 @@ def resume_if_possible(cfg, model, setup, final_path: str, method: MethodStack |
         method.load_state_dict(trainer_state.get("methods") or {})
     if "rng_state" in ckpt:
         torch.set_rng_state(ckpt["rng_state"]["torch"])
-    log.info("resuming step from %s after epoch %d", path, ckpt["epoch"])
+    if record is not None and ckpt.get("train_id"):
+        record["train_id"] = ckpt["train_id"]
+    log.info("resuming step from %s after epoch %d/%d", path, ckpt["epoch"], cfg.epochs)
     return int(ckpt["epoch"])
 
 
 def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, board, start_epoch: int,
-        final_path: str, method: MethodStack, lr: float | None = None) -> float:
+        final_path: str, method: MethodStack, lr: float | None = None, record: dict | None = None) -> float:
     """The epoch loop: train, validate every ``--val_interval``, checkpoint every ``--ckpt_interval``."""
     train_loader, val_loader, _ = loaders
     score = 0.0
+    t_fit = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)
         method.begin_epoch(epoch, cfg.epochs)
-        t0 = time.time()
+        t0 = time.perf_counter()
         means = train.train_one_epoch(train_model, model_old, train_loader, setup, step=step, epoch=epoch,
                                       board=board, device=device)
-        log.info("step %d epoch %d done in %.1fs: %s", step, epoch, time.time() - t0,
+        done = epoch + 1 - start_epoch
+        log.info("%s done in %s (step ETA %s): %s", train.epoch_label(step, epoch, cfg.epochs),
+                 duration(time.perf_counter() - t0), eta(time.perf_counter() - t_fit, done, cfg.epochs - start_epoch),
                  " ".join(f"{k}={v:.4f}" for k, v in means.items()))
+        warn_about_epoch(step, epoch, cfg.epochs, means, setup.criterion.epoch_notes())
         for k, v in means.items():
             board.scalar(f"E-{k}/{step}", v, epoch)
-        if (epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs:
+        if (epoch + 1) % cfg.val_interval == 0:  # the reference validates at multiples only
             samples = sample_collector(cfg, step) if cfg.sample_num > 0 and board.writer else None
             cm = train.evaluate(model, val_loader, n_classes=sum(model.classes), device=device,
                                 precision=setup.precision, show_progress=not cfg.no_progress, sample_hook=samples,
-                                predict=method.predict)
+                                predict=method.predict, what=f"step {step} validation")
             res = cm.results()
             score = res["Mean IoU"]
-            log.info("step %d epoch %d validation mIoU %.4f", step, epoch, score)
+            log.info("%s validation mIoU %.2f %%", train.epoch_label(step, epoch, cfg.epochs), 100 * score)
+            if step > 0 and logger.once("masked validation"):
+                log.info("note: validation at step > 0 scores the step's own labels (old classes masked to "
+                         "background, --data_masking %s, as in the reference), so its mIoU is not the test "
+                         "mIoU over all classes seen so far printed after the step", cfg.data_masking)
             board.scalar(f"Val_MeanIoU/{step}", score, epoch)
             board.scalar(f"Val_Overall_Acc/{step}", res["Overall Acc"], epoch)
             board.text(f"Val_Class_IoU/{step}", class_table(res["Class IoU"]), epoch)
@@ -242,8 +265,20 @@ def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, b
                 board.image(f"Sample_{k}/{step}", picture.transpose(2, 0, 1), epoch)
         if (epoch + 1) % cfg.ckpt_interval == 0 and epoch + 1 < cfg.epochs and is_main_process():
             save_checkpoint(partial_ckpt_path(final_path),
-                            **checkpoint_content(cfg, model, setup, epoch + 1, score, method, lr))
+                            **checkpoint_content(cfg, model, setup, epoch + 1, score, method, lr, record=record))
     return score
+
+
+def warn_about_epoch(step: int, epoch: int, epochs: int, means: dict[str, float], notes: list[str]) -> None:
+    """A step that learns nothing says so: every loss term 0 for an epoch, or a term's own note (no pseudo-label
+    accepted). Once per step and kind."""
+    where = train.epoch_label(step, epoch, epochs)
+    if means and all(v == 0.0 for v in means.values()) and logger.once(f"zero loss {step}"):
+        log.warning("%s: every loss term is 0 (%s): the step learns nothing; usually no training pixel has a "
+                    "label (all ignored, or no pseudo-label accepted)", where, ", ".join(means))
+    for note in notes:
+        if logger.once(f"{step} {note[:40]}"):
+            log.warning("%s: %s", where, note)
 
 
 def class_table(values: dict) -> str:
@@ -260,11 +295,26 @@ def sample_collector(cfg, step: int) -> SampleCollector:
 
 def run_record(cfg, step: int, lr: float, recipe: Recipe | None) -> dict:
     """How this step was trained, stored next to the results CSV (the reproduction ledger compares it with the
-    recipe of the published number)."""
-    return {"task": cfg.task, "method": cfg.method, "lr": lr, "epochs": cfg.epochs,
+    recipe of the published number) and in the final checkpoint. ``train_id`` names this training: a later test
+    of the same checkpoint carries it, so that report.py counts the result once."""
+    return {"task": cfg.task, "method": cfg.method, "name": cfg.name, "lr": lr, "epochs": cfg.epochs,
             "effective_batch": effective_batch(cfg), "batch_size": cfg.batch_size, "processes": get_world_size(),
             "grad_accum": cfg.grad_accum, "overlap": bool(cfg.overlap), "random_seed": cfg.random_seed,
-            "recipe": recipe.id if recipe else None, "command": " ".join(sys.argv)}
+            "recipe": recipe.id if recipe else None, "data": data_kind(cfg.data_root),
+            "train_id": uuid.uuid4().hex[:16], "command": command_line()}
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv])
+
+
+def tested_record(ckpt: dict, path: str) -> dict | None:
+    """The run record of a test of an existing checkpoint: how it was trained (from the checkpoint) and that it
+    was tested now; None for checkpoints without one (reference files, older versions)."""
+    saved = ckpt.get("run_record") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict):
+        return None
+    return {**saved, "tested_from": path, "test_command": command_line()}
 
 
 def test_step(cfg, step: int, model, test_loader, precision, device, board, method: MethodStack,
@@ -272,11 +322,11 @@ def test_step(cfg, step: int, model, test_loader, precision, device, board, meth
     """Evaluate on the cumulative test set; write the CSV row and the old/new/all summary (rank 0)."""
     check_finite_model(model, f"the model of step {step}", "no result is computed from it; retrain the step")
     cm = train.evaluate(model, test_loader, n_classes=sum(model.classes), device=device, precision=precision,
-                        show_progress=not cfg.no_progress, predict=method.predict)
+                        show_progress=not cfg.no_progress, predict=method.predict, what=f"step {step} test")
     res = cm.results()
     split = old_new_all(res["Class IoU"], model.classes[0], sum(model.classes))
-    log.info("step %d test: mIoU %.4f, old / new / all %s", step, res["Mean IoU"],
-             " / ".join("-" if math.isnan(split[k]) else f"{split[k]:.4f}" for k in ("old", "new", "all")))
+    log.info("step %d test: mIoU %.2f %%, old / new / all %s %%", step, 100 * res["Mean IoU"],
+             " / ".join("-" if math.isnan(split[k]) else f"{100 * split[k]:.2f}" for k in ("old", "new", "all")))
     board.scalar("T_MeanIoU", res["Mean IoU"], step)
     board.scalar("T_Overall_Acc", res["Overall Acc"], step)
     board.scalar("T_MeanAcc", res["Mean Acc"], step)
@@ -297,52 +347,53 @@ def test_step(cfg, step: int, model, test_loader, precision, device, board, meth
 
 
 def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: torch.device,
-             recipe: Recipe | None = None) -> dict:
+             recipe: Recipe | None = None, position: str = "") -> dict:
     """One incremental step: data, models, training (or resume), final checkpoint, test, results. ``recipe``: the
-    published recipe the run follows (its lr and batch are compared with this run's). A step trained and tested by
-    an earlier call is skipped; one trained but not tested (killed in between) is only tested."""
+    published recipe the run follows (recorded with the results). A step trained and tested by an earlier call is
+    skipped; one trained but not tested (killed in between) is only tested. ``position``: e.g. ``2/5 of this
+    call``, for the log."""
     final_path = ckpt_path(cfg, step)
     results = results_csv_path(cfg.results_dir, cfg.date, cfg.dataset, cfg.task, cfg.name)
     finished = not cfg.test and not cfg.overwrite and os.path.isfile(final_path)
     if finished and step in read_rows(results):
-        log.info("step %d is already trained and tested (%s, row in %s): skipped; --overwrite retrains it, --test "
-                 "evaluates it again", step, final_path, results)
+        log.info("step %d is already trained and tested (%s, row in %s): skipped (%s); --overwrite retrains it, "
+                 "--test evaluates it again", step, final_path, results, position)
         return {}
     seed_everything(cfg.random_seed)
     method = build_method(cfg)
     precision = resolve_precision(cfg, device)
     configure_backends(cfg, device)
-    log.info("step %d: lr %g, %s", step, lr, describe_batch(cfg))
-    compare_with_recipe(cfg, step, lr, recipe)
     loaders, train_dataset = build_loaders(cfg, step, device, method)
-    board = logger.Board(os.path.join(cfg.logdir, f"{cfg.task}-{cfg.dataset}", cfg.name) if cfg.visualize
-                         else None)
-    record = run_record(cfg, step, lr, recipe)
+    board = logger.Board(log_folder(cfg) if cfg.visualize else None)
     if cfg.test or finished:
-        if finished:
-            log.info("step %d is trained (%s) but has no row in %s: testing it", step, final_path, results)
+        log.info("== step %d (%s): %s", step, position, "test of " + (cfg.ckpt or final_path) if cfg.test else
+                 f"trained ({final_path}) but has no row in {results}: testing it")
         model = build_model(cfg, step, pretrained=False, method=method).to(device)
-        load_weights(model, cfg.ckpt or final_path, strict=cfg.strict_weights, what="step checkpoint", cfg=cfg)
+        ckpt = load_weights(model, cfg.ckpt or final_path, strict=cfg.strict_weights, what="step checkpoint", cfg=cfg)
         return test_step(cfg, step, model, loaders[2], precision, device, board, method,
-                         record if finished else None)
+                         tested_record(ckpt, cfg.ckpt or final_path))
+    log.info("== step %d (%s): %d epochs of %d iterations, lr %g, %s", step, position, cfg.epochs,
+             len(loaders[0]), lr, describe_batch(cfg))
+    record = run_record(cfg, step, lr, recipe)
     ctx = StepContext(step=step, classes=classes_for_step(cfg, step), model=None, device=device,
                       train_loader=loaders[0], world_size=get_world_size(), autocast=precision.autocast,
                       train_dataset=train_dataset, method=method)
     model, model_old, trainer_state = prepare_models(cfg, step, device, first_step_of_call, method=method, ctx=ctx)
     setup, ctx = build_setup(cfg, step, lr, model, model_old, loaders[0], trainer_state, precision, device,
                              method=method, ctx=ctx)
-    start_epoch = resume_if_possible(cfg, model, setup, final_path, method, lr)
+    start_epoch = resume_if_possible(cfg, model, setup, final_path, method, lr, record)
     method.before_step(ctx)
     setup.criterion.before_step(ctx)
     train_model = wrap_for_training(cfg, model, device)
     if cfg.channels_last and model_old is not None:  # same layout as the images it sees
         model_old.to(memory_format=torch.channels_last)
     score = fit(cfg, step, model, train_model, model_old, loaders, setup, device, board, start_epoch, final_path,
-                method, lr)
+                method, lr, record)
     method.after_step(ctx)
     check_finite_model(model, f"the model of step {step} after training", train.RERUN_HINT)
     if is_main_process():
-        save_checkpoint(final_path, **checkpoint_content(cfg, model, setup, cfg.epochs, score, method, lr))
+        save_checkpoint(final_path, **checkpoint_content(cfg, model, setup, cfg.epochs, score, method, lr,
+                                                         record=record, final=True))
         if os.path.exists(partial_ckpt_path(final_path)):
             os.remove(partial_ckpt_path(final_path))
     barrier()
@@ -369,7 +420,7 @@ def describe_batch(cfg) -> str:
 
 def find_recipe(cfg) -> Recipe | None:
     """The published recipe (scripts/recipes.toml) whose flags these are; None when none matches."""
-    recipe = match(cfg, parse_config)
+    recipe = match(cfg, functools.partial(parse_config, warn=False))
     if recipe is None:
         log.info("no recipe of scripts/recipes.toml matches these flags: lr and batch are not compared with a "
                  "published script")
@@ -378,16 +429,40 @@ def find_recipe(cfg) -> Recipe | None:
     return recipe
 
 
-def compare_with_recipe(cfg, step: int, lr: float, recipe: Recipe | None) -> None:
-    """Warn when this step's lr, epochs or effective batch differ from the recipe the run follows."""
+def compare_with_recipe(cfg, recipe: Recipe | None) -> None:
+    """One warning for the whole call listing where lr, epochs or the effective batch of its steps differ from the
+    recipe the run follows (deliberate settings are stated once, not once per step)."""
     if recipe is None:
         return
-    for what, ours, theirs in (("lr", lr, recipe.lr_at(step)), ("epochs", cfg.epochs, recipe.epochs_at(step)),
-                               ("effective batch", effective_batch(cfg), recipe.batch)):
-        if ours != theirs:
-            log.warning("%s %g at step %d differs from %g of %s: results may differ from the published ones%s", what,
-                        ours, step, theirs, recipe.describe(),
-                        " (--grad_accum keeps the batch on fewer GPUs)" if what == "effective batch" else "")
+    steps_of: dict[tuple, list[int]] = {}
+    for step, lr in step_lrs(cfg):
+        for what, ours, theirs in (("lr", lr, recipe.lr_at(step)), ("epochs", cfg.epochs, recipe.epochs_at(step))):
+            if ours != theirs:
+                steps_of.setdefault((what, ours, theirs), []).append(step)
+    diffs = [f"{what} {ours:g} at step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))} (published "
+             f"{theirs:g})" for (what, ours, theirs), steps in steps_of.items()]
+    if effective_batch(cfg) != recipe.batch:
+        diffs.append(f"effective batch {effective_batch(cfg)} (published {recipe.batch}; --grad_accum keeps the "
+                     "batch on fewer GPUs)")
+    if diffs:
+        log.warning("this run differs from %s: %s; results may differ from the published ones", recipe.describe(),
+                    "; ".join(diffs))
+
+
+def start_run_files(cfg) -> None:
+    """The run's folder (next to its TensorBoard events): the resolved configuration of this call, the command
+    lines of every call appended, and the log of every call appended (rank 0)."""
+    if not is_main_process():
+        return
+    folder = log_folder(cfg)
+    os.makedirs(folder, exist_ok=True)
+    atomic_write_text(os.path.join(folder, "config.json"), json.dumps(to_dict(cfg), indent=1, sort_keys=True,
+                                                                       default=str) + "\n")
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    with open(os.path.join(folder, "command.txt"), "a", encoding="utf-8") as handle:
+        handle.write(f"# {stamp} in {os.getcwd()}\n{command_line()}\n")
+    logger.open_log_file(os.path.join(folder, "run.log"))
+    log.info("run folder %s: config.json, command.txt, run.log", folder)
 
 
 def experiment_lock(cfg):
@@ -402,6 +477,7 @@ def experiment_lock(cfg):
 
 def main(argv=None) -> int:
     cfg = None
+    logger.reset_once()
     try:
         cfg = parse_config(argv)
         logger.setup_logging(cfg.debug)
@@ -410,26 +486,46 @@ def main(argv=None) -> int:
             device = select_device(cfg)
             init_distributed(device.type)
             logger.setup_logging(cfg.debug)  # again: the rank (log prefix, rank-0-only INFO) is known only now
+            start_run_files(cfg)
+            if note := norm_fallback_note(cfg.norm_act):
+                log.info(note)
             recipe = find_recipe(cfg)
-            for i, (step, lr) in enumerate(step_lrs(cfg)):
-                run_step(cfg, step, lr, first_step_of_call=(i == 0), device=device, recipe=recipe)
+            compare_with_recipe(cfg, recipe)
+            run_steps(cfg, device, recipe)
         return 0
     except UserError as exc:
         if cfg is not None and cfg.debug:
             raise
-        print(f"error: {f'rank {get_rank()}: ' if is_distributed() else ''}{one_line(exc)}", file=sys.stderr)
+        line = f"error: {f'rank {get_rank()}: ' if is_distributed() else ''}{one_line(exc)}"
+        print(line, file=sys.stderr)
+        logger.write_to_log_file(line)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to continue the step from its last checkpoint", file=sys.stderr)
+        line = "interrupted: rerun the same command to continue the step from its last checkpoint"
+        print(line, file=sys.stderr)
+        logger.write_to_log_file(line)
         return 130
     except RuntimeError as exc:  # a collective broken by another rank that failed, exited or timed out
         message = peer_failure_message(exc)
         if message is None or (cfg is not None and cfg.debug):
             raise
         print(f"error: {message}", file=sys.stderr)
+        logger.write_to_log_file(f"error: {message}")
         return 1
     finally:
+        logger.close_log_file()
         cleanup()
+
+
+def run_steps(cfg, device, recipe: Recipe | None) -> None:
+    """The steps of this call in order, each saying which of how many it is, with an ETA for the call."""
+    plan = step_lrs(cfg)
+    start = time.perf_counter()
+    for i, (step, lr) in enumerate(plan):
+        run_step(cfg, step, lr, first_step_of_call=(i == 0), device=device, recipe=recipe,
+                 position=f"{i + 1}/{len(plan)} of this call")
+        if len(plan) > 1:
+            log.info("%s", status("steps of this call", i + 1, len(plan), time.perf_counter() - start))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +19,8 @@ from metrics.stream_metrics import ConfusionMatrix
 from utils.checkpoint import finite_flags
 from utils.dist import all_reduce_sum
 from utils.errors import UserError
-from utils.logger import progress
+from utils.logger import progress_bar
+from utils.progress import duration, eta, track
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class EpochSetup:
     grad_accum: int = 1
     log_interval: int = 10
     show_progress: bool = False
+    epochs: int = 0  # epochs of the step, for "epoch e/E" in the log (0: unknown)
     hooks: object = None  # the method's per-batch hook (``compose_batch(TrainInputs) -> TrainInputs``); None = none
 
 
@@ -113,7 +116,7 @@ RERUN_HINT = ("the last good checkpoint is kept; rerun with a lower --lr (the st
               "--amp off")
 
 
-def _check_finite(sums: dict[str, torch.Tensor], window: list, step: int, epoch: int, n_iter: int,
+def _check_finite(sums: dict[str, torch.Tensor], window: list, where: str, n_iter: int,
                   model: torch.nn.Module | None = None) -> None:
     """``window``: (iteration, loss terms) since the last check; reports the first non-finite iteration in it. Then
     the weights: an update from a finite loss can still make them NaN/inf (found here, before any checkpoint)."""
@@ -122,7 +125,7 @@ def _check_finite(sums: dict[str, torch.Tensor], window: list, step: int, epoch:
         it, last = next(((i, t) for i, t in window if not all(math.isfinite(float(v)) for v in t.values())),
                         window[-1])
         terms = ", ".join(f"{k}={float(v):.6g}" for k, v in last.items())
-        raise NonFiniteLoss(f"non-finite loss at step {step}, epoch {epoch}, iteration {it + 1}/{n_iter}: {terms}; "
+        raise NonFiniteLoss(f"non-finite loss at {where}, iteration {it + 1}/{n_iter}: {terms}; "
                             + RERUN_HINT)
     if model is None:
         return
@@ -130,7 +133,7 @@ def _check_finite(sums: dict[str, torch.Tensor], window: list, step: int, epoch:
     if not bool(flags.all()):  # the one host sync of the weight check, at log lines only
         bad = keys[int((~flags).nonzero()[0])]
         last_it = window[-1][0] + 1 if window else n_iter
-        raise NonFiniteLoss(f"non-finite weights at step {step}, epoch {epoch}, by iteration {last_it}/{n_iter} ({bad} "
+        raise NonFiniteLoss(f"non-finite weights at {where}, by iteration {last_it}/{n_iter} ({bad} "
                             "holds NaN or inf after an update from a finite loss); " + RERUN_HINT)
 
 
@@ -142,9 +145,11 @@ def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, e
     last: dict[str, torch.Tensor] = {}
     window: list = []  # (iteration, terms) since the last finiteness check (checked with the log, no extra syncs)
     n_iter = len(loader)
+    where = epoch_label(step, epoch, setup.epochs)
     setup.optimizer.zero_grad(set_to_none=True)
-    for it, item in enumerate(progress(loader, enabled=setup.show_progress, desc=f"step {step} epoch {epoch}",
-                                       total=n_iter)):
+    bar = progress_bar(loader, enabled=setup.show_progress, desc=where, total=n_iter)
+    start = time.perf_counter()
+    for it, item in enumerate(bar if bar is not None else loader):
         images, labels, aux = split_item(item)
         inputs = TrainInputs(setup.precision.images(images, device), labels_to_device(labels, device),
                              {k: v.to(device, non_blocking=True) for k, v in aux.items()})
@@ -172,15 +177,23 @@ def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, e
         for k, v in last.items():
             sums[k] = sums.get(k, torch.zeros((), device=device)) + v.float()
         if (it + 1) % setup.log_interval == 0 or it + 1 == n_iter:
-            _check_finite(sums, window, step, epoch, n_iter, unwrap(model))
+            _check_finite(sums, window, where, n_iter, unwrap(model))
             window = []
-            _log_iteration(board, last, lr, step, epoch, it, n_iter)
+            _log_iteration(board, last, lr, where, step, epoch, it, n_iter, time.perf_counter() - start,
+                           file_only=bar is not None)
     return _epoch_means(sums, n_iter, device)
 
 
-def _log_iteration(board, last, lr: float, step, epoch, it, n_iter) -> None:
+def epoch_label(step: int, epoch: int, epochs: int) -> str:
+    """``step 0 epoch 3/30`` (epochs counted from 1 for people; ``epoch`` is the 0-based index)."""
+    return f"step {step} epoch {epoch + 1}/{epochs}" if epochs else f"step {step} epoch {epoch + 1}"
+
+
+def _log_iteration(board, last, lr: float, where: str, step, epoch, it, n_iter, elapsed: float,
+                   file_only: bool = False) -> None:
     text = " ".join(f"{k}={float(v):.4f}" for k, v in last.items())
-    log.info("step %d epoch %d iter %d/%d lr %.6f %s", step, epoch, it + 1, n_iter, lr, text)
+    log.info("%s iter %d/%d lr %.6f %s (%s elapsed, epoch ETA %s)", where, it + 1, n_iter, lr, text,
+             duration(elapsed), eta(elapsed, it + 1, n_iter), extra={"file_only": file_only and it + 1 < n_iter})
     if board is not None:
         x = epoch * n_iter + it
         board.scalar(f"Loss/{step}", float(sum(last.values())), x)
@@ -201,12 +214,12 @@ def _epoch_means(sums: dict[str, torch.Tensor], n_iter: int, device) -> dict[str
 @torch.no_grad()
 def evaluate(model, loader, *, n_classes: int, device: torch.device, precision: Precision,
              show_progress: bool = False, sample_hook: Callable | None = None,
-             predict: Callable | None = None) -> ConfusionMatrix:
+             predict: Callable | None = None, what: str = "evaluation") -> ConfusionMatrix:
     """Confusion matrix over ``loader``, accumulated on the device and reduced across ranks once; ``predict`` maps
     the logits to the scores whose argmax is the prediction (the method's ``predict``; None: the logits)."""
     model.eval()
     cm = ConfusionMatrix(n_classes, device)
-    for i, item in enumerate(progress(loader, enabled=show_progress, desc="eval", total=len(loader))):
+    for i, item in enumerate(track(loader, f"{what} (batches)", bar=show_progress)):
         images, labels, _ = split_item(item)
         images = precision.images(images, device)
         labels = labels_to_device(labels, device)

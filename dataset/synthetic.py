@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import json
 import os
 import shutil
 import sys
@@ -40,6 +41,7 @@ from utils.errors import UserError
 
 CITYSCAPES_IGNORED_IDS = (1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30)
 TRAIN_TO_RAW = {train: raw for raw, train in RAW_TO_TRAIN.items()}
+MARKER = "SYNTHETIC.json"  # at the dataset root: how it was generated; run records and plots say "synthetic"
 SHAPES = ("ellipse", "rectangle", "triangle", "diamond")
 TEXTURES = ("stripes", "checks", "dots", "rings")
 
@@ -282,6 +284,11 @@ def _write_split(tmp: str, layout: str, split: str, n_images: int, size: int, se
     writer.finish(tmp, split, lines)
 
 
+def is_synthetic(root: str) -> bool:
+    """Whether ``root`` was written by this generator (its marker file; readers ignore it)."""
+    return os.path.isfile(os.path.join(root, MARKER))
+
+
 def generate(root: str, layout: str = "voc", *, size: int = 96, n_train: int | None = None,
              n_val: int | None = None, seed: int = 0, force: bool = False) -> dict:
     """Write the synthetic dataset at ``root`` (atomically); returns a summary dict."""
@@ -306,6 +313,8 @@ def generate(root: str, layout: str = "voc", *, size: int = 96, n_train: int | N
             os.makedirs(os.path.join(tmp, sub))
         _write_split(tmp, layout, "train", n_train, size, seed)
         _write_split(tmp, layout, "val", n_val, size, seed)
+        with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as handle:
+            json.dump({"layout": layout, "size": size, "train": n_train, "val": n_val, "seed": seed}, handle)
         if os.path.exists(root):
             old = os.path.join(parent, f".{os.path.basename(root)}.old-{os.getpid()}")
             os.rename(root, old)

@@ -9,8 +9,8 @@ import argparse
 
 from methods import add_extension_args, add_method_args
 from models import BACKBONES
-from utils.flags import (IGNORED, ArgumentParser, momentum_value, nonnegative_float, nonnegative_int, plain_name,
-                         positive_float, positive_int)
+from utils.flags import (IGNORED, INVERTED, NOT_IMPLEMENTED, ArgumentParser, momentum_value, nonnegative_float,
+                         nonnegative_int, plain_name, positive_float, positive_int)
 
 __all__ = ["ArgumentParser", "IGNORED", "get_argparser"]
 
@@ -37,23 +37,27 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default="voc",
                    help="voc, ade, cityscapes (class-incremental) or cityscapes_domain (PLOP's domain-incremental)")
     g.add_argument("--num_classes", type=int, default=None, help="(ignored: always taken from the dataset)")
-    g.add_argument("--dont_predict_bg", action="store_true", help=IGNORED)
+    g.add_argument("--dont_predict_bg", action="store_true", help=IGNORED + "background switch, never read")
     g.add_argument("--ignore_test_bg", action="store_true",
-                   help="(not implemented: rejected) ADE: ignore background pixels in the test metrics")
-    g.add_argument("--cache_root", default="data", help="folder of the index caches data/{dataset}/{task}[-ov]/*.npy")
+                   help=NOT_IMPLEMENTED + "ADE: ignore background pixels in the test metrics")
+    g.add_argument("--cache_root", default=None,
+                   help="folder of the index caches {cache_root}/{dataset}/{task}[-ov]/*.npy (default: "
+                        "$CISS_CACHE_DIR, else $XDG_CACHE_HOME/ciss or ~/.cache/ciss, one sub-folder per --data_root; "
+                        "the reference used data/)")
 
 
 def _add_training(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--strict_weights", action="store_false", default=True,
-                   help="pass to load the previous step / --ckpt non-strictly")
+                   help=INVERTED + "passing it loads the previous step / --ckpt NON-strictly (missing and "
+                        "unexpected keys allowed); default: strict")
     g.add_argument("--base_weights", action="store_true", help="build only the step-0 classifier")
     g.add_argument("--epochs", type=positive_int, default=30, help="epochs per step")
     g.add_argument("--fix_bn", action="store_true", help="freeze batch-norm statistics and affine parameters")
     g.add_argument("--batch_size", type=positive_int, default=4, help="batch size per process")
     g.add_argument("--grad_accum", type=positive_int, default=1,
                    help="gradient accumulation: effective batch = batch_size x processes x grad_accum")
-    g.add_argument("--crop_size", type=positive_int, default=512, help="training crop (and evaluation crop with --crop_val)")
+    g.add_argument("--crop_size", type=positive_int, default=512, help="training crop, and the evaluation centre crop unless --crop_val")
     g.add_argument("--buffer_size", type=int, default=0, help=IGNORED + "(no exemplar memory in AWT)")
     g.add_argument("--lr", type=positive_float, nargs="+", default=[0.007], help="learning rate, one per --step or one for all")
     g.add_argument("--lr_old", type=positive_float, default=None, help="old classifiers get lr_old x lr")
@@ -75,16 +79,27 @@ def _add_validation(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--val_on_trainset", action="store_true", help="test set built from the train split")
     g.add_argument("--cross_val", action="store_true", help="validate on a random 20%% of the training set")
     g.add_argument("--crop_val", action="store_false", default=True,
-                   help="pass to evaluate on full images (batch 1) instead of a centre crop of --crop_size")
+                   help=INVERTED + "passing it turns cropping OFF: evaluation on full images (batch 1); default: "
+                        "centre crops of --crop_size")
 
 
 def _add_logging(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging")
-    g.add_argument("--logdir", default="./logs", help="TensorBoard folder: {logdir}/{task}-{dataset}/{name}/")
-    g.add_argument("--name", type=plain_name, default="Experiment", help="experiment name (checkpoint, CSV and log names)")
+    g.add_argument("--logdir", default="./logs",
+                   help="run folders {logdir}/{task}-{dataset}/{name}/: TensorBoard events, run.log, config.json, "
+                        "command.txt")
+    g.add_argument("--name", type=plain_name, default=None,
+                   help="experiment name in checkpoint, CSV, mask and log names (default: the method and its "
+                        "extensions, e.g. MiB+AWT; the reference's default was Experiment)")
+    g.add_argument("--output_dir", default=None,
+                   help="one folder for the run's outputs: checkpoints/, results/, logs/ (TensorBoard, run.log, "
+                        "config.json, command.txt) and channels/ under it; --checkpoint, --results_dir, --logdir or "
+                        "--channels_dir given explicitly keep their own path (default: the reference's folders "
+                        "./checkpoints/step, results, ./logs, channels)")
     g.add_argument("--sample_num", type=nonnegative_int, default=0, help="validation samples logged as images")
     g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    g.add_argument("--visualize", action="store_false", default=True, help="pass to disable TensorBoard")
+    g.add_argument("--visualize", action="store_false", default=True,
+                   help=INVERTED + "passing it turns TensorBoard OFF; default: on")
     g.add_argument("--print_interval", type=positive_int, default=10, help="iterations between log lines")
     g.add_argument("--val_interval", type=positive_int, default=1, help="epochs between validations")
     g.add_argument("--ckpt_interval", type=positive_int, default=1, help="epochs between resumable checkpoints inside a step")
@@ -103,12 +118,12 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--norm_act", default="iabn_sync", choices=["iabn_sync", "iabn", "abn", "std"],
                    help="normalisation + activation of the resnet* backbones and the deeplabv3 head (tv_resnet* "
                         "backbones always use BatchNorm + ReLU)")
-    g.add_argument("--fusion-mode", dest="fusion_mode", default="mean", help=IGNORED)
+    g.add_argument("--fusion-mode", dest="fusion_mode", default="mean", help=IGNORED + "multi-scale fusion, never read")
     g.add_argument("--pooling", type=positive_int, default=32, help="ASPP image-pooling window in evaluation")
     g.add_argument("--code_directory", default=".", help="root of pretrained/")
     g.add_argument("--disable_background", action="store_true",
-                   help="(not implemented: rejected) zero the background logit in evaluation (PLOP's "
-                        "Cityscapes-domain leftover)")
+                   help=NOT_IMPLEMENTED + "zero the background logit in evaluation (PLOP's Cityscapes-domain "
+                        "leftover)")
 
 
 def _add_checkpoint(parser: argparse.ArgumentParser) -> None:
@@ -127,15 +142,23 @@ def _add_protocol(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("incremental protocol")
     g.add_argument("--task", default="19-1", help="class split, e.g. 15-1, 100-50, 14-1")
     g.add_argument("--step", type=nonnegative_int, nargs="+", default=[0], help="step(s) to run, in order")
-    g.add_argument("--no_mask", action="store_true", help="keep old-class labels (unsupported: rejected)")
+    g.add_argument("--no_mask", action="store_true", help=NOT_IMPLEMENTED + "keep old-class labels in training")
     g.add_argument("--data_masking", default="current", choices=["current", "current+old", "all", "new"],
                    help="training label masking")
     g.add_argument("--overlap", action="store_true", help="overlapped protocol (default: disjoint)")
 
 
-def get_argparser(add_help: bool = True) -> argparse.ArgumentParser:
-    """The full parser: core groups, then the flags of every loss term, method and extension."""
-    parser = ArgumentParser(add_help=add_help, description="Class-incremental semantic segmentation")
+USAGE = "%(prog)s --dataset D --data_root PATH --task T --step N [N ...] [--method M] [flag value ...]"
+DESCRIPTION = ("Train and test the incremental steps of a class-incremental semantic segmentation task "
+               "(DeepLab-v3; AWT, MiB, PLOP and the other methods; reference flag names). Flags by group below, "
+               "defaults in parentheses; the reference flags that are ignored or not implemented are listed last.")
+
+
+def get_argparser(add_help: bool = True, *, usage: str = USAGE, description: str = DESCRIPTION
+                  ) -> argparse.ArgumentParser:
+    """The full parser: core groups, then the flags of every loss term, method and extension (attribute.py and
+    evaluate.py reuse it with their own usage and description)."""
+    parser = ArgumentParser(add_help=add_help, usage=usage, description=description)
     for add in (_add_performance, _add_dataset, _add_training, _add_validation, _add_logging, _add_model,
                 _add_checkpoint, _add_protocol):
         add(parser)

@@ -7,10 +7,12 @@ import os
 import torch
 
 from dataset.incremental import build_step_datasets
+from dataset.synthetic import is_synthetic
 from dataset.tasks import classes_per_step
 from methods import MethodStack, build_method
 from models import BACKBONES
 from modules.heads import final_layer
+from modules.norm import plain_fallback
 from segmentation_module import IncrementalSegmentationModule, ModelSpec, build_model_from_spec
 from train import Precision
 from utils.checkpoint import check_class_layout, model_state, nonfinite_entry, safe_load, step_ckpt_path
@@ -56,6 +58,25 @@ def build_model(cfg, step: int, *, pretrained: bool = True,
 
 def ckpt_path(cfg, step: int) -> str:
     return step_ckpt_path(cfg.checkpoint, cfg.task, cfg.dataset, cfg.name, step)
+
+
+def log_folder(cfg) -> str:
+    """``{logdir}/{task}-{dataset}/{name}``: TensorBoard events, run.log, config.json and command.txt of a run."""
+    return os.path.join(cfg.logdir, f"{cfg.task}-{cfg.dataset}", cfg.name)
+
+
+def data_kind(data_root: str) -> str | None:
+    """``"synthetic"`` for a dataset written by ``python -m dataset.synthetic`` (its marker file), else None."""
+    return "synthetic" if is_synthetic(data_root) else None
+
+
+def norm_fallback_note(norm_act: str) -> str | None:
+    """A log line when ``--norm_act`` is served by the plain implementation instead of In-Place ABN."""
+    plain = plain_fallback(norm_act)
+    if plain is None:
+        return None
+    return (f"--norm_act {norm_act}: the inplace_abn package is not installed, so {plain} is used (same forward "
+            "and backward, interchangeable weights; more memory than In-Place ABN)")
 
 
 def previous_ckpt_path(cfg, step: int, *, first_step_of_call: bool) -> str:

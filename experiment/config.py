@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
+import os
 import sys
 from typing import Sequence
 
 from experiment.argparser import get_argparser
-from methods import PRESETS
+from methods import PRESETS, build_method
 from utils.errors import UserError
 from utils.flags import ArgumentParser
 
@@ -61,8 +63,46 @@ def _given(parser: argparse.ArgumentParser, argv: Sequence[str], dest: str) -> b
     return any(tok == o or tok.startswith(o + "=") for tok in argv for o in options)
 
 
-def parse_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None):
-    """Parse the command line; ``--method`` presets become parser defaults, so explicit flags win."""
+# Where --output_dir puts each output; a flag given explicitly keeps its own path (reference command lines).
+OUTPUT_FOLDERS = {"checkpoint": "checkpoints", "results_dir": "results", "logdir": "logs", "channels_dir": "channels"}
+
+
+def user_cache_dir() -> str:
+    """``$CISS_CACHE_DIR``, else ``$XDG_CACHE_HOME/ciss``, else ``~/.cache/ciss``."""
+    if os.environ.get("CISS_CACHE_DIR"):
+        return os.environ["CISS_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ciss")
+
+
+def default_cache_root(data_root: str) -> str:
+    """One cache folder per data root, so that two datasets of one layout never share index files."""
+    root = os.path.abspath(data_root)
+    tag = hashlib.sha1(root.encode()).hexdigest()[:10]
+    return os.path.join(user_cache_dir(), f"{os.path.basename(root.rstrip(os.sep)) or 'data'}-{tag}")
+
+
+def default_name(cfg) -> str:
+    """``--name`` when not given: the method and its extensions, e.g. ``MiB+AWT`` (``FT`` without --method)."""
+    stack = build_method(cfg)
+    labels = [stack.method.name] + [p.label(cfg) for p in stack.plugins[1:]]
+    return "+".join(label for label in labels if label)
+
+
+def _resolve_outputs(ns: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    if getattr(ns, "output_dir", None):
+        for dest, sub in OUTPUT_FOLDERS.items():
+            if hasattr(ns, dest) and not _given(parser, argv, dest):
+                setattr(ns, dest, os.path.join(ns.output_dir, sub))
+    if hasattr(ns, "cache_root") and ns.cache_root is None:
+        ns.cache_root = default_cache_root(ns.data_root)
+
+
+def parse_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None, *,
+                 warn: bool = True):
+    """Parse the command line; ``--method`` presets become parser defaults, so explicit flags win. Derived
+    defaults: output folders under ``--output_dir``, the cache folder, ``--name``. ``warn=False``: no log lines
+    (parsing a published recipe's flags to compare them)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = parser or get_argparser()
     method = _method_from_argv(parser, argv)
@@ -70,11 +110,15 @@ def parse_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentPar
         preset = PRESETS[method]
         parser.set_defaults(**preset)
     ns = parser.parse_args(argv)
-    if method is not None:
+    if method is not None and warn:
         for key, value in preset.items():
             if _given(parser, argv, key) and getattr(ns, key) != value:
                 log.warning("--%s %s overrides the %s preset value %s", key, getattr(ns, key), method, value)
-    return config_from_namespace(ns)
+    _resolve_outputs(ns, parser, argv)
+    cfg = config_from_namespace(ns)
+    if getattr(cfg, "name", "") is None:
+        cfg = replace(cfg, name=default_name(cfg))
+    return cfg
 
 
 def step_lrs(cfg) -> list[tuple[int, float]]:
@@ -93,7 +137,7 @@ _RESUME_FREE_FLAGS = frozenset({
     "num_workers", "no_progress", "debug", "visualize", "logdir", "print_interval", "ckpt_interval", "val_interval",
     "resume", "no_auto_resume", "ckpt", "step", "lr", "overwrite", "date", "results_dir", "checkpoint", "local_rank",
     "sample_num", "code_directory", "cache_root", "channels_dir", "data_root", "step_ckpt", "test", "device",
-    "compile", "att_plot"})
+    "compile", "att_plot", "output_dir"})
 
 
 def check_resume_config(ckpt: Any, cfg, path: str) -> None:

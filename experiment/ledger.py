@@ -1,7 +1,7 @@
 """The reproduction ledger: every published number the framework can run (``docs/ledger.toml``), the command that
 runs it, and ours next to it once a result CSV exists.
 
-    python report.py --ledger results/                        # published, ours and the difference, with flags
+    python report.py --ledger runs/results/                        # published, ours and the difference, with flags
     python -m experiment.ledger --markdown > docs/reproduction.md
 
 A row's result is the newest CSV ``{date}_{dataset}_{task}_{name}.csv`` of its setting, protocol and run name. It is
@@ -39,7 +39,7 @@ class Row:
     method: str
     wrapper: str  # scripts/{wrapper}.sh
     command: str
-    name: str  # run name: results/{date}_{dataset}_{task}_{name}.csv
+    name: str  # run name: runs/results/{date}_{dataset}_{task}_{name}.csv
     published: dict  # {"old": 59.1, ...}, only the published metrics
     src: str
     ref: str
@@ -163,12 +163,13 @@ def reproduction_markdown() -> str:
     out = ["# Reproduction ledger", "",
            "Every published number the framework can run, the command that runs it and the training recipe behind it.",
            "Generated from `docs/ledger.toml` by `python -m experiment.ledger --markdown` (a test keeps the two equal);",
-           "`python report.py --ledger results/` prints the same rows with our results and flags whatever differs from",
+           "`python report.py --ledger runs/results/` prints the same rows with our results and flags whatever differs from",
            "the published recipe (effective batch, lr, epochs, class order, missing steps).", "",
            "Numbers: mIoU (%) old / new / all at the last step, overlapped protocol unless marked `disj.`; `avg` is",
-           "PLOP's mean of all over the steps. Sources: V primary, S secondary, D derived (`ref`: section of the",
-           "project notes' `published-results.md`). Batch: effective batch x GPUs of the published runs; the recipe",
-           "column names the published script the wrapper mirrors (`scripts/recipes.toml`).", "",
+           "PLOP's mean of all over the steps. Sources: V primary (the paper's own table or the official",
+           "repository), S secondary (a later paper quoting it), D derived by arithmetic. Batch: effective batch x",
+           "GPUs of the published runs; the recipe column names the published script the wrapper mirrors",
+           "(`scripts/recipes.toml`).", "",
            "**Ours: nothing is reproduced yet** (no GPU and no real dataset were available when this was written).", "",
            "| id | paper, table | setting | method | published | avg | src | command | batch x GPUs | recipe | ours |",
            "|---|---|---|---|---|---:|---|---|---|---|---|"]

@@ -173,7 +173,7 @@ def validate_run(cfg) -> None:
     _check_resume(cfg)
     _check_channel_masks(cfg, _check_checkpoints(cfg))
     for folder, flag, needed in ((cfg.checkpoint, "--checkpoint", not cfg.test), (cfg.results_dir, "--results_dir", True),
-                                 (cfg.logdir, "--logdir", cfg.visualize), (cfg.cache_root, "--cache_root", True),
+                                 (cfg.logdir, "--logdir", True), (cfg.cache_root, "--cache_root", True),
                                  (cfg.channels_dir, "--channels_dir", _needs_masks(cfg))):
         if needed:
             check_writable(folder, flag)

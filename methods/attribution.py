@@ -6,8 +6,6 @@ explains why the closed form is exact.
 """
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -20,8 +18,8 @@ from methods.base import TransferSource
 from modules.heads import final_layer
 from segmentation_module import IncrementalSegmentationModule
 from utils.errors import UserError
+from utils.progress import Meter
 
-log = logging.getLogger(__name__)
 
 # The reference flags choose one of these (attribute.py 3.2); the default is the first.
 AGGREGATIONS = ("max_after_mean", "mean_after_max", "mean_after_avg", "avg_after_mean")
@@ -353,7 +351,7 @@ def attribution_masks(labels: Tensor, size: tuple[int, int], groups: list[list[i
 def channel_importance(model_old, batches: Iterable, new_classes: Sequence[int], *, aggregation: str = "max_after_mean",
                        mask_att: bool = True, per_class: bool = False, accumulate_classes: bool = False,
                        method: str = "exact", n_steps: int = 50, internal_batch_size: int = 8, cfg=None,
-                       device=None, log_every: int = 0, source: TransferSource | None = None,
+                       device=None, total_images: int | None = None, source: TransferSource | None = None,
                        max_images: int | None = None) -> AttributionResult:
     """Signed channel scores of the old model's background logit for the step's new classes.
 
@@ -361,7 +359,8 @@ def channel_importance(model_old, batches: Iterable, new_classes: Sequence[int],
     ``new_classes`` are the remapped ids of the step's new classes. Scores are ``[1, C]`` for the union of the new
     classes or ``[N_new, C]`` with ``per_class`` (without ``mask_att`` a per-class split is meaningless: refused).
     Images whose (downsampled) mask is empty are skipped and counted; if a group has no image left -> UserError.
-    ``max_images``: the reference's cap (:class:`ScoreAccumulator`); ``batches`` is read only as far as needed."""
+    ``max_images``: the reference's cap (:class:`ScoreAccumulator`); ``batches`` is read only as far as needed.
+    ``total_images``: how many images ``batches`` holds, for the progress lines (none without it)."""
     if per_class and not mask_att:
         raise UserError("per-class channel masks need --mask_att (without it every class sees the whole image)")
     new_classes = [int(c) for c in new_classes]
@@ -371,16 +370,19 @@ def channel_importance(model_old, batches: Iterable, new_classes: Sequence[int],
                                   internal_batch_size=internal_batch_size, source=source)
     groups = None if not mask_att else ([[c] for c in new_classes] if per_class else [new_classes])
     acc = ScoreAccumulator(len(groups) if groups else 1, aggregation, cap=max_images)
-    n_images, t0 = 0, time.time()
+    n_images = 0
+    meter = Meter("AWT attribution (images)", total_images) if total_images else None
     for images, labels in batches:
         images, labels = images_to_device(images, device), labels_to_device(labels, device)
         attributions = attributor(images.float())
         acc.update(attributions, attribution_masks(labels, attributions.shape[-2:], groups))
         n_images += images.shape[0]
-        if log_every and (n_images // images.shape[0]) % log_every == 0:
-            log.info("AWT attribution: %d images (%.1f s)", n_images, time.time() - t0)
+        if meter is not None:
+            meter.update(n_images)
         if acc.done:
             break
+    if meter is not None:
+        meter.finish()
     if n_images == 0:
         raise UserError("no image to attribute: the step's training set is empty")
     scores, used = acc.scores(accumulate_groups=per_class and accumulate_classes)

@@ -273,7 +273,9 @@ def compute_mask(cfg, step: int, model_old, device, *, per_class: bool = False, 
                                         mask_att=bool(cfg.mask_att), per_class=per_class,
                                         accumulate_classes=bool(cfg.att_accumulate_classes), method=method,
                                         n_steps=ig_steps, internal_batch_size=cfg.ig_batch_size, cfg=cfg,
-                                        device=device, log_every=50, source=source, max_images=max_images)
+                                        device=device, source=source, max_images=max_images,
+                                        total_images=len(dataset) if max_images is None else min(len(dataset),
+                                                                                                  max_images))
     finally:
         model_old.train(was_training)
     scores = result.scores if per_class else result.scores[0]
@@ -419,6 +421,13 @@ class AWT(Extension):
     @classmethod
     def enabled(cls, cfg) -> bool:
         return classifier_init_plan(cfg) is not None
+
+    @classmethod
+    def label(cls, cfg) -> str | None:
+        plan = classifier_init_plan(cfg)
+        if plan is None or plan["mask_source"] is None:  # MiB's own initialisation
+            return None
+        return "AWT" if plan["mask_source"] == "attribution" else "RandomChannels"
 
     def init_new_classifier(self, ctx: StepContext) -> bool:
         transfer = ctx.method.transfer_source if ctx.method is not None else None

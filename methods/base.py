@@ -126,6 +126,11 @@ class LossTerm:
         """Called after the backward of the task loss; may return extra losses for a second backward."""
         return {}
 
+    def epoch_notes(self) -> list[str]:
+        """Warnings about the epoch that just ended (e.g. no pseudo-label accepted), read once per epoch outside
+        the iteration loop; counters kept on the device are reset here."""
+        return []
+
     def state_dict(self) -> dict:
         """State to store in the checkpoint's ``trainer_state`` (empty when stateless)."""
         return {}
@@ -251,3 +256,9 @@ class Extension(Method):
     @classmethod
     def enabled(cls, cfg: Any) -> bool:
         return False
+
+    @classmethod
+    def label(cls, cfg: Any) -> str | None:
+        """How the default ``--name`` names this extension when enabled (None: it adds nothing to the name, e.g.
+        an initialisation the method's own preset asks for)."""
+        return cls.name

@@ -98,6 +98,9 @@ class Criterion:
             _merge(extra, term.after_backward(model, grad_scale=grad_scale), term.name)
         return extra
 
+    def epoch_notes(self) -> list[str]:
+        return [note for term in self.terms for note in term.epoch_notes()]
+
     def state_dict(self) -> dict:
         """``{term name: state}`` for stateful terms; the core stores it as the checkpoint's ``trainer_state``."""
         return {t.name: s for t in self.terms if (s := t.state_dict())}

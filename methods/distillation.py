@@ -45,8 +45,10 @@ class KnowledgeDistillation(LossTerm):
                             help="old logits are multiplied by alpha before the softmax in KD; also focal-loss alpha")
         parser.add_argument("--kd_scheduling", action="store_true", default=False,
                             help="multiply the KD loss by sqrt(classes seen / new classes)")
-        parser.add_argument("--kd_need_labels", action="store_true", default=False, help=IGNORED)
-        parser.add_argument("--kd_category", action="store_true", default=False, help=IGNORED)
+        parser.add_argument("--kd_need_labels", action="store_true", default=False,
+                            help=IGNORED + "KD variant switch, never read by the reference")
+        parser.add_argument("--kd_category", action="store_true", default=False,
+                            help=IGNORED + "KD variant switch, never read by the reference")
         parser.add_argument("--kd_new", action="store_true", default=False, help=NOT_IMPLEMENTED + "KD on bg pixels")
         parser.add_argument("--kd_bce_sig", action="store_true", default=False, help=NOT_IMPLEMENTED + "BCE KD")
         parser.add_argument("--kd_bce_sig_shape", default="trim", choices=["trim", "sum"],

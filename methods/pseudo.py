@@ -23,6 +23,7 @@ from utils import loss as L
 from utils.flags import NOT_IMPLEMENTED, nonnegative_float
 from utils.constants import BACKGROUND, IGNORE_INDEX
 from utils.errors import UserError
+from utils.progress import track
 
 ENTROPY_BINS = 100  # PLOP find_median: histogram bins on [0, 1] for entropy
 PROBABILITY_BINS = 20  # PLOP find_median: bins of 0.05 for probabilities
@@ -160,6 +161,7 @@ class PseudoLabel(LossTerm):
         self.entropy_fixed = entropy_fixed
         self.exact_median = exact_median
         self.thresholds: Tensor | None = None  # (n_old,) per predicted old class, set by before_step
+        self._counts: Tensor | None = None  # (background pixels, pseudo-labelled pixels) this epoch, on the device
 
     @classmethod
     def build(cls, cfg: Any, ctx: StepContext) -> "PseudoLabel | None":
@@ -202,7 +204,7 @@ class PseudoLabel(LossTerm):
         hist = torch.zeros(self.n_old * self.nb_bins, dtype=torch.long, device=device)
         was_training = model_old.training
         model_old.eval()
-        for images, labels in loader:
+        for images, labels in track(loader, "pseudo-label thresholds: old model over the training set (batches)"):
             images, labels = images_to_device(images, device), labels_to_device(labels, device)
             with autocast():
                 logits_old = model_old(images)[0]
@@ -259,11 +261,25 @@ class PseudoLabel(LossTerm):
                 if self.adaptive_min_factor:
                     factor = factor.clamp(min=self.adaptive_min_factor)
                 weight = factor[:, None, None]  # (B, 1, 1)
+        taken = background & (labels != IGNORE_INDEX) if pseudo_mask is None else pseudo_mask
+        counts = torch.stack([background.sum(), taken.sum()])
+        self._counts = counts if self._counts is None else self._counts + counts
         batch.original_labels = batch.labels
         batch.labels = labels
         batch.pseudo_mask = pseudo_mask
         if weight is not None:
             batch.pixel_weight = weight if batch.pixel_weight is None else batch.pixel_weight * weight
+
+    def epoch_notes(self) -> list[str]:
+        counts, self._counts = self._counts, None
+        if counts is None:
+            return []
+        background, taken = (int(v) for v in counts.tolist())
+        if background and not taken:
+            return [f"no pseudo-label was accepted in this epoch (--pseudo {self.mode}: 0 of {background} "
+                    "background pixels passed the threshold): old classes are learnt from nothing but "
+                    "distillation; check --threshold and the old model"]
+        return []
 
     def _thresholds(self, probs: Tensor) -> Tensor:
         if self.thresholds is None:

@@ -12,7 +12,9 @@ Definitions (at the last step of a run, or any step for the curves):
 - For the permuted VOC orders (15-1a ... 15-1j) old and new are the classes of each order's own table
   (``dataset.tasks.get_task_labels``); runs of the ten orders are pooled into one row, mean +- std.
 - Several runs of the same dataset / setting / method (orders, seeds, dates) are pooled the same way; ``n`` says how
-  many. std is the sample standard deviation (ddof = 1).
+  many. std is the sample standard deviation (ddof = 1). One training counts once: CSVs whose rows were tested
+  from the same checkpoint (the ``train_id`` of the run records ``{csv}.run.json``, e.g. a re-test into a CSV of
+  another ``--date``) give one result per (run, step), not two.
 
 Column order of a CSV: the reference wrote class IoUs in the model's *remapped* order (``[0] + labels_old +
 labels``), which differs from the original class ids only for permuted orders. ``columns="auto"`` tells the two apart
@@ -32,6 +34,7 @@ from typing import Iterable, Sequence
 
 from dataset import tasks as task_tables
 from dataset.readers import READERS
+from metrics.results import read_run_record
 from utils.errors import UserError
 
 DEFAULT_COLUMNS = "remapped"
@@ -84,7 +87,8 @@ class Run:
     raw: dict[int, list[str]] = field(default_factory=dict)     # step -> class cells in CSV column order
     values: dict[int, dict[int, object]] = field(default_factory=dict)  # step -> {class id: float | "x" | "X"}
     miou: dict[int, float | None] = field(default_factory=dict)         # step -> the CSV's mIoU column
-
+    train_ids: dict[int, str] = field(default_factory=dict)  # step -> the training its row was tested from
+    synthetic: bool = False                                  # trained on data of dataset/synthetic.py
     @property
     def last_step(self) -> int:
         return max(self.values)
@@ -225,6 +229,11 @@ def read_run(path: str, label: str | None = None, columns: str = "auto") -> Run:
         run.values[step] = vals
         m = mious[step]
         run.miou[step] = m if isinstance(m, float) else None
+    for step, record in read_run_record(path).items():
+        if step in run.values and isinstance(record, dict):
+            if record.get("train_id"):
+                run.train_ids[step] = str(record["train_id"])
+            run.synthetic = run.synthetic or record.get("data") == "synthetic"
     return run
 
 
@@ -343,6 +352,40 @@ class Group:
     protocol: str
     label: str
     runs: list[Run]
+    retested: list[tuple[str, str]] = field(default_factory=list)  # (dropped CSV, the CSV it repeats)
+
+    @property
+    def synthetic(self) -> bool:
+        return all(r.synthetic for r in self.runs)
+
+
+def unique_at(runs: Iterable[Run], step: int) -> list[Run]:
+    """The runs with a row at ``step``, one per training: rows tested from the same checkpoint count once."""
+    out, seen = [], set()
+    for run in runs:
+        if step not in run.values:
+            continue
+        tid = run.train_ids.get(step)
+        if tid is not None:
+            if tid in seen:
+                continue
+            seen.add(tid)
+        out.append(run)
+    return out
+
+
+def _drop_retests(group: Group) -> Group:
+    """Keep one run per last-step training (the one with the most tested steps); note the others."""
+    kept: dict[object, Run] = {}
+    for run in sorted(group.runs, key=lambda r: (-len(r.values), r.path)):
+        tid = run.train_ids.get(run.last_step)
+        key = (run.last_step, tid) if tid is not None else id(run)
+        if key in kept:
+            group.retested.append((run.path, kept[key].path))
+            continue
+        kept[key] = run
+    group.runs = [r for r in group.runs if any(r is k for k in kept.values())]
+    return group
 
 
 def group_runs(runs: Sequence[Run], separate_orders: bool = False, orders: str = "paper") -> list[Group]:
@@ -361,7 +404,7 @@ def group_runs(runs: Sequence[Run], separate_orders: bool = False, orders: str =
             setting = pooled_orders_label(orders)
         key = (run.dataset, setting, run.protocol, run.label)
         groups.setdefault(key, Group(*key, runs=[])).runs.append(run)
-    return list(groups.values())
+    return [_drop_retests(g) for g in groups.values()]
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
@@ -410,7 +453,8 @@ def summary_table(groups: Sequence[Group], reference_average: bool = False, deci
         s = summarize(g, reference_average)
         done = sorted({f"{r.last_step + 1}/{r.total_steps}" for r in g.runs})
         setting = g.setting + (" disjoint" if g.protocol == "disjoint" else "")
-        rows.append([g.dataset, setting, g.label, str(len(g.runs)), ",".join(done)]
+        dataset = g.dataset + (" (synthetic)" if g.synthetic else "")
+        rows.append([dataset, setting, g.label, str(len(g.runs)), ",".join(done)]
                     + [fmt(s[k][0], s[k][1], decimals) for k in ("old", "new", "all", "avg")])
     header = ["dataset", "setting", "method", "n", "steps", "old", "new", "all", "avg"]
     return _table(header, rows, ["---"] * 5 + ["---:"] * 4)
@@ -449,20 +493,22 @@ def steps_table(groups: Sequence[Group], reference_average: bool = False, decima
     for g in sorted(groups, key=_sort_key):
         cells = []
         for step in range(longest):
-            vals = [step_scores(r, step, reference_average)["all"] for r in g.runs if step in r.values]
+            vals = [step_scores(r, step, reference_average)["all"] for r in unique_at(g.runs, step)]
             m, sd, _ = mean_std(vals)
             cells.append(fmt(m, sd, decimals) if vals else "")
-        rows.append([g.dataset, g.setting, g.label] + cells)
+        rows.append([g.dataset + (" (synthetic)" if g.synthetic else ""), g.setting, g.label] + cells)
     return _table(["dataset", "setting", "method"] + [f"step {s}" for s in range(longest)], rows,
                   ["---"] * 3 + ["---:"] * longest)
 
 
-def plot_curves(groups: Sequence[Group], path: str, reference_average: bool = False) -> None:
-    """PNG: one row per dataset/setting, columns all / old / new mIoU after each step; mean line, std band."""
+def plot_curves(groups: Sequence[Group], path: str, reference_average: bool = False, full_scale: bool = False) -> None:
+    """One row per dataset/setting, columns all / old / new mIoU after each step; mean line, std band; integer
+    step ticks; ``full_scale``: every panel on the same 0-100 % axis. Synthetic data is named in the titles."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
     settings = sorted({(g.dataset, g.setting, g.protocol) for g in groups},
                       key=lambda k: (_datasets().index(k[0]), k[1], k[2]))
@@ -473,7 +519,7 @@ def plot_curves(groups: Sequence[Group], path: str, reference_average: bool = Fa
             for col, metric in enumerate(("all", "old", "new")):
                 xs, ms, sds = [], [], []
                 for step in range(longest):
-                    vals = [step_scores(r, step, reference_average)[metric] for r in g.runs if step in r.values]
+                    vals = [step_scores(r, step, reference_average)[metric] for r in unique_at(g.runs, step)]
                     m, sd, _ = mean_std(vals)
                     if m is not None:
                         xs.append(step)
@@ -486,12 +532,17 @@ def plot_curves(groups: Sequence[Group], path: str, reference_average: bool = Fa
                 if any(sds):
                     ax.fill_between(xs, [m - s for m, s in zip(ms, sds)], [m + s for m, s in zip(ms, sds)],
                                     color=line.get_color(), alpha=0.2)
+        synthetic = all(g.synthetic for g in groups if (g.dataset, g.setting, g.protocol) == key)
         for col, metric in enumerate(("all", "old", "new")):
             ax = axes[row][col]
-            title = f"{key[0]} {key[1]}" + (" disjoint" if key[2] == "disjoint" else "")
-            ax.set_title(f"{title}: {metric} mIoU")
+            title = f"{key[0]}{' (synthetic data)' if synthetic else ''} {key[1]}" + \
+                (" disjoint" if key[2] == "disjoint" else "")
+            ax.set_title(f"{title}: {metric} mIoU", fontsize="medium")
             ax.set_xlabel("step")
             ax.set_ylabel("mIoU (%)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if full_scale:
+                ax.set_ylim(0, 100)
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize="small")
@@ -511,6 +562,13 @@ def render(runs: Sequence[Run], *, reference_average: bool = False, per_class: b
              "", summary_table(groups, reference_average, decimals)]
     if any(g.setting == pooled_orders_label(orders) for g in groups):
         parts += ["", describe_order_set(orders)]
+    retested = [pair for g in groups for pair in g.retested]
+    if retested:
+        parts += ["", "Counted once (tested from the same checkpoint as another CSV): " + "; ".join(
+            f"{os.path.basename(a)} = {os.path.basename(b)}" for a, b in retested) + "."]
+    if any(g.synthetic for g in groups):
+        parts += ["", "(synthetic) = trained and tested on data of dataset/synthetic.py: the numbers show that the "
+                  "pipeline works, not how the method does on the real dataset."]
     if per_step:
         parts += ["", "All-classes mIoU (%) after each step:", "", steps_table(groups, reference_average, decimals)]
     if per_class:

@@ -189,6 +189,14 @@ if _inplace_abn is not None:
     NORM_TYPES = NORM_TYPES + (_inplace_abn.ABN,)
 
 
+def plain_fallback(name: str) -> str | None:
+    """The plain class that serves ``--norm_act name`` because In-Place ABN is missing; None when nothing falls
+    back."""
+    if _inplace_abn is not None:
+        return None
+    return {"iabn": "ABN(abs_weight=True)", "iabn_sync": "ABNSync(abs_weight=True)"}.get(name)
+
+
 def is_norm_layer(module: nn.Module) -> bool:
     """True for every normalisation layer this framework can build (ours, torch BN, In-Place ABN)."""
     return isinstance(module, NORM_TYPES)

@@ -27,6 +27,6 @@ for order in $LIST; do
 done
 suffix=""; if [[ ${DISJOINT:-0} == 1 || ${OVERLAP:-1} == 0 ]]; then suffix=_disjoint; fi
 if [[ ${DRY_RUN:-0} != 1 ]]; then
-    "$PYTHON" "$HERE/../report.py" "${RESULTS_DIR:-results}" --dataset voc --task 15-1 "15-1[a-j]" \
+    "$PYTHON" "$HERE/../report.py" "${RESULTS_DIR:-${OUTPUT_DIR:-runs}/results}" --dataset voc --task 15-1 "15-1[a-j]" \
         --name "${NAME:-$METHOD_NAME}$suffix" --orders "$ORDERS"
 fi

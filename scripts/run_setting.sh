@@ -14,8 +14,9 @@
 # Environment variables override the recipe (defaults in brackets; scripts/README.md):
 #   DATA_ROOT [data]  NB_GPU [1]  BATCH_SIZE [recipe batch/(NB_GPU*GRAD_ACCUM)]  GRAD_ACCUM [1]  LR0, LR [recipe]
 #   EPOCHS0, EPOCHS [recipe; EPOCHS alone sets both]  CROP [512]  BACKBONE [resnet101]  OVERLAP [1] / DISJOINT [0]
-#   ATT [recipe's --att]  AMP_LEVEL [O1]  NAME [METHOD_NAME, +_disjoint]  CHECKPOINT_DIR [checkpoints/step]
-#   RESULTS_DIR [results]  DATE [see README]  NUM_WORKERS [run.py default]  STEP0_FROM [unset]  REDO [0]
+#   ATT [recipe's --att]  AMP_LEVEL [O1]  NAME [METHOD_NAME, +_disjoint]  OUTPUT_DIR [runs]: every output under it
+#   (CHECKPOINT_DIR [OUTPUT_DIR/checkpoints], RESULTS_DIR [OUTPUT_DIR/results], LOG_DIR [OUTPUT_DIR/logs],
+#   CHANNELS_DIR [OUTPUT_DIR/channels] move one of them)  DATE [see README]  NUM_WORKERS [run.py default]  STEP0_FROM [unset]  REDO [0]
 #   DRY_RUN [0]  EXTRA [""]  PYTHON [python]  LAUNCHER [$PYTHON -m torch.distributed.run --standalone ...]
 set -euo pipefail
 
@@ -75,8 +76,11 @@ SUFFIX=""
 if [[ $OVERLAP == 1 ]]; then PROTOCOL_FLAGS=(--overlap); else SUFFIX="_disjoint"; fi
 
 NAME=${NAME:-$METHOD_NAME$SUFFIX}
-CHECKPOINT_DIR=$(abspath "${CHECKPOINT_DIR:-checkpoints/step}")
-RESULTS_DIR=$(abspath "${RESULTS_DIR:-results}")
+OUTPUT_DIR=$(abspath "${OUTPUT_DIR:-runs}")
+CHECKPOINT_DIR=$(abspath "${CHECKPOINT_DIR:-$OUTPUT_DIR/checkpoints}")
+RESULTS_DIR=$(abspath "${RESULTS_DIR:-$OUTPUT_DIR/results}")
+LOG_DIR=$(abspath "${LOG_DIR:-$OUTPUT_DIR/logs}")
+CHANNELS_DIR=$(abspath "${CHANNELS_DIR:-$OUTPUT_DIR/channels}")
 DATA_ROOT=$(abspath "${DATA_ROOT:-data}")
 REDO=${REDO:-0}
 DRY_RUN=${DRY_RUN:-0}
@@ -144,7 +148,8 @@ for (( step = FIRST; step < NSTEPS; step++ )); do
         ${PROTOCOL_FLAGS[@]+"${PROTOCOL_FLAGS[@]}"} \
         ${METHOD_FLAGS[@]+"${METHOD_FLAGS[@]}"} \
         ${STEP_FLAGS[@]+"${STEP_FLAGS[@]}"} \
-        --name "$NAME" --checkpoint "$CHECKPOINT_DIR" --results_dir "$RESULTS_DIR" --date "$DATE" \
+        --name "$NAME" --output_dir "$OUTPUT_DIR" --checkpoint "$CHECKPOINT_DIR" --results_dir "$RESULTS_DIR" \
+        --logdir "$LOG_DIR" --channels_dir "$CHANNELS_DIR" --date "$DATE" \
         ${WORKER_FLAGS[@]+"${WORKER_FLAGS[@]}"} \
         ${PREV_FLAGS[@]+"${PREV_FLAGS[@]}"} \
         ${STATE_FLAGS[@]+"${STATE_FLAGS[@]}"} \

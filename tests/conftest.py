@@ -14,6 +14,31 @@ if ROOT not in sys.path:
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _logger_levels():
+    """The benchmarks quieten some loggers for their own output (they are programs); tests that run them in-process
+    must not leave later tests without those log lines."""
+    import logging
+
+    names = ("train", "methods", "run", "progress", "")
+    saved = {n: logging.getLogger(n).level for n in names}
+    yield
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """Runs without --cache_root write their index caches here, not into the user's ~/.cache."""
+    old = os.environ.get("CISS_CACHE_DIR")
+    os.environ["CISS_CACHE_DIR"] = str(tmp_path_factory.mktemp("user_cache"))
+    yield
+    if old is None:
+        os.environ.pop("CISS_CACHE_DIR", None)
+    else:
+        os.environ["CISS_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def synthetic_voc(tmp_path_factory):
     """A tiny synthetic Pascal-VOC (32 px) in the real layout, shared by the end-to-end tests."""
@@ -41,4 +66,4 @@ def smoke_args(data_root: str, out, *, task: str = "15-5", steps=(0,), dataset: 
             "--batch_size", "8", "--epochs", "1", "--num_workers", "0", "--no_progress", "--visualize",
             "--checkpoint", os.path.join(out, "ckpt"), "--results_dir", os.path.join(out, "results"),
             "--logdir", os.path.join(out, "logs"), "--cache_root", os.path.join(out, "cache"),
-            "--channels_dir", os.path.join(out, "channels"), "--date", "test", *extra]
+            "--channels_dir", os.path.join(out, "channels"), "--date", "test", "--name", "Experiment", *extra]

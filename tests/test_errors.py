@@ -38,15 +38,19 @@ def data_copy(tiny_voc, tmp_path):
     return str(dst)
 
 
+RUN_FILES = ("run.log", "command.txt", "config.json")  # a call's own record in its run folder, failed calls too
+
+
 def _tree(*roots, skip=()) -> dict[str, str]:
-    """sha1 of every file under ``roots`` (``skip``: folders left out; the experiment lock a running step holds in
-    its checkpoint folder is not a result)."""
+    """sha1 of every file under ``roots`` (``skip``: folders left out). Not results, and so left out: the
+    experiment lock a running step holds in its checkpoint folder, and the log, command line and configuration
+    that every call that passed the checks records in its run folder (a failed call's log says why it failed)."""
     out = {}
     for root in roots:
         for folder, dirs, files in os.walk(root):
             dirs[:] = [d for d in dirs if os.path.join(folder, d) not in skip]
             for name in files:
-                if name.startswith(".") and name.endswith(".lock"):
+                if name.startswith(".") and name.endswith(".lock") or name in RUN_FILES:
                     continue
                 path = os.path.join(folder, name)
                 with open(path, "rb") as handle:
@@ -304,7 +308,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_voc, tmp_
     monkeypatch.setattr(train, "_compute_losses", losses_hook)
     args = smoke_args(tiny_voc, out, extra=["--lr", "0.01", "--epochs", "3", "--print_interval", "100"])
     rc, err = _run(args, capsys)
-    line = _assert_one_line(rc, err, "non-finite loss at step 0, epoch 1, iteration 2/", "loss_ce=nan",
+    line = _assert_one_line(rc, err, "non-finite loss at step 0 epoch 2/3, iteration 2/", "loss_ce=nan",
                             "last good checkpoint is kept", "--lr")
     assert state["partial"] and list(state["partial"]) == [partial]
     assert _tree(os.path.dirname(partial)) == state["partial"]  # untouched

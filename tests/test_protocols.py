@@ -400,10 +400,15 @@ def test_lr_warning_names_the_recipe_the_run_follows(synthetic_voc, tmp_path, ca
     recipe = run.find_recipe(cfg)
     assert recipe.id == "plop-voc"
     caplog.set_level("WARNING")
-    run.compare_with_recipe(cfg, 0, 0.01, recipe)  # PLOP's own 0.01: no lr warning
+    run.compare_with_recipe(parse_config(smoke_args(synthetic_voc, tmp_path, extra=base + ["--lr", "0.01"])),
+                            recipe)  # PLOP's own 0.01: no lr warning
     assert not [r for r in caplog.records if "lr" in r.getMessage()]
-    run.compare_with_recipe(cfg, 0, 0.02, recipe)
-    assert any("lr 0.02 at step 0 differs from 0.01 of PLOP recipe plop-voc" in r.getMessage() for r in caplog.records)
+    steps = ["--step", "1", "2", "3", "--lr", "0.01", "--epochs", "30"]
+    run.compare_with_recipe(parse_config(smoke_args(synthetic_voc, tmp_path, extra=base + steps)), recipe)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1  # once for the call, not once per step
+    assert "differs from PLOP recipe plop-voc" in warnings[0]
+    assert "lr 0.01 at steps 1, 2, 3 (published 0.001)" in warnings[0]
     awt = run.find_recipe(parse_config(smoke_args(synthetic_voc, tmp_path, extra=[
         "--method", "MiB", "--att", "25", "--mask_att", "--task", "15-1"])))
     assert awt.id == "awt-voc" and awt.lr_at(0) == 0.02

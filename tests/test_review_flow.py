@@ -88,7 +88,7 @@ def test_iteration_log_shows_the_lr_used_by_that_iteration(tiny_voc, tmp_path, m
     import train
 
     lines = []
-    monkeypatch.setattr(train.log, "info", lambda fmt, *a: lines.append(fmt % a))
+    monkeypatch.setattr(train.log, "info", lambda fmt, *a, **k: lines.append(fmt % a))
     assert run.main(smoke_args(tiny_voc, tmp_path, extra=["--batch_size", "4", "--lr", "0.02"])) == 0
     iters = [ln for ln in lines if " iter " in ln]
     last = iters[-1].split()

@@ -48,8 +48,10 @@ def _ckpt(out, step=0, suffix=""):
 
 
 def _nan_model_checkpoint(step0, tmp_path, name="nan.pth"):
+    """The step-0 checkpoint with a NaN bias, carrying in-step keys too so that it is also a resume candidate."""
     ckpt = torch.load(_ckpt(step0), weights_only=True)
     ckpt["model_state"]["cls.0.bias"][3] = float("nan")
+    ckpt.update(optimizer_state={"state": {}, "param_groups": []}, scheduler_state={})
     path = str(tmp_path / name)
     torch.save(ckpt, path)
     return path
@@ -79,7 +81,7 @@ def test_nonfinite_weights_are_never_written(tiny_voc, tmp_path, capsys, monkeyp
     monkeypatch.setattr(run, "build_optimizer", lambda groups, cfg, lr: _PoisonedSGD(groups, lr=lr, momentum=0.9))
     args = smoke_args(tiny_voc, tmp_path, extra=["--lr", "0.01", "--epochs", str(epochs), "--batch_size", "12"])
     rc, err = _run(args, capsys)
-    _assert_one_line(rc, err, "non-finite weights at step 0, epoch 0, by iteration 1/1", "NaN or inf",
+    _assert_one_line(rc, err, f"non-finite weights at step 0 epoch 1/{epochs}, by iteration 1/1", "NaN or inf",
                      "lower --lr", "--no_auto_resume")
     assert not os.path.exists(_ckpt(tmp_path)) and not os.path.exists(_ckpt(tmp_path, suffix=".partial"))
     assert not (tmp_path / "results").exists() or not os.listdir(tmp_path / "results")
@@ -143,12 +145,14 @@ def test_a_changed_lr_is_applied_on_resume(tiny_voc, tmp_path, monkeypatch, capl
     assert partial["step_lr"] == 0.01
     monkeypatch.setattr(train, "train_one_epoch", original)
     new = args[:args.index("--lr")] + ["--lr", "0.004"] + args[args.index("--lr") + 2:]
-    caplog.set_level("WARNING")
+    caplog.set_level("INFO")
     assert run.main(new) == 0
     assert any("--lr 0.004 differs from the 0.01" in r.getMessage() for r in caplog.records)
+    # the optimiser trains epoch 2 at the new poly schedule: 0.004 * (1 - 1/2) ** 0.9
+    assert any("epoch 2/2 iter 1/1 lr 0.002144" in r.getMessage() for r in caplog.records)
     final = torch.load(_ckpt(tmp_path), weights_only=True)
     assert final["step_lr"] == 0.004 and json.loads(final["config"])["lr"] == [0.004]
-    assert [g["initial_lr"] for g in final["optimizer_state"]["param_groups"]] == pytest.approx([0.004] * 3)
+    assert final["run_record"]["lr"] == 0.004
     record = json.loads(open(os.path.join(tmp_path, "results", "test_voc_15-5_Experiment.run.json")).read())
     assert record["steps"]["0"]["lr"] == 0.004
 
@@ -327,7 +331,7 @@ def test_a_hand_edited_results_file_is_updated_not_crashed_on(step0, tiny_voc, t
     lines = csv.read_text().splitlines()
     assert lines[0].startswith("step,c0") and [ln.split(",")[0] for ln in lines[1:]] == ["0", "1"]
     capsys.readouterr()
-    assert report.main([str(csv)]) == 0 and "| voc | 15-5 |" in capsys.readouterr().out
+    assert report.main([str(csv)]) == 0 and "| voc (synthetic) | 15-5 |" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ 10. true messages

@@ -41,14 +41,25 @@ def test_two_steps_write_checkpoints_csv_and_summary(synthetic_voc, tmp_path, me
     assert "| 0 |" in summary and "| 1 |" in summary
 
 
-def test_step_checkpoint_holds_reference_keys(synthetic_voc, tmp_path):
+def test_final_checkpoint_holds_what_the_next_step_needs_and_no_optimiser_state(synthetic_voc, tmp_path):
+    """The step's checkpoint keeps the reference keys the next step and evaluation read; the optimiser, schedule
+    and RNG state live in the in-step file only. Step 1 and evaluate.py start from it."""
     import torch
+    import evaluate
 
-    assert _run(smoke_args(synthetic_voc, tmp_path, extra=["--lr", "0.01"])) == 0
-    ckpt = torch.load(tmp_path / "ckpt" / "15-5-voc_Experiment_0.pth", weights_only=True)
-    for key in ("epoch", "model_state", "optimizer_state", "scheduler_state", "best_score", "trainer_state"):
+    assert _run(smoke_args(synthetic_voc, tmp_path, extra=["--lr", "0.01", "--method", "EWC"])) == 0
+    path = tmp_path / "ckpt" / "15-5-voc_Experiment_0.pth"
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("epoch", "model_state", "best_score", "trainer_state", "config", "train_id", "run_record"):
         assert key in ckpt
+    for key in ("optimizer_state", "scheduler_state", "scaler_state", "rng_state"):
+        assert key not in ckpt
     assert "cls.0.weight" in ckpt["model_state"]
+    fisher = ckpt["trainer_state"]["regularizer"]["fisher"]  # the regulariser's statistics travel to the next step
+    tensors = sum(v.numel() * v.element_size() for d in (ckpt["model_state"], fisher) for v in d.values())
+    assert path.stat().st_size < 1.1 * tensors  # weights and statistics, no momentum buffers
+    assert _run(smoke_args(synthetic_voc, tmp_path, steps=(1,), extra=["--lr", "0.001", "--method", "EWC"])) == 0
+    assert evaluate.main(smoke_args(synthetic_voc, tmp_path, extra=["--method", "EWC"])) == 0
 
 
 def test_existing_step_is_not_overwritten(synthetic_voc, tmp_path, capsys):

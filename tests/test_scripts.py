@@ -22,9 +22,9 @@ def _env(tmp_path, **extra):
     env = {k: v for k, v in os.environ.items() if k not in (
         "DATA_ROOT", "NB_GPU", "EXTRA", "EPOCHS", "CROP", "BACKBONE", "NAME", "CHECKPOINT_DIR", "REDO", "LAUNCHER",
         "BATCH_SIZE", "GRAD_ACCUM", "OVERLAP", "DISJOINT", "DATE", "RESULTS_DIR", "STEP0_FROM", "ATT", "LR", "LR0",
-        "AMP_LEVEL", "NUM_WORKERS")}
-    env.update(PYTHON=sys.executable, DRY_RUN="1", CHECKPOINT_DIR=str(tmp_path / "ckpt"),
-               RESULTS_DIR=str(tmp_path / "results"), DATE="d")
+        "AMP_LEVEL", "NUM_WORKERS", "OUTPUT_DIR", "LOG_DIR", "CHANNELS_DIR", "RESTART")}
+    env.update(PYTHON=sys.executable, DRY_RUN="1", OUTPUT_DIR=str(tmp_path / "runs"),
+               CHECKPOINT_DIR=str(tmp_path / "ckpt"), RESULTS_DIR=str(tmp_path / "results"), DATE="d")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -148,6 +148,22 @@ def test_published_values_of_selected_wrappers(tmp_path):
     assert len(domain) == 21 and domain[0].epochs == 50 and domain[5].pod_options["switch"]["after"]["factor"] == 0.001
 
 
+def test_output_dir_moves_every_output(tmp_path):
+    parse_config = pytest.importorskip("experiment.config").parse_config
+    env = _env(tmp_path, OUTPUT_DIR="rel/out")
+    for key in ("CHECKPOINT_DIR", "RESULTS_DIR"):
+        env.pop(key)
+    runs, report, _ = _dry([os.path.join(ROOT, "scripts", "voc", "mib_awt_15-5.sh")], env)
+    cfg = parse_config(runs[1])
+    out = os.path.join(ROOT, "rel", "out")
+    assert (cfg.checkpoint, cfg.results_dir, cfg.logdir, cfg.channels_dir) == tuple(
+        os.path.join(out, sub) for sub in ("checkpoints", "results", "logs", "channels"))
+    assert report[-1].startswith(os.path.join(out, "results") + os.sep)
+    env["LOG_DIR"] = str(tmp_path / "elsewhere")  # one output moved on its own
+    assert parse_config(_dry([os.path.join(ROOT, "scripts", "voc", "mib_15-5.sh")], env)[0][0]).logdir == \
+        str(tmp_path / "elsewhere")
+
+
 def test_environment_overrides(tmp_path):
     parse_config = pytest.importorskip("experiment.config").parse_config
     env = _env(tmp_path, NB_GPU=2, GRAD_ACCUM=3, DISJOINT=1, EPOCHS=2, CROP=64, BACKBONE="resnet50", ATT=50,
@@ -255,8 +271,7 @@ def _smoke(tmp_path, script, data_root, crop=32):
     if not os.path.isfile(os.path.join(ROOT, "run.py")):
         pytest.skip("run.py is not in the tree yet")
     out = tmp_path / "out"
-    extra = (f"--no_pretrained --norm_act abn --num_workers 0 --no_progress --visualize "
-             f"--logdir {out}/logs --cache_root {out}/cache --channels_dir {out}/channels")
+    extra = f"--no_pretrained --norm_act abn --num_workers 0 --no_progress --visualize --cache_root {out}/cache"
     env = _env(out, DRY_RUN=0, LAUNCHER=sys.executable, DATA_ROOT=data_root, EPOCHS=1, CROP=crop, BACKBONE="resnet18",
                BATCH_SIZE=8, AMP_LEVEL="O0", EXTRA=extra)
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", *script.split("/"))], env=env, cwd=str(tmp_path),
@@ -270,13 +285,17 @@ def _smoke(tmp_path, script, data_root, crop=32):
 def test_smoke_voc_mib_awt_15_5(tmp_path, synthetic_voc):
     out, proc = _smoke(tmp_path, "voc/mib_awt_15-5.sh", synthetic_voc)
     assert (out / "ckpt" / "15-5-voc_MiB_AWT_1.pth").is_file()
+    run_folder = out / "runs" / "logs" / "15-5-voc" / "MiB_AWT"  # OUTPUT_DIR moves the logs and masks too
+    assert (run_folder / "run.log").is_file() and (run_folder / "config.json").is_file()
+    assert len((run_folder / "command.txt").read_text().splitlines()) == 4  # (comment, command) x 2 steps
+    assert list((out / "runs" / "channels").rglob("*.pt"))
     lines = (out / "results" / "d_voc_15-5_MiB_AWT.csv").read_text().splitlines()
     assert [ln.split(",")[0] for ln in lines] == ["0", "1"]
     # a second call finds every step done and only prints the table again
     env = _env(out, DRY_RUN=0, LAUNCHER="false")
     again = subprocess.run(["bash", os.path.join(ROOT, "scripts", "voc", "mib_awt_15-5.sh")], env=env,
                            capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "already done" in again.stderr and "| voc | 15-5 | MiB+AWT |" in again.stdout
+    assert again.returncode == 0 and "already done" in again.stderr and "| voc (synthetic) | 15-5 | MiB+AWT |" in again.stdout
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +314,27 @@ def test_smoke_ade_mib_awt_100_50(tmp_path, small_ade):
     out, _ = _smoke(tmp_path, "ade/mib_awt_100-50.sh", small_ade, crop=64)
     lines = (out / "results" / "d_ade_100-50_MiB_AWT.csv").read_text().splitlines()
     assert [ln.split(",")[0] for ln in lines] == ["0", "1"]
+
+
+@pytest.mark.slow
+def test_demo_runs_resumes_and_reports(tmp_path, synthetic_voc):
+    """scripts/demo.sh at toy size: every stage, one run folder, the report; a second call trains nothing."""
+    out = tmp_path / "demo"
+    env = {**_env(tmp_path), "DATA_ROOT": synthetic_voc, "OUT": str(out), "EPOCHS0": "1", "EPOCHS": "1",
+           "WORKERS": "0", "EXTRA": "--batch_size 4 --no_progress"}
+    env.pop("DRY_RUN")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "demo.sh")], env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "== [4/4" in proc.stdout and "demo finished in" in proc.stdout
+    assert "| voc (synthetic) | 15-1 | MiB+AWT | 1 | 6/6 |" in proc.stdout
+    assert (out / "miou_per_step.png").is_file() and (out / "report.md").is_file()
+    for name in ("MiB", "MiB+AWT"):
+        assert (out / "logs" / "15-1-voc" / name / "run.log").is_file()
+        assert (out / "results" / f"demo_voc_15-1_{name}.csv").is_file()
+    assert len(list((out / "checkpoints").glob("*.pth"))) == 11  # step 0 once, steps 1-5 twice
+    again = subprocess.run(["bash", os.path.join(ROOT, "scripts", "demo.sh")], env=env, cwd=str(tmp_path),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert " epoch " not in again.stdout  # nothing trained again
+    assert again.stdout.count("is already trained and tested") == 11

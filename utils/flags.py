@@ -3,17 +3,91 @@ an ``ArgumentParser`` whose errors are one line."""
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 
 IGNORED = "(ignored: dead flag in the reference code, accepted so published command lines run) "
 NOT_IMPLEMENTED = "(not implemented: rejected unless left at the default) "
+# Reference flags whose name says the opposite of what passing them does (store_false): kept for published
+# command lines, marked in --help.
+INVERTED = "[inverted reference flag] "
+
+_SECTIONS = (("(ignored", "reference flags accepted and ignored (they did nothing in the reference either)"),
+             ("(not implemented", "reference flags not implemented here (an error unless left at the default)"))
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Defaults shown after each help text (unless the text already gives one); wide enough for the long names."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=34, width=118)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        """A description with line breaks is kept as written (module docstrings with examples); one without is
+        reflowed."""
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        quiet = (default is None or default is False or default == [] or default is argparse.SUPPRESS
+                 or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                                        argparse._HelpAction, argparse._VersionAction))
+                 or "default" in text.lower() or not action.option_strings)
+        return text if quiet else f"{text} (default: %(default)s)"
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: the usage block of ~150 flags would bury the message."""
+    """argparse with one-line errors (the usage block of ~150 flags would bury the message) and a readable
+    ``--help``: ``usage`` short unless given, defaults shown, and the reference flags that are ignored or not
+    implemented moved out of their groups into two sections at the end."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see --help)\n")
+
+    def format_help(self) -> str:
+        formatter = self._get_formatter()
+        formatter.add_usage(self.usage, self._actions, self._mutually_exclusive_groups)
+        formatter.add_text(self.description)
+        moved: dict[str, list[argparse.Action]] = {title: [] for _, title in _SECTIONS}
+        for group in self._action_groups:
+            kept = []
+            for action in group._group_actions:
+                section = _section_of(action)
+                (moved[section] if section else kept).append(action)
+            if not kept:
+                continue
+            formatter.start_section(group.title)
+            formatter.add_text(group.description)
+            formatter.add_arguments(kept)
+            formatter.end_section()
+        for title, actions in moved.items():
+            if actions:
+                formatter.start_section(title)
+                formatter.add_arguments([_without_prefix(a) for a in actions])
+                formatter.end_section()
+        formatter.add_text(self.epilog)
+        return formatter.format_help()
+
+
+def _without_prefix(action: argparse.Action) -> argparse.Action:
+    """A copy whose help drops the generic prefix its section title already says."""
+    for prefix in (IGNORED, NOT_IMPLEMENTED):
+        if (action.help or "").startswith(prefix):
+            action = copy.copy(action)
+            action.help = action.help[len(prefix):].strip() or "-"
+    return action
+
+
+def _section_of(action: argparse.Action) -> str | None:
+    text = (action.help or "").lower()
+    return next((title for prefix, title in _SECTIONS if text.startswith(prefix)), None)
 
 
 def _number(kind, text: str):
