@@ -67,6 +67,9 @@ def safe_load(path: str, what: str = "checkpoint", hint: str = "") -> Any:
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise UserError(f"{what} {path} cannot be read ({_first_line(exc)}): the file is damaged, truncated or not a "
                         f"PyTorch checkpoint{hint}") from exc
+    except Exception as exc:  # noqa: BLE001 - random bytes trip the unpickler anywhere (IndexError, KeyError, ...)
+        raise UserError(f"{what} {path} is not a checkpoint ({type(exc).__name__}: {_first_line(exc)}): the file is "
+                        f"damaged, truncated or something else{hint}") from exc
 
 
 def _first_line(exc: BaseException) -> str:
