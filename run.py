@@ -232,6 +232,7 @@ def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, b
     train_loader, val_loader, _ = loaders
     score = 0.0
     t_fit = time.perf_counter()
+    selection = restored_selection(cfg, final_path)
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)
         method.begin_epoch(epoch, cfg.epochs)
@@ -257,6 +258,8 @@ def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, b
                 log.info("note: validation at step > 0 scores the step's own labels (old classes masked to "
                          "background, --data_masking %s, as in the reference), so its mIoU is not the test "
                          "mIoU over all classes seen so far printed after the step", cfg.data_masking)
+            if cfg.select_best_on_val:
+                selection = select_best(selection, model, res["Class IoU"], setup.n_old, epoch)
             board.scalar(f"Val_MeanIoU/{step}", score, epoch)
             board.scalar(f"Val_Overall_Acc/{step}", res["Overall Acc"], epoch)
             board.text(f"Val_Class_IoU/{step}", class_table(res["Class IoU"]), epoch)
@@ -265,8 +268,36 @@ def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, b
                 board.image(f"Sample_{k}/{step}", picture.transpose(2, 0, 1), epoch)
         if (epoch + 1) % cfg.ckpt_interval == 0 and epoch + 1 < cfg.epochs and is_main_process():
             save_checkpoint(partial_ckpt_path(final_path),
-                            **checkpoint_content(cfg, model, setup, epoch + 1, score, method, lr, record=record))
+                            **checkpoint_content(cfg, model, setup, epoch + 1, score, method, lr, record=record),
+                            **({"selection": selection} if selection else {}))
+    if selection:
+        model.load_state_dict(selection["state"])
+        log.info("step %d: keeping the weights of epoch %d/%d, the best validation mIoU of the step's new classes "
+                 "(%.2f %%; --select_best_on_val: on VOC and ADE20K the validation images are the test images)",
+                 step, selection["epoch"] + 1, cfg.epochs, 100 * selection["score"])
     return score
+
+
+def select_best(selection: dict | None, model, class_iou: dict, n_old: int, epoch: int) -> dict | None:
+    """SSUL's model selection: the weights with the best validation mIoU of the step's new classes (every class at
+    step 0), kept in memory and in the in-step checkpoint."""
+    values = [v for k, v in class_iou.items() if k >= n_old and isinstance(v, float)]
+    if not values:
+        return selection
+    new_score = sum(values) / len(values)
+    if selection is None or new_score > selection["score"]:
+        return {"score": new_score, "epoch": epoch,
+                "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    return selection
+
+
+def restored_selection(cfg, final_path: str) -> dict | None:
+    """The best weights so far of an interrupted step (``--select_best_on_val``), from its in-step checkpoint."""
+    path = partial_ckpt_path(final_path)
+    if not cfg.select_best_on_val or cfg.no_auto_resume or not os.path.isfile(path):
+        return None
+    saved = safe_load(path, "resume checkpoint").get("selection")
+    return saved if isinstance(saved, dict) and "state" in saved else None
 
 
 def warn_about_epoch(step: int, epoch: int, epochs: int, means: dict[str, float], notes: list[str]) -> None:
@@ -487,7 +518,7 @@ def main(argv=None) -> int:
             init_distributed(device.type)
             logger.setup_logging(cfg.debug)  # again: the rank (log prefix, rank-0-only INFO) is known only now
             start_run_files(cfg)
-            if note := norm_fallback_note(cfg.norm_act):
+            if note := norm_fallback_note(cfg):
                 log.info(note)
             recipe = find_recipe(cfg)
             compare_with_recipe(cfg, recipe)

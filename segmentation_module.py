@@ -29,27 +29,37 @@ from modules.aspp import ASPP
 from modules.deeplab import DeeplabV3
 from modules.heads import conv_head_classifier, final_layer, linear_classifier
 from modules.norm import NORM_ACT, is_norm_layer
+from modules.rcil import TwinDeeplabV3
 from utils.errors import UserError
 
-__all__ = ["ModelSpec", "HEADS", "CLASSIFIERS", "build_model_from_spec", "make_model",
+__all__ = ["ModelSpec", "HEADS", "CLASSIFIERS", "HEAD_LAYOUTS", "build_model_from_spec", "make_model",
            "IncrementalSegmentationModule", "load_pretrained_body"]
 
 
 class IncrementalSegmentationModule(nn.Module):
-    """``body`` -> ``head`` -> ``pre_logits`` -> ``cls[i]`` for every step, concatenated along channels."""
+    """``body`` -> ``head`` -> ``pre_logits`` -> ``cls[i]`` for every head, concatenated along channels.
+
+    ``classes``: the label space, classes per step (``classes[0]`` includes the background); what ``predict`` maps
+    the logits to. ``heads``: the output channels of each classifier, by default one head per step (``classes``);
+    SSUL's layout is ``[1 unknown, 1 background, classes[0] - 1, classes[1], ...]`` (``HEAD_LAYOUTS``)."""
 
     def __init__(self, body: nn.Module, head: nn.Module, head_channels: int, classes: Sequence[int],
-                 output_stride: int = 16, classifier: Callable[[int, int], nn.Module] = linear_classifier):
+                 output_stride: int = 16, classifier: Callable[[int, int], nn.Module] = linear_classifier,
+                 heads: Sequence[int] | None = None):
         super().__init__()
         classes = [int(c) for c in classes]
-        if not classes or any(c <= 0 for c in classes):
-            raise ValueError(f"classes must be a non-empty list of positive counts, got {classes}")
+        heads = classes if heads is None else [int(h) for h in heads]
+        if not classes or any(c <= 0 for c in classes) or any(h <= 0 for h in heads):
+            raise ValueError(f"classes and heads must be non-empty lists of positive counts, got {classes}, {heads}")
+        if sum(heads) < sum(classes):
+            raise ValueError(f"heads {heads} have fewer channels than the classes {classes}")
         self.body = body
         self.head = head
         self.head_channels = int(head_channels)
         self.classes = classes
+        self.heads = heads
         self.output_stride = output_stride
-        self.cls = nn.ModuleList([classifier(self.head_channels, c) for c in classes])
+        self.cls = nn.ModuleList([classifier(self.head_channels, h) for h in heads])
         self._bn_fixed = False
 
     # ------------------------------------------------------------------ forward
@@ -183,6 +193,7 @@ class ModelSpec:
     head: str = "deeplabv3"  # a key of HEADS
     classifier: str = "conv1x1"  # a key of CLASSIFIERS
     pooling: int | None = 32  # image-pooling window of the reference head in evaluation
+    head_layout: str = "per_step"  # a key of HEAD_LAYOUTS: output channels of each classifier
     head_channels: int = 256
     backbone_bn_momentum: float | None = None  # None: the family's default
 
@@ -199,10 +210,16 @@ def _aspp(spec: ModelSpec, in_channels: int) -> nn.Module:
     return ASPP(in_channels, spec.head_channels, spec.output_stride)
 
 
+def _twin_deeplabv3(spec: ModelSpec, in_channels: int) -> nn.Module:
+    return TwinDeeplabV3(in_channels, spec.head_channels, spec.head_channels, out_stride=spec.output_stride,
+                         norm_act=NORM_ACT[spec.norm_act], pooling_size=spec.pooling)
+
+
 # head name -> (spec, backbone channels) -> module mapping backbone features to head_channels
 HEADS: dict[str, Callable[[ModelSpec, int], nn.Module]] = {
     "deeplabv3": _deeplabv3,  # reference layout: ASPP summed with image pooling, norm layers from --norm_act
     "aspp": _aspp,  # torchvision / SSUL layout: Conv-BN-ReLU branches, 1x1 projection, dropout
+    "twin_deeplabv3": _twin_deeplabv3,  # RCIL: the reference head with twin ASPP convs
 }
 # classifier name -> (head_channels, classes of a step) -> module
 CLASSIFIERS: dict[str, Callable[[int, int], nn.Module]] = {
@@ -211,9 +228,18 @@ CLASSIFIERS: dict[str, Callable[[int, int], nn.Module]] = {
 }
 
 
+# head layout name -> classes per step -> output channels of each classifier
+HEAD_LAYOUTS: dict[str, Callable[[Sequence[int]], list[int]]] = {
+    "per_step": lambda classes: list(classes),  # one classifier per step, background in the first (reference)
+    # SSUL: unknown and background on heads of their own in front of the step-0 foreground classes
+    "unknown_first": lambda classes: [1, 1, classes[0] - 1, *classes[1:]],
+}
+
+
 def _check_spec(spec: ModelSpec) -> None:
     for what, value, table in (("--backbone", spec.backbone, BACKBONES), ("--norm_act", spec.norm_act, NORM_ACT),
-                               ("head", spec.head, HEADS), ("classifier", spec.classifier, CLASSIFIERS)):
+                               ("head", spec.head, HEADS), ("classifier", spec.classifier, CLASSIFIERS),
+                               ("head layout", spec.head_layout, HEAD_LAYOUTS)):
         if value not in table:
             raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(sorted(table))}")
     if spec.output_stride not in (8, 16):
@@ -230,7 +256,8 @@ def build_model_from_spec(spec: ModelSpec, classes: Sequence[int],
         family.load_pretrained(body, pretrained_path)
     head = HEADS[spec.head](spec, body.out_channels)
     return IncrementalSegmentationModule(body, head, spec.head_channels, classes, spec.output_stride,
-                                         classifier=CLASSIFIERS[spec.classifier])
+                                         classifier=CLASSIFIERS[spec.classifier],
+                                         heads=HEAD_LAYOUTS[spec.head_layout](list(classes)))
 
 
 def make_model(*, backbone: str, norm_act: str, output_stride: int, classes: Sequence[int],

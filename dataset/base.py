@@ -50,6 +50,7 @@ class Reader:
     CLASS_NAMES: ClassVar[tuple[str, ...]] = ()
     PALETTE: ClassVar[np.ndarray] = np.zeros((0, 3), np.uint8)
     LABEL_LUT: ClassVar[np.ndarray | None] = None
+    AUX: ClassVar[tuple[str, ...]] = ()  # extra per-image maps the reader can load (``load_aux``), e.g. saliency
 
     def __init__(self, root: str, split: str):
         if split not in SPLITS:
@@ -77,6 +78,25 @@ class Reader:
         """Decoded ``(RGB image, 'L' label in train ids)`` of sample ``index`` (``UserError`` if bad)."""
         img, lbl = self.samples[index]
         return load_pair(img, lbl, self.LABEL_LUT, self.NUM_CLASSES)
+
+    def aux_path(self, name: str, index: int) -> str:
+        """Where the ``name`` map of sample ``index`` lives (readers listing ``name`` in ``AUX``)."""
+        raise UserError(f"{self.NAME} has no {name} maps")
+
+    def missing_aux(self, name: str, indices) -> list[str]:
+        """The ``name`` map files of ``indices`` that do not exist."""
+        return [p for p in (self.aux_path(name, int(i)) for i in indices) if not os.path.isfile(p)]
+
+    def load_aux(self, name: str, index: int) -> Image.Image:
+        """The ``name`` map of sample ``index`` as a single-channel image of the image's size."""
+        path = self.aux_path(name, index)
+        if not os.path.isfile(path):
+            raise UserError(self.aux_missing_message(name, path))
+        aux = _decode(path, name + " map")
+        return aux if aux.mode == "L" else aux.convert("L")
+
+    def aux_missing_message(self, name: str, path: str) -> str:
+        return f"{name} map {path} does not exist"
 
     @classmethod
     def colorize(cls, label: np.ndarray) -> np.ndarray:

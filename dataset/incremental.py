@@ -184,16 +184,18 @@ def _load_cached_idxs(path: str, n: int, key: str) -> np.ndarray | None:
 class IncrementalSegmentation(Dataset):
     """Images of ``reader`` kept for one step, with remapped/masked labels.
 
-    Items: ``(image float32 (3, H, W) normalised, label int64 (H, W))``.
+    Items: ``(image uint8 (3, H, W), label uint8 (H, W))``, or ``(image, label, {name: uint8 (H, W)})`` with
+    ``aux`` maps (e.g. saliency) transformed jointly with the label.
 
     ``train`` only selects the side of the ``test_on_val`` 80/20 split (first 80 % when True). ``idxs_path``:
     index cache (read back if present, else written atomically). ``presence_dir``: where the per-split class
-    presence cache lives (None = memory only). ``description`` names the dataset/task/step/split in errors."""
+    presence cache lives (None = memory only). ``description`` names the dataset/task/step/split in errors.
+    ``idxs``: explicit reader indices instead of the class filter (an exemplar memory)."""
 
     def __init__(self, reader: Reader, *, labels: Sequence[int], labels_old: Sequence[int] = (),
                  overlap: bool = True, masking: str = "current", train: bool = True,
                  transform: Callable | None = None, idxs_path: str | None = None, presence_dir: str | None = None,
-                 test_on_val: bool = False, description: str = ""):
+                 test_on_val: bool = False, description: str = "", idxs=None, aux: Sequence[str] = ()):
         labels, labels_old = strip_zero(labels), strip_zero(labels_old)
         if set(labels) & set(labels_old):
             raise UserError(f"classes {sorted(set(labels) & set(labels_old))} are both new and old; "
@@ -208,7 +210,9 @@ class IncrementalSegmentation(Dataset):
         self.masking = masking
         self.transform = transform
         self.description = description or f"{reader.NAME} {reader.split} split"
-        self.idxs = self._indices(overlap, train, idxs_path, presence_dir, test_on_val)
+        self.aux = tuple(aux)
+        self.idxs = (np.asarray(idxs, dtype=np.int64) if idxs is not None
+                     else self._indices(overlap, train, idxs_path, presence_dir, test_on_val))
         if len(self.idxs) == 0:
             raise UserError(f"no image left for {self.description} after filtering (classes {labels}); "
                             f"use a larger dataset or another task/step")
@@ -230,11 +234,33 @@ class IncrementalSegmentation(Dataset):
         return len(self.idxs)
 
     def __getitem__(self, index: int):
-        image, label = self.reader.load(int(self.idxs[index]))
+        i = int(self.idxs[index])
+        image, label = self.reader.load(i)
+        if self.aux:
+            label = (label, *(self.reader.load_aux(name, i) for name in self.aux))
         image, label = (self.transform or ToTensor())(image, label)
+        maps = label[1:] if self.aux else ()
+        label = label[0] if self.aux else label
         if not torch.is_tensor(label):
             label = torch.from_numpy(np.asarray(label, dtype=np.uint8))
-        return image, torch.take(self.lut, label.long())  # LUT remap (take: much faster than indexing); uint8
+        label = torch.take(self.lut, label.long())  # LUT remap (take: much faster than indexing); uint8
+        if self.aux:
+            return image, label, dict(zip(self.aux, maps))
+        return image, label
+
+    def with_aux(self, names: Sequence[str]) -> "IncrementalSegmentation":
+        """The same images with extra maps per item; every map file must exist (one-line error naming the first
+        missing one)."""
+        for name in names:
+            if name not in self.reader.AUX:
+                raise UserError(f"{self.reader.NAME} has no {name} maps")
+            missing = self.reader.missing_aux(name, self.idxs)
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise UserError(self.reader.aux_missing_message(name, missing[0]) + more)
+        out = copy.copy(self)
+        out.aux = tuple(names)
+        return out
 
     def sample_path(self, index: int) -> tuple[str, str]:
         return self.reader.samples[int(self.idxs[index])]

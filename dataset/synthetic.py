@@ -144,6 +144,40 @@ def render(rng: np.random.Generator, classes: list[int], num_fg: int, height: in
     return (image.clip(0, 1) * 255 + 0.5).astype(np.uint8), label, clutter
 
 
+def _grow(mask: np.ndarray, steps: int) -> np.ndarray:
+    """Dilate (``steps`` > 0) or erode (< 0) a boolean mask by |steps| 4-neighbour pixels."""
+    out = mask.copy()
+    for _ in range(abs(steps)):
+        src = out if steps > 0 else ~out
+        grown = src.copy()
+        grown[1:] |= src[:-1]
+        grown[:-1] |= src[1:]
+        grown[:, 1:] |= src[:, :-1]
+        grown[:, :-1] |= src[:, 1:]
+        out = grown if steps > 0 else ~grown
+    return out
+
+
+def saliency_map(rng: np.random.Generator, label: np.ndarray, num_classes: int) -> np.ndarray:
+    """What an off-the-shelf salient-object detector would give (uint8, 0 = not salient): the objects, each with
+    its own confidence, edges one pixel too wide or too narrow, one object in ten missed, and now and then a false
+    blob on the background."""
+    out = np.zeros(label.shape, dtype=np.uint8)
+    for cls in np.unique(label):
+        if not 0 < cls < num_classes or rng.random() < 0.1:
+            continue
+        mask = _grow(label == cls, int(rng.integers(-1, 2)))
+        out[mask] = int(rng.integers(140, 256))
+    if rng.random() < 0.3:
+        h, w = label.shape
+        cy, cx = rng.integers(0, h), rng.integers(0, w)
+        ry, rx = max(1, h // 10), max(1, w // 10)
+        yy, xx = np.ogrid[:h, :w]
+        blob = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        out[blob & (out == 0)] = int(rng.integers(20, 120))
+    return out
+
+
 def boundary_ring(label: np.ndarray) -> np.ndarray:
     """1-px ring on object outlines: pixels with a 4-neighbour of a larger id that is foreground."""
     ring = np.zeros(label.shape, dtype=bool)
@@ -188,16 +222,20 @@ def schedule(rng: np.random.Generator, n_images: int, num_fg: int) -> list[tuple
 
 # ----------------------------------------------------------------------------------------------- layouts
 class _VOCLayout:
-    """PascalVOC12/: JPEGImages, SegmentationClassAug (255 boundary rings) and the split listings."""
+    """PascalVOC12/: JPEGImages, SegmentationClassAug (255 boundary rings), saliency_map (SSUL's layout) and the
+    split listings."""
     num_classes, train, val, aspect = VOCReader.NUM_CLASSES, 600, 150, 1.0
-    dirs = ("JPEGImages", "SegmentationClassAug", "splits")
+    dirs = ("JPEGImages", "SegmentationClassAug", "saliency_map", "splits")
     clutter_ids: tuple = ()
     palette = bit_palette(256)
 
     @classmethod
     def write(cls, root, split, index, image, label, clutter_map) -> str:
-        label[boundary_ring(label)] = 255
         name = f"syn{'t' if split == 'train' else 'v'}_{index:06d}"
+        rng = np.random.default_rng([index, split == "train", 7])
+        Image.fromarray(saliency_map(rng, label, cls.num_classes)).save(os.path.join(root, "saliency_map",
+                                                                                     name + ".png"))
+        label[boundary_ring(label)] = 255
         Image.fromarray(image).save(os.path.join(root, "JPEGImages", name + ".jpg"), quality=92)
         lbl = Image.fromarray(label)
         if split == "val":  # real VOC val labels are palette PNGs; the SBD-aug ones are grey

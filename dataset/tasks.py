@@ -79,6 +79,7 @@ TASKS: dict[str, dict[str, dict[int, list[int]]]] = {
         "10-1": _base_then_singles(10, 20),
         "5-3": _base_then_chunks(5, 20, 3),
         "5-1": _base_then_singles(5, 20),
+        "2-1": _base_then_singles(2, 20),  # SSUL's longest VOC task
         **{name: _order(seq) for name, seq in _VOC_ORDERS.items()},
     },
     "ade": {

@@ -21,6 +21,12 @@ from utils.errors import UserError
 Pair = tuple  # (image, label)
 
 
+def _each(label, fn):
+    """``label`` is one PIL map or a tuple ``(label, extra maps...)`` (e.g. a saliency map) transformed alike, with
+    nearest-neighbour resampling."""
+    return tuple(fn(m) for m in label) if isinstance(label, tuple) else fn(label)
+
+
 def _uniform(low: float, high: float) -> float:
     return float(torch.empty(1).uniform_(low, high).item())
 
@@ -77,7 +83,8 @@ class RandomResizedCrop:
         box = (left, top, left + w, top + h)
         out = (self.size[1], self.size[0])
         # crop, then resize (torchvision's resized_crop); resize(box=...) samples differently at the crop border
-        return (image.crop(box).resize(out, Image.BILINEAR), label.crop(box).resize(out, Image.NEAREST))
+        return (image.crop(box).resize(out, Image.BILINEAR),
+                _each(label, lambda m: m.crop(box).resize(out, Image.NEAREST)))
 
     def __repr__(self) -> str:
         return f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio})"
@@ -90,7 +97,7 @@ class RandomHorizontalFlip:
     def __call__(self, image, label):
         if torch.rand(1).item() < self.p:
             flip = Image.Transpose.FLIP_LEFT_RIGHT
-            return image.transpose(flip), label.transpose(flip)
+            return image.transpose(flip), _each(label, lambda m: m.transpose(flip))
         return image, label
 
     def __repr__(self) -> str:
@@ -111,7 +118,7 @@ class Resize:
             new = (int(self.size * w / h), self.size)
         if new == (w, h):
             return image, label
-        return image.resize(new, Image.BILINEAR), label.resize(new, Image.NEAREST)
+        return image.resize(new, Image.BILINEAR), _each(label, lambda m: m.resize(new, Image.NEAREST))
 
     def __repr__(self) -> str:
         return f"Resize({self.size})"
@@ -128,7 +135,7 @@ class CenterCrop:
         top = int(round((h - self.size) / 2.0))
         left = int(round((w - self.size) / 2.0))
         box = (left, top, left + self.size, top + self.size)
-        return image.crop(box), label.crop(box)
+        return image.crop(box), _each(label, lambda m: m.crop(box))
 
     def __repr__(self) -> str:
         return f"CenterCrop({self.size})"
@@ -141,8 +148,7 @@ class ToTensor:
 
     def __call__(self, image, label):
         img = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-        lbl = torch.from_numpy(np.asarray(label, dtype=np.uint8).copy())
-        return img, lbl
+        return img, _each(label, lambda m: torch.from_numpy(np.asarray(m, dtype=np.uint8).copy()))
 
     def __repr__(self) -> str:
         return "ToTensor(uint8)"

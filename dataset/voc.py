@@ -26,6 +26,18 @@ class VOCReader(Reader):
     PALETTE = bit_palette(21)
     LABEL_LUT = None
     SPLIT_FILES = {"train": "splits/train_aug.txt", "val": "splits/val.txt"}
+    AUX = ("saliency",)
+    SALIENCY_URL = "https://github.com/clovaai/SSUL/releases/download/preparation/saliency_map.zip"
+
+    def aux_path(self, name: str, index: int) -> str:
+        if name != "saliency":
+            return super().aux_path(name, index)
+        stem = os.path.splitext(os.path.basename(self.samples[index][0]))[0]
+        return os.path.join(self.root, "saliency_map", stem + ".png")
+
+    def aux_missing_message(self, name: str, path: str) -> str:
+        return (f"saliency map {path} does not exist: SSUL needs saliency_map/<image id>.png next to JPEGImages/ "
+                f"for every training image (SSUL's maps: {self.SALIENCY_URL}; the synthetic generator writes them)")
 
     def _list(self) -> list[tuple[str, str]]:
         root = self.root

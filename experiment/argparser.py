@@ -63,7 +63,11 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr_old", type=positive_float, default=None, help="old classifiers get lr_old x lr")
     g.add_argument("--momentum", type=momentum_value, default=0.9, help="SGD momentum (Nesterov)")
     g.add_argument("--weight_decay", type=nonnegative_float, default=1e-4, help="weight decay")
-    g.add_argument("--lr_policy", default="poly", choices=["poly", "step"], help="poly (per iteration) or step")
+    g.add_argument("--lr_policy", default="poly", choices=["poly", "step", "warm_poly"],
+                   help="poly (per iteration), step, or warm_poly (SSUL on ADE20K: poly after a linear warm-up from "
+                        "0.001 x lr over the first 10%% of the iterations)")
+    g.add_argument("--lr_min", type=nonnegative_float, default=0.0,
+                   help="poly: the lr never goes below this (SSUL: 1e-6; the reference: 0)")
     g.add_argument("--lr_decay_step", type=positive_int, default=5000, help="StepLR step (iterations)")
     g.add_argument("--lr_decay_factor", type=positive_float, default=0.1, help="StepLR factor")
     g.add_argument("--lr_power", type=positive_float, default=0.9, help="poly power")
@@ -78,6 +82,10 @@ def _add_validation(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--test_on_val", action="store_true", help="train on 80%% of train, test on 20%% of val (reference)")
     g.add_argument("--val_on_trainset", action="store_true", help="test set built from the train split")
     g.add_argument("--cross_val", action="store_true", help="validate on a random 20%% of the training set")
+    g.add_argument("--select_best_on_val", action="store_true",
+                   help="keep the weights of the validation with the best mIoU of the step's new classes instead of "
+                        "the last ones (SSUL's model selection; on VOC and ADE20K the validation images ARE the test "
+                        "images, so this selects on the test set)")
     g.add_argument("--crop_val", action="store_false", default=True,
                    help=INVERTED + "passing it turns cropping OFF: evaluation on full images (batch 1); default: "
                         "centre crops of --crop_size")
@@ -110,7 +118,7 @@ def _add_logging(parser: argparse.ArgumentParser) -> None:
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--backbone", default="resnet101", choices=list(BACKBONES),
+    g.add_argument("--backbone", default="resnet101", choices=[n for n, f in BACKBONES.items() if f.selectable],
                    help="backbone: resnet* in the In-Place ABN layout of the reference code, tv_resnet* in "
                         "torchvision's layout with BatchNorm")
     g.add_argument("--output_stride", type=int, default=16, choices=[8, 16], help="output stride")

@@ -13,7 +13,7 @@ from methods import MethodStack, build_method
 from models import BACKBONES
 from modules.heads import final_layer
 from modules.norm import plain_fallback
-from segmentation_module import IncrementalSegmentationModule, ModelSpec, build_model_from_spec
+from segmentation_module import HEAD_LAYOUTS, IncrementalSegmentationModule, ModelSpec, build_model_from_spec
 from train import Precision
 from utils.checkpoint import check_class_layout, model_state, nonfinite_entry, safe_load, step_ckpt_path
 from utils.errors import UserError
@@ -33,6 +33,11 @@ def model_spec(cfg, step: int, method: MethodStack | None = None) -> ModelSpec:
     spec = ModelSpec(backbone=cfg.backbone, norm_act=cfg.norm_act, output_stride=cfg.output_stride,
                      pooling=cfg.pooling)
     return (method or build_method(cfg)).model_spec(spec, step)
+
+
+def heads_for_step(cfg, step: int, method: MethodStack | None = None) -> list[int]:
+    """Output channels of each classifier of the model of ``step`` (its method's head layout)."""
+    return HEAD_LAYOUTS[model_spec(cfg, step, method).head_layout](classes_for_step(cfg, step))
 
 
 def pretrained_path(cfg, spec: ModelSpec | None = None) -> str | None:
@@ -70,10 +75,13 @@ def data_kind(data_root: str) -> str | None:
     return "synthetic" if is_synthetic(data_root) else None
 
 
-def norm_fallback_note(norm_act: str) -> str | None:
-    """A log line when ``--norm_act`` is served by the plain implementation instead of In-Place ABN."""
+def norm_fallback_note(cfg) -> str | None:
+    """A log line when ``--norm_act`` is served by the plain implementation instead of In-Place ABN (and the model
+    uses --norm_act at all: torchvision-layout backbones with the ASPP head do not)."""
+    norm_act = cfg.norm_act
+    spec = model_spec(cfg, 0)
     plain = plain_fallback(norm_act)
-    if plain is None:
+    if plain is None or (spec.backbone.startswith("tv_") and spec.head != "deeplabv3"):
         return None
     return (f"--norm_act {norm_act}: the inplace_abn package is not installed, so {plain} is used (same forward "
             "and backward, interchangeable weights; more memory than In-Place ABN)")

@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 from experiment.argparser import get_argparser
-from methods import PRESETS, build_method
+from methods import METHODS, build_method
 from utils.errors import UserError
 from utils.flags import ArgumentParser
 
@@ -49,12 +49,15 @@ def dump(cfg) -> str:
     return json.dumps(to_dict(cfg), sort_keys=True, default=str)
 
 
-def _method_from_argv(parser: argparse.ArgumentParser, argv: Sequence[str]):
+def _method_from_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[str | None, str | None]:
+    """(``--method``, ``--dataset``) as given, before the full parse (the preset depends on both)."""
     pre = ArgumentParser(add_help=False)
-    method_action = next(a for a in parser._actions if a.dest == "method")
-    pre.add_argument("--method", type=method_action.type, choices=method_action.choices, default=None)
+    for dest in ("method", "dataset"):
+        action = next(a for a in parser._actions if a.dest == dest)
+        pre.add_argument(*action.option_strings, dest=dest, type=action.type, choices=action.choices,
+                         default=None if dest == "method" else action.default)
     known, _ = pre.parse_known_args(list(argv))
-    return known.method
+    return known.method, known.dataset
 
 
 def _given(parser: argparse.ArgumentParser, argv: Sequence[str], dest: str) -> bool:
@@ -105,9 +108,9 @@ def parse_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentPar
     (parsing a published recipe's flags to compare them)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = parser or get_argparser()
-    method = _method_from_argv(parser, argv)
+    method, dataset = _method_from_argv(parser, argv)
     if method is not None:
-        preset = PRESETS[method]
+        preset = METHODS[method].preset_for(dataset)
         parser.set_defaults(**preset)
     ns = parser.parse_args(argv)
     if method is not None and warn:

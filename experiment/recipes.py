@@ -39,6 +39,7 @@ class Recipe:
     batch: int  # effective batch
     flags: tuple[str, ...]
     later_flags: tuple[str, ...]
+    crop: int = 512  # training crop and evaluation centre crop (SSUL: 513)
 
     @property
     def task(self) -> str:
@@ -87,8 +88,10 @@ def load_recipes(path: str = RECIPES_FILE) -> dict[tuple[str, str, str], Recipe]
                     id=row["id"], paper=row["paper"], dataset=row["dataset"], setting=setting, method=method,
                     source=row["source"].replace("{setting}", setting), note=row.get("note", ""),
                     lr=(float(row["lr"][0]), float(row["lr"][1])), epochs=(int(row["epochs"][0]), int(row["epochs"][1])),
-                    batch=int(row["batch"]), flags=tuple(f.replace("{method}", method) for f in row["flags"]),
-                    later_flags=tuple(row.get("later_flags", ())))
+                    batch=int(row["batch"]),
+                    flags=tuple(f.replace("{method}", method).replace("{base}", method.removesuffix("_AWT"))
+                                for f in row["flags"]),
+                    later_flags=tuple(row.get("later_flags", ())), crop=int(row.get("crop", 512)))
     return table
 
 
@@ -127,7 +130,7 @@ def shell(recipe: Recipe) -> str:
               "RECIPE_TASK": recipe.task, "RECIPE_STEPS": str(num_steps(recipe.dataset, recipe.task)),
               "RECIPE_LR0": repr(recipe.lr[0]), "RECIPE_LR": repr(recipe.lr[1]),
               "RECIPE_EPOCHS0": str(recipe.epochs[0]), "RECIPE_EPOCHS": str(recipe.epochs[1]),
-              "RECIPE_BATCH": str(recipe.batch)}
+              "RECIPE_BATCH": str(recipe.batch), "RECIPE_CROP": str(recipe.crop)}
     lines = [f"{k}={shlex.quote(v)}" for k, v in values.items()]
     lines.append("RECIPE_FLAGS=(" + " ".join(shlex.quote(f) for f in recipe.flags) + ")")
     lines.append("RECIPE_LATER_FLAGS=(" + " ".join(shlex.quote(f) for f in recipe.later_flags) + ")")

@@ -7,7 +7,7 @@ import tempfile
 
 from dataset.readers import READERS
 from dataset.tasks import classes_per_step, is_domain_incremental, num_steps
-from experiment.builders import check_model_flags, ckpt_path, classes_for_step, pretrained_path, previous_ckpt_path
+from experiment.builders import check_model_flags, ckpt_path, heads_for_step, pretrained_path, previous_ckpt_path
 from experiment.config import step_lrs
 from methods import build_method
 from methods.awt import channels_path, classifier_init_plan, load_mask, resolve_per_class
@@ -147,7 +147,7 @@ def _check_checkpoints(cfg) -> int:
         ckpt = safe_load(path, "previous-step checkpoint")
         check_model_flags(ckpt, cfg, path, "previous-step checkpoint")
         state = model_state(ckpt, path)
-        check_class_layout(state, classes_for_step(cfg, first - 1), path)
+        check_class_layout(state, heads_for_step(cfg, first - 1), path)
         bad = nonfinite_entry(state)
         if bad is not None:
             raise UserError(f"previous-step checkpoint {path} holds NaN or inf ({bad}): step {first} cannot start "

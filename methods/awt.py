@@ -19,7 +19,7 @@ from dataset.tasks import canonical_task, classes_per_step, new_class_indices
 from methods.attribution import AGGREGATIONS, channel_importance, resolve_target, unwrap
 from methods.base import Extension, StepContext, TransferSource
 from methods.channel_masks import classifier_fingerprint, load_mask, write_mask
-from methods.registry import register_extension
+from methods.registry import METHODS, register_extension
 from utils.data import seeded_rng
 from utils.dist import broadcast_object, is_distributed, is_main_process
 from utils.errors import UserError
@@ -182,9 +182,15 @@ def classifier_init_plan(cfg) -> dict | None:
     if cfg.random_channels or float(cfg.att) > 0:
         return {"mask_source": "random" if cfg.random_channels else "attribution", "orig_init": bool(cfg.orig_init),
                 "copy": bool(cfg.copy), "copy_bias": bool(cfg.copy_bias)}
-    if cfg.orig_init or cfg.init_balanced:
+    if cfg.orig_init or (cfg.init_balanced and not _method_initialises(cfg)):
         return {"mask_source": None, "orig_init": True, "copy": False, "copy_bias": False}
     return None
+
+
+def _method_initialises(cfg) -> bool:
+    """Whether --method's own plugin initialises the new classifier for --init_balanced (RCIL's meaning)."""
+    method = METHODS.get(getattr(cfg, "method", None) or "")
+    return bool(getattr(method, "own_classifier_init", False))
 
 
 # ================================================================================================ mask files
@@ -395,8 +401,11 @@ def prepare_new_classifier(cfg, step: int, model, model_old, device, *, dataset=
     net.init_new_classifier(channel_mask=mask, orig_init=plan["orig_init"], copy=plan["copy"],
                             copy_bias=plan["copy_bias"],
                             source=(new_source.layer, new_source.row) if new_source else None)
-    log.info("step %d: new classifier initialised from the background classifier (%s, orig_init=%s, copy=%s, "
-             "copy_bias=%s)", step, "no channel mask" if mask is None else
+    target = resolve_target(net, new_source)
+    origin = "the background classifier" if (target.name, target.row) == ("cls[0]", 0) else \
+        f"row {target.row} of {target.name}"
+    log.info("step %d: new classifier initialised from %s (%s, orig_init=%s, copy=%s, "
+             "copy_bias=%s)", step, origin, "no channel mask" if mask is None else
              f"{source} mask, {int((mask.reshape(-1, mask.shape[-1])[0] != 0).sum())} of {mask.shape[-1]} channels",
              plan["orig_init"], plan["copy"], plan["copy_bias"])
     return {**plan, "channel_mask": mask}

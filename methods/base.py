@@ -169,6 +169,14 @@ class Method:
     name: ClassVar[str] = ""
     preset: ClassVar[dict] = {}
     description: ClassVar[str] = ""
+    # True when --init_balanced means the method's own initialisation of the new classifier (RCIL), not MiB's
+    own_classifier_init: ClassVar[bool] = False
+
+    @classmethod
+    def preset_for(cls, dataset: str | None) -> dict:
+        """The flag defaults ``--method NAME`` applies on ``dataset`` (``preset`` unless a method's published
+        scripts differ per dataset)."""
+        return cls.preset
 
     @staticmethod
     def add_args(group: argparse._ActionsContainer) -> None:

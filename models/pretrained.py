@@ -10,12 +10,13 @@ from utils.checkpoint import safe_load, strip_module_prefix
 from utils.errors import UserError
 
 
-def load_backbone_file(body: nn.Module, path: str, *, drop_prefix: str, layout: str, hint: str) -> None:
+def load_backbone_file(body: nn.Module, path: str, *, drop_prefix: str, layout: str, hint: str,
+                       transform=None) -> None:
     """Load ``path`` into ``body`` strictly.
 
     Accepts ``{"state_dict": {...}}`` or a bare state dict, keys with or without ``module.``; drops the ImageNet
-    classifier (keys starting with ``drop_prefix``); adds ``num_batches_tracked`` where ``body`` has them and the
-    file does not. Any other difference is a one-line ``UserError`` naming the first keys."""
+    classifier (keys starting with ``drop_prefix``); ``transform(state, body_state)`` adapts the file's state to a
+    layout that extends it; adds ``num_batches_tracked`` where ``body`` has them and the file does not. Any other difference is a one-line ``UserError`` naming the first keys."""
     if not path or not os.path.isfile(path):
         raise UserError(f"pretrained backbone weights not found: {path}; {hint}")
     try:
@@ -27,6 +28,8 @@ def load_backbone_file(body: nn.Module, path: str, *, drop_prefix: str, layout: 
         raise UserError(f"pretrained backbone weights {path} are not a state dict of tensors; {hint}")
     state = {k: v for k, v in strip_module_prefix(dict(state)).items() if not k.startswith(drop_prefix)}
     own = body.state_dict()
+    if transform is not None:  # a family whose layout extends the file's (RCIL's twins)
+        state = transform(state, own)
     for key, value in own.items():
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros_like(value)

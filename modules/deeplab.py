@@ -44,7 +44,7 @@ class DeeplabV3(nn.Module):
         self.reset_parameters(self.map_bn.activation, self.map_bn.activation_param)
 
     def reset_parameters(self, activation: str, slope: float) -> None:
-        gain = nn.init.calculate_gain(activation, slope)
+        gain = nn.init.calculate_gain("linear" if activation == "identity" else activation, slope)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_normal_(m.weight, gain)

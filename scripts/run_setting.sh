@@ -6,14 +6,15 @@
 #
 #   DATASET      voc | ade | cityscapes | cityscapes_domain
 #   SETTING      a setting of the recipe table (15-1, 15-1a, 100-50, 50-50, 14-1, 11-1, ...)
-#   METHOD_NAME  FT LWF LWF-MC ILT EWC RW PI MiB MiB_base MiB_AWT PLOP PLOP_AWT (those with a recipe for the setting)
+#   METHOD_NAME  FT LWF LWF-MC ILT EWC RW PI MiB MiB_base MiB_AWT PLOP PLOP_AWT SSUL SSUL-M SSUL_AWT RCIL RCIL_AWT
+#                ... (those with a recipe for the setting: scripts/recipes.toml)
 #
 # One run.py call per step (step 0 included). A step whose final checkpoint
 # {CHECKPOINT_DIR}/{TASK}-{DATASET}_{NAME}_{step}.pth exists is skipped (REDO=1 runs it again), so re-running an
 # interrupted setting continues where it stopped; run.py itself resumes inside an interrupted step.
 # Environment variables override the recipe (defaults in brackets; scripts/README.md):
 #   DATA_ROOT [data]  NB_GPU [1]  BATCH_SIZE [recipe batch/(NB_GPU*GRAD_ACCUM)]  GRAD_ACCUM [1]  LR0, LR [recipe]
-#   EPOCHS0, EPOCHS [recipe; EPOCHS alone sets both]  CROP [512]  BACKBONE [resnet101]  OVERLAP [1] / DISJOINT [0]
+#   EPOCHS0, EPOCHS [recipe; EPOCHS alone sets both]  CROP [recipe: 512, SSUL 513]  BACKBONE [resnet101]  OVERLAP [1] / DISJOINT [0]
 #   ATT [recipe's --att]  AMP_LEVEL [O1]  NAME [METHOD_NAME, +_disjoint]  OUTPUT_DIR [runs]: every output under it
 #   (CHECKPOINT_DIR [OUTPUT_DIR/checkpoints], RESULTS_DIR [OUTPUT_DIR/results], LOG_DIR [OUTPUT_DIR/logs],
 #   CHANNELS_DIR [OUTPUT_DIR/channels] move one of them)  DATE [see README]  NUM_WORKERS [run.py default]  STEP0_FROM [unset]  REDO [0]
@@ -23,7 +24,7 @@ set -euo pipefail
 die() { echo "run_setting.sh: error: $*" >&2; exit 2; }
 
 if [[ $# -lt 3 ]]; then
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 DATASET=$1; SETTING=$2; METHOD_NAME=$3; shift 3
@@ -61,7 +62,7 @@ echo "run_setting.sh: $DATASET $SETTING $METHOD_NAME follows recipe $RECIPE_ID: 
 
 EPOCHS0=${EPOCHS0:-${EPOCHS:-$RECIPE_EPOCHS0}}
 EPOCHS=${EPOCHS:-$RECIPE_EPOCHS}
-CROP=${CROP:-512}
+CROP=${CROP:-$RECIPE_CROP}
 BACKBONE=${BACKBONE:-resnet101}
 LR0=${LR0:-$RECIPE_LR0}
 LR=${LR:-$RECIPE_LR}

@@ -78,3 +78,16 @@ def test_gpu_suite_reports_unknown_parts_and_keeps_going(tmp_path):
     assert res.returncode == 1 and "unknown part 'bogus'" in res.stderr
     assert "failed: bogus" in res.stdout  # the tests part still ran after the unknown one
     assert "[exit 0]" in (tmp_path / "out" / "tests.txt").read_text()
+
+
+def test_methods_benchmark_runs(capsys):
+    from benchmarks import methods
+
+    out = methods.main(["--device", "cpu", "--norm_act", "abn", "--size", "32", "--batch", "2", "--iters", "1",
+                        "--repeats", "1", "--methods", "PLOP,RCIL"])
+    plop, rcil = out["methods"]["PLOP"], out["methods"]["RCIL"]
+    assert plop["time_vs_first"] == 1.0 and rcil["time_vs_first"] > 0
+    # the twins: every 3x3 residual conv and the ASPP convs doubled, so more weights, FLOPs and saved activations
+    assert rcil["parameters"] > plop["parameters"] and rcil["forward_flops"] > plop["forward_flops"]
+    assert rcil["activation_bytes"] > plop["activation_bytes"]
+    assert "| method | time per step vs PLOP |" in capsys.readouterr().out

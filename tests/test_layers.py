@@ -24,7 +24,7 @@ LAYERS = [
     ("benchmarks", "scripts"),  # tools around the product
 ]
 SKIP_DIRS = {".git", ".venv", "tests", "__pycache__", ".pytest_cache", ".hypothesis", "data", "checkpoints",
-             "results", "logs", "channels", "demo_out", "runs"}
+             "results", "logs", "channels", "demo_out", "demo_ssul_out", "runs"}
 
 
 def project_files() -> dict[str, str]:

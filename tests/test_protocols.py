@@ -331,14 +331,22 @@ def test_domain_refuses_class_step_flags(cityscapes_root, tmp_path, capsys):
     assert err.startswith("error: --unce (set by --method MiB) works on the classes a step adds") and "\n" not in err
 
 
+DOMAIN_METHODS = {"PLOP": ["--method", "FT", "--pod", "local", "--pod_factor", "0.0001", "--pod_logits"],
+                  "RCIL": ["--method", "RCIL"]}  # each paper's cityscapes_domain flags (RCIL: CE and PCKD)
+
+
 @pytest.mark.slow
-def test_domain_two_steps_through_run_py(cityscapes_root, tmp_path):
+@pytest.mark.parametrize("method", sorted(DOMAIN_METHODS))
+def test_domain_two_steps_through_run_py(cityscapes_root, tmp_path, method, caplog):
     import run
 
     args = smoke_args(cityscapes_root, tmp_path, dataset="cityscapes_domain", task="11-5", steps=(0, 1),
-                      extra=["--method", "FT", "--pod", "local", "--pod_factor", "0.0001", "--pod_logits",
-                             "--lr", "0.01", "0.001", "--overlap"])
-    assert run.main(args) == 0
+                      extra=[*DOMAIN_METHODS[method], "--lr", "0.01", "0.001", "--overlap"])
+    with caplog.at_level("INFO"):
+        assert run.main(args) == 0
+    if method == "RCIL":  # PCKD trained step 1 with a nonzero loss
+        assert any("loss_pckd=" in r.getMessage() and "loss_pckd=0.0000" not in r.getMessage()
+                   for r in caplog.records)
     csv = tmp_path / "results" / "test_cityscapes_domain_11-5_Experiment.csv"
     rows = csv.read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["0", "1"] and len(rows[1].split(",")) == 21  # step, 19 IoUs, mIoU
@@ -446,7 +454,8 @@ def test_reproduction_doc_is_the_generated_ledger():
         assert handle.read() == reproduction_markdown(), "regenerate: python -m experiment.ledger --markdown"
     for row in load_ledger():  # every row names a wrapper that exists and a command that runs it
         recipe = recipe_of(row)
-        assert os.path.isfile(os.path.join(ROOT, "scripts", row.wrapper + ".sh")) and recipe.batch == 24
+        assert os.path.isfile(os.path.join(ROOT, "scripts", row.wrapper + ".sh"))
+        assert recipe.batch == (32 if recipe.id in ("ssul-voc", "ssul-awt-voc") else 24)  # SSUL's README: 32 on VOC
         assert f"scripts/{row.wrapper}.sh" in row.command and row.published
 
 

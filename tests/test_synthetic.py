@@ -33,7 +33,7 @@ def test_deterministic_bytes(tmp_path):
     a = generate(str(tmp_path / "a"), "voc", size=24, n_train=20, n_val=20, seed=3)["root"]
     b = generate(str(tmp_path / "b"), "voc", size=24, n_train=20, n_val=20, seed=3)["root"]
     c = generate(str(tmp_path / "c"), "voc", size=24, n_train=20, n_val=20, seed=4)["root"]
-    assert _digest(a) == _digest(b) and len(_digest(a)) == 2 * 40 + 2 + 1  # images, labels, 2 splits, marker
+    assert _digest(a) == _digest(b) and len(_digest(a)) == 3 * 40 + 2 + 1  # images, labels, saliency, 2 splits, marker
     assert _digest(a) != _digest(c)
 
 

@@ -64,8 +64,27 @@ def build_optimizer(groups: list[dict], cfg, lr: float) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
 
 
+WARMUP_FRACTION, WARMUP_FACTOR = 0.1, 0.001  # warm_poly: SSUL's linear warm-up over 10 % of the iterations
+
+
 def build_scheduler(optimizer, cfg, max_iters: int):
-    """Poly (``(1 - it/max_iters)^power``, stepped per iteration) or StepLR."""
-    if cfg.lr_policy == "poly":
-        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max(max_iters, 1), power=cfg.lr_power)
+    """Poly (``(1 - it/max_iters)^power``, stepped per iteration; with ``--lr_min`` never below it, as SSUL),
+    warm_poly (SSUL on ADE: poly times a linear warm-up from 0.001 over the first 10 % of the iterations) or
+    StepLR."""
+    total = max(max_iters, 1)
+    lr_min = float(getattr(cfg, "lr_min", 0.0) or 0.0)
+    if cfg.lr_policy == "poly" and lr_min == 0.0:  # the reference's schedule, unchanged
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=cfg.lr_power)
+    if cfg.lr_policy in ("poly", "warm_poly"):
+        warmup = int(total * WARMUP_FRACTION) if cfg.lr_policy == "warm_poly" else 0
+
+        def factor(it: int, base: float) -> float:
+            f = (1.0 - min(it, total) / total) ** cfg.lr_power
+            if it < warmup:
+                alpha = it / warmup
+                f *= WARMUP_FACTOR * (1 - alpha) + alpha
+            return max(f, lr_min / base) if cfg.lr_policy == "poly" and base > 0 else f
+
+        lambdas = [lambda it, base=group["lr"]: factor(it, base) for group in optimizer.param_groups]
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_decay_step, gamma=cfg.lr_decay_factor)

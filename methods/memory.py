@@ -1,0 +1,104 @@
+"""SSUL-M's exemplar memory: class-balanced selection of old images, the per-experiment memory file, and the feeder
+that mixes memory samples into training batches (spec: SSUL's ``utils/memory.py`` and ``main.py``).
+
+The memory of step t is chosen from the memory of step t-1 plus every training image of step t-1, each described
+by the foreground classes it shows (ground truth of step t-1, with old classes pseudo-labelled by the step-(t-1)
+model when t > 1). Selection: shuffle the candidates, shuffle the old classes, then round-robin over the classes
+taking for each the first remaining candidate that shows it, until ``mem_size`` images are taken. Unlike upstream
+(which loops forever), selection stops when a whole round adds nothing.
+
+The file is ``{checkpoint}/{task}-{dataset}_{name}_memory.json`` (one per experiment; upstream wrote one file per
+dataset that concurrent runs overwrote), written atomically::
+
+    {"step_1": {"memory_candidates": [[image, n_objects, n_fg_pixels, [class, ...]], ...],
+                "memory_list": [image, ...]}, ...}
+
+``image`` is the image path relative to the dataset root, classes are model (remapped) indices.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+from utils.io import atomic_write_text
+
+
+def memory_path(checkpoint: str, task: str, dataset: str, name: str) -> str:
+    return os.path.join(checkpoint, f"{task}-{dataset}_{name}_memory.json")
+
+
+def select_balanced(candidates: Sequence[list], old_classes: Sequence[int], mem_size: int,
+                    rng: np.random.Generator) -> list[list]:
+    """Class-balanced selection (see the module docstring): candidates are ``[image, n_objs, n_fg, classes]``."""
+    pool = [candidates[i] for i in rng.permutation(len(candidates))]
+    order = [old_classes[i] for i in rng.permutation(len(old_classes))]
+    taken: list[list] = []
+    while len(taken) < mem_size:
+        before = len(taken)
+        for cls in order:
+            hit = next((k for k, cand in enumerate(pool) if cls in cand[3]), None)
+            if hit is not None:
+                taken.append(pool.pop(hit))
+            if len(taken) >= mem_size:
+                break
+        if len(taken) == before:  # no candidate shows any old class any more
+            break
+    return taken
+
+
+def read_memory(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"memory file {path} cannot be read ({exc}); delete it to rebuild the memory") from None
+    if not isinstance(data, dict):
+        raise UserError(f"memory file {path} is not a JSON object; delete it to rebuild the memory")
+    return data
+
+
+def write_memory_step(path: str, step: int, selected: list[list]) -> dict:
+    """Add (or replace) the entry of ``step``, keeping the others; written atomically."""
+    data = read_memory(path)
+    data[f"step_{step}"] = {"memory_candidates": selected, "memory_list": sorted(c[0] for c in selected)}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=0) + "\n")
+    return data
+
+
+class MemoryFeeder:
+    """An endless stream of memory batches from ``loader`` (its sampler re-seeded per epoch, so that a resumed epoch
+    draws the same batches): ``begin_epoch(e)`` then ``next()``."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.epoch, self.round = 0, 0
+        self._it: Iterator | None = None
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch, self.round = epoch, 0
+        self._it = None
+
+    def next(self):
+        for _ in range(2):
+            if self._it is None:
+                self.loader.sampler.set_epoch(self.epoch * 1000 + self.round)
+                self.round += 1
+                self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None
+        raise UserError("the exemplar memory holds fewer images than one batch")
+
+
+def mix_rows(batch_size: int) -> torch.Tensor:
+    """Rows of a batch replaced by memory samples: a random half (``torch.randperm``, as upstream)."""
+    return torch.randperm(batch_size)[: batch_size // 2]
