@@ -1,11 +1,14 @@
 """Evaluate a step checkpoint on a data split and write pictures of its predictions.
 
     python evaluate.py --dataset voc --data_root PascalVOC12 --task 15-1 --name MiB --step 5
-        [--ckpt PATH] [--split val|train] [--crop_val] [--out_dir samples/ --save_samples 16]
+        [--ckpt PATH] [--split val|train] [--crop_val] [--out_dir samples/ --save_samples 16] [--erase_class K]
 
 Takes the same flags as run.py (model, task, checkpoint naming). Passing ``--crop_val`` evaluates at full resolution
 (batch 1), as in the reference. Prints per-class IoU and old/new/all mean IoU; with ``--out_dir`` writes
-``metrics.json`` and PNG panels (image | ground truth | prediction, in the dataset palette).
+``metrics.json`` and PNG panels (image | ground truth | prediction, in the dataset palette). ``--erase_class K``
+evaluates only the images that hold class K (its index in the report), with its pixels filled from the rest of the
+image and ignored (DropClass's supplementary Table B-1: how much the other classes depend on K's presence);
+``--images_with K`` evaluates the same images with the same pixels ignored but K left in the image (the control).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import sys
 import torch
 from PIL import Image
 
+from dataset.erase import EraseClass
 from dataset.readers import READERS
 from dataset.tasks import order
 from experiment.argparser import get_argparser
@@ -46,6 +50,12 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="val", choices=["val", "train"], help="data split to evaluate on")
     g.add_argument("--out_dir", default=None, help="folder for metrics.json and PNG panels")
     g.add_argument("--save_samples", type=int, default=8, help="PNG panels written to --out_dir")
+    g.add_argument("--erase_class", type=int, default=None, metavar="K",
+                   help="evaluate the images holding class K (index in the report) with K erased: its pixels filled "
+                        "from the rest of the image and ignored in the labels")
+    g.add_argument("--images_with", type=int, default=None, metavar="K",
+                   help="evaluate only the images holding class K, its pixels ignored but left in the image (the "
+                        "control of --erase_class K)")
     return parser
 
 
@@ -86,6 +96,20 @@ def evaluate_checkpoint(cfg) -> dict:
     load_weights(model, cfg.ckpt or ckpt_path(cfg, step), strict=cfg.strict_weights, what="step checkpoint", cfg=cfg)
     data_cfg = replace(cfg, val_on_trainset=cfg.split == "train")
     test_ds = method.wrap_dataset("test", build_step_datasets(data_cfg, step)[2], step)
+    erased = None
+    if cfg.erase_class is not None and cfg.images_with is not None:
+        raise UserError("--erase_class and --images_with exclude each other: run one evaluation with each")
+    selected = cfg.erase_class if cfg.erase_class is not None else cfg.images_with
+    if selected is not None:
+        flag = "--erase_class" if cfg.erase_class is not None else "--images_with"
+        n_classes = sum(model.classes)
+        if not 1 <= selected < n_classes:
+            raise UserError(f"{flag} {selected}: give a foreground class index 1..{n_classes - 1} of step {step} "
+                            "(the report's first column)")
+        test_ds = EraseClass(test_ds, selected, erase=cfg.erase_class is not None)
+        if len(test_ds) == 0:
+            raise UserError(f"{flag} {selected}: no image of the {cfg.split} split holds that class")
+        erased = {"class": selected, "images": len(test_ds), "erased": cfg.erase_class is not None}
     loader = build_loader(test_ds, batch_size=cfg.batch_size if cfg.crop_val else 1, train=False,
                           num_workers=cfg.num_workers, seed=cfg.random_seed)
     reader = READERS[cfg.dataset]
@@ -97,6 +121,9 @@ def evaluate_checkpoint(cfg) -> dict:
     res = cm.results()
     split = old_new_all(res["Class IoU"], model.classes[0], sum(model.classes))
     names = [reader.CLASS_NAMES[c] for c in order(cfg.dataset, cfg.task, step)]
+    if erased:
+        print(f"only the {erased['images']} images holding class {erased['class']} ({names[erased['class']]}), "
+              + ("with it erased and ignored" if erased["erased"] else "with it ignored but not erased"))
     print(format_report(res, split, names))
     if cfg.out_dir:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -104,10 +131,11 @@ def evaluate_checkpoint(cfg) -> dict:
             save_png(picture, os.path.join(cfg.out_dir, f"sample_{k:03d}.png"))
         metrics = {"step": step, "split": cfg.split, "full_resolution": not cfg.crop_val, **split,
                    "mIoU": res["Mean IoU"], "overall_acc": res["Overall Acc"],
-                   "class_iou": {names[i]: v for i, v in res["Class IoU"].items()}}
+                   "class_iou": {names[i]: v for i, v in res["Class IoU"].items()},
+                   **({"erased": {**erased, "name": names[erased["class"]]}} if erased else {})}
         atomic_write_text(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(strict_json(metrics), indent=2,
                                                                                  allow_nan=False))
-    return {**res, **split}
+    return {**res, **split, **({"erased": erased} if erased else {})}
 
 
 def main(argv=None) -> int:

@@ -27,6 +27,7 @@ from models import BACKBONES
 from models.resnet import load_pretrained_body
 from modules.aspp import ASPP
 from modules.deeplab import DeeplabV3
+from modules.dropclass import READOUTS, ROWS, DropClassPath
 from modules.heads import conv_head_classifier, final_layer, linear_classifier
 from modules.norm import NORM_ACT, is_norm_layer
 from modules.rcil import TwinDeeplabV3
@@ -41,11 +42,12 @@ class IncrementalSegmentationModule(nn.Module):
 
     ``classes``: the label space, classes per step (``classes[0]`` includes the background); what ``predict`` maps
     the logits to. ``heads``: the output channels of each classifier, by default one head per step (``classes``);
-    SSUL's layout is ``[1 unknown, 1 background, classes[0] - 1, classes[1], ...]`` (``HEAD_LAYOUTS``)."""
+    SSUL's layout is ``[1 unknown, 1 background, classes[0] - 1, classes[1], ...]`` (``HEAD_LAYOUTS``).
+    ``drop``: DropClass's drop path (``modules/dropclass.py``) between ``pre_logits`` and the classifiers, or None."""
 
     def __init__(self, body: nn.Module, head: nn.Module, head_channels: int, classes: Sequence[int],
                  output_stride: int = 16, classifier: Callable[[int, int], nn.Module] = linear_classifier,
-                 heads: Sequence[int] | None = None):
+                 heads: Sequence[int] | None = None, drop: nn.Module | None = None):
         super().__init__()
         classes = [int(c) for c in classes]
         heads = classes if heads is None else [int(h) for h in heads]
@@ -60,20 +62,39 @@ class IncrementalSegmentationModule(nn.Module):
         self.heads = heads
         self.output_stride = output_stride
         self.cls = nn.ModuleList([classifier(self.head_channels, h) for h in heads])
+        self.drop = drop
         self._bn_fixed = False
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, ret_intermediate: bool = False):
+    def forward(self, x: torch.Tensor, ret_intermediate: bool = False, keep: torch.Tensor | None = None):
+        """``(logits (B, C, H, W), extras)``. With a drop path: in training the logits are the plain path's and
+        ``extras["drop_logits"]`` / ``["drop_logits_small"]`` the drop path's with the classes of ``keep`` (bool
+        (C,), default all); in evaluation the logits are those of ``drop.readout``."""
         body_out, attentions = self.body(x)
         pre_logits = self.head(body_out)
-        sem_logits_small = torch.cat([c(pre_logits) for c in self.cls], dim=1)
-        logits = F.interpolate(sem_logits_small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        sem_logits_small = self._classify(pre_logits)
         extras = {"pre_logits": pre_logits}
+        if self.drop is not None:
+            if self.training and self.drop.train_drop:
+                drop_small = self._classify(self.drop(pre_logits, self.classifier_rows(), keep))
+                extras["drop_logits_small"] = drop_small
+                extras["drop_logits"] = F.interpolate(drop_small, size=x.shape[-2:], mode="bilinear",
+                                                      align_corners=False)
+            elif not self.training and self.drop.readout == "drop":
+                sem_logits_small = self._classify(self.drop(pre_logits, self.classifier_rows(), keep))
+        logits = F.interpolate(sem_logits_small, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if ret_intermediate:
             extras["body"] = body_out
             extras["attentions"] = list(attentions) + [pre_logits]
             extras["sem_logits_small"] = sem_logits_small
         return logits, extras
+
+    def _classify(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([c(features) for c in self.cls], dim=1)
+
+    def classifier_rows(self) -> torch.Tensor:
+        """The weights of every class's 1x1 classifier as rows (C, head_channels), classes in output order."""
+        return torch.cat([final_layer(c).weight.flatten(1) for c in self.cls], dim=0)
 
     # ------------------------------------------------------------------ classifier init (reference table 3.4)
     @torch.no_grad()
@@ -196,6 +217,8 @@ class ModelSpec:
     head_layout: str = "per_step"  # a key of HEAD_LAYOUTS: output channels of each classifier
     head_channels: int = 256
     backbone_bn_momentum: float | None = None  # None: the family's default
+    dropclass: str = ""  # "" none; DropClass's drop path answering in evaluation with "drop" or "plain"
+    dropclass_rows: str = "frozen"  # importance rows of earlier steps' classes: "frozen" or "live"
 
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)
@@ -242,6 +265,8 @@ def _check_spec(spec: ModelSpec) -> None:
                                ("head layout", spec.head_layout, HEAD_LAYOUTS)):
         if value not in table:
             raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(sorted(table))}")
+    if spec.dropclass not in ("", *READOUTS) or spec.dropclass_rows not in ROWS:
+        raise UserError(f"unknown DropClass readout {spec.dropclass!r} or rows {spec.dropclass_rows!r}")
     if spec.output_stride not in (8, 16):
         raise UserError(f"--output_stride must be 8 or 16, got {spec.output_stride}")
 
@@ -255,9 +280,13 @@ def build_model_from_spec(spec: ModelSpec, classes: Sequence[int],
     if pretrained_path is not None:
         family.load_pretrained(body, pretrained_path)
     head = HEADS[spec.head](spec, body.out_channels)
+    drop = None
+    if spec.dropclass:
+        n_frozen = sum(classes[:-1]) if spec.dropclass_rows == "frozen" else 0
+        drop = DropClassPath(spec.head_channels, NORM_ACT[spec.norm_act], n_frozen=n_frozen, readout=spec.dropclass)
     return IncrementalSegmentationModule(body, head, spec.head_channels, classes, spec.output_stride,
                                          classifier=CLASSIFIERS[spec.classifier],
-                                         heads=HEAD_LAYOUTS[spec.head_layout](list(classes)))
+                                         heads=HEAD_LAYOUTS[spec.head_layout](list(classes)), drop=drop)
 
 
 def make_model(*, backbone: str, norm_act: str, output_stride: int, classes: Sequence[int],

@@ -49,6 +49,15 @@ def start(args) -> tuple[torch.device, bool]:
     return device, device.type == "cuda"
 
 
+def model_defaults(args, device: torch.device) -> None:
+    """Fill ``args.backbone``, ``args.size`` and ``args.iters`` left unset: the papers' model at 512 px and 10
+    iterations per timed call on GPU, ResNet-18 at 64 px and 2 iterations on CPU."""
+    gpu = device.type == "cuda"
+    args.backbone = args.backbone or default_backbone(device)
+    args.size = args.size or (512 if gpu else 64)
+    args.iters = args.iters or (10 if gpu else 2)
+
+
 def default_backbone(device: torch.device) -> str:
     """ResNet-101 (the papers' model) on GPU, ResNet-18 on CPU (CPU runs report ratios only)."""
     return "resnet101" if device.type == "cuda" else "resnet18"

@@ -23,7 +23,7 @@ import gc
 
 import torch
 
-from benchmarks.common import (default_backbone, describe_device, forward_flops, gib, interleaved, markdown_table,
+from benchmarks.common import (describe_device, forward_flops, gib, interleaved, markdown_table, model_defaults,
                                median, peak_memory_bytes, reset_peak_memory, start, str_list, time_once)
 from experiment.builders import build_model
 from experiment.config import parse_config
@@ -110,9 +110,7 @@ def saved_activation_bytes(model, images: torch.Tensor, cfg, device) -> int:
 def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
     device, gpu = start(args)
-    args.backbone = args.backbone or default_backbone(device)
-    args.size = args.size or (512 if gpu else 64)
-    args.iters = args.iters or (10 if gpu else 2)
+    model_defaults(args, device)
     args.amp = args.amp or ("bf16" if gpu else "off")
     names = str_list(args.methods)
     if len(names) < 2:

@@ -26,7 +26,7 @@ import gc
 
 import torch
 
-from benchmarks.common import (start, default_backbone, describe_device, forward_flops, gib, interleaved, markdown_table,
+from benchmarks.common import (start, describe_device, forward_flops, gib, interleaved, markdown_table, model_defaults,
                                measured_peak, median, peak_memory_bytes, reset_peak_memory, step_models, str_list,
                                training_step_flops, time_once)
 from experiment.config import parse_config
@@ -111,9 +111,7 @@ def build_variant(args, name: str, base_new, base_old, loader, device):
 def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
     device, gpu = start(args)
-    args.backbone = args.backbone or default_backbone(device)
-    args.size = args.size or (512 if gpu else 64)
-    args.iters = args.iters or (10 if gpu else 2)
+    model_defaults(args, device)
     order = args.order or ("sequential" if gpu else "interleaved")
     names = str_list(args.variants or (DEFAULT_GPU if gpu else DEFAULT_CPU))
     if "fp32" in names:

@@ -1,7 +1,7 @@
 """Synthetic datasets in the real on-disk layouts of VOC, ADE20K and Cityscapes (for demos and tests).
 
     python -m dataset.synthetic ROOT --layout voc|ade|cityscapes [--size 96] [--train N] [--val M] [--seed 0]
-                                     [--force]
+                                     [--cooccur A:B ...] [--cooccur_prob 0.9] [--force]
 
 Every foreground class has its own look: a base hue (neighbouring class ids have neighbouring hues), a
 saturation/brightness level, a texture family shared by every 4th class (stripes, checks, dots, rings) with a
@@ -12,6 +12,11 @@ Coverage guarantee: the first images of each split are single-object images cycl
 classes (at least one per class and split), so every step of every task has training and validation images under
 both the overlap and the disjoint protocols. The rest are multi-object images with classes dealt from a shuffled
 deck (balanced class frequencies).
+
+Co-occurrence (``--cooccur A:B``, class ids in the real label space, repeatable): an image that holds one class of
+a pair also holds the other with probability ``--cooccur_prob`` (single-object images included), the partner placed
+touching it (rider on motorcycle, sidewalk next to road). Without pairs the output is the same as before the option
+existed.
 
 VOC labels get 255 rings (1 px) on object outlines; train labels are saved in mode L, val labels in mode P (VOC
 palette), as in the real data. Cityscapes labels hold raw label ids (mapped by the reader's LUT) and include some
@@ -96,9 +101,10 @@ def _texture(kind, yy, xx, cy, cx, period, angle):
 
 # ----------------------------------------------------------------------------------------------- one image
 def render(rng: np.random.Generator, classes: list[int], num_fg: int, height: int, width: int, single: bool,
-           clutter_ids: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           clutter_ids: tuple[int, ...] = (), partners: dict[int, int] | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(uint8 (H, W, 3) image, uint8 (H, W) label, uint8 (H, W) clutter)`` with the given foreground classes
-    (later ones on top).
+    (later ones on top). ``partners``: class -> an earlier class of the image it is drawn touching.
 
     ``clutter``: ids from ``clutter_ids`` given to some background blobs not covered by an object (Cityscapes
     ignored ids), 0 elsewhere; kept apart from ``label`` because its ids live in another id space."""
@@ -118,6 +124,7 @@ def render(rng: np.random.Generator, classes: list[int], num_fg: int, height: in
         if clutter_ids and rng.random() < 0.3:
             clutter[blob] = clutter_ids[int(rng.integers(len(clutter_ids)))]
     light = rng.uniform(0.85, 1.1)
+    placed: dict[int, tuple[float, float, float]] = {}
     for cls in classes:
         look = class_look(cls, num_fg)
         lo, hi = (0.32, 0.6) if single else (0.2, 0.42)
@@ -125,6 +132,13 @@ def render(rng: np.random.Generator, classes: list[int], num_fg: int, height: in
         if look["shape"] in ("rectangle", "diamond", "triangle"):
             ry, rx = ry * 1.1, rx * 1.1
         cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
+        anchor = placed.get((partners or {}).get(cls, -1))
+        if anchor is not None:  # next to its partner: centres one mean radius apart, the shapes overlapping a bit
+            angle, (ay, ax, ar) = rng.uniform(0, 2 * np.pi), anchor
+            gap = 0.8 * (ar + (ry + rx) / 2)
+            cy = float(np.clip(ay + gap * np.sin(angle), 0.1 * height, 0.9 * height))
+            cx = float(np.clip(ax + gap * np.cos(angle), 0.1 * width, 0.9 * width))
+        placed[cls] = (cy, cx, (ry + rx) / 2)
         mask = _shape_mask(look["shape"], yy, xx, cy, cx, ry, rx, rng.uniform(0, np.pi))
         if not mask.any():
             if not single:
@@ -198,6 +212,23 @@ def boundary_ring(label: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- scheduling
+def add_partners(rng: np.random.Generator, plan: list[tuple[list[int], bool]], pairs, prob: float
+                 ) -> list[tuple[list[int], bool, dict[int, int]]]:
+    """Each image of ``plan`` with the missing partner of every pair it half-holds (probability ``prob``), drawn
+    right after it; returns ``(classes, single, partners)`` (``partners``: added class -> the class it touches)."""
+    out = []
+    for classes, single in plan:
+        classes, partners = list(classes), {}
+        for a, b in pairs:
+            for have, missing in ((a, b), (b, a)):
+                if have in classes and missing not in classes and rng.random() < prob:
+                    classes.insert(classes.index(have) + 1, missing)
+                    partners[missing] = have
+                    single = False
+        out.append((classes, single, partners))
+    return out
+
+
 def schedule(rng: np.random.Generator, n_images: int, num_fg: int) -> list[tuple[list[int], bool]]:
     """Classes of each image: single-object images cycling over every class first, then 2-4 object images."""
     if n_images < num_fg:
@@ -305,17 +336,19 @@ class _CityscapesLayout:
 LAYOUTS = {"voc": _VOCLayout, "ade": _ADELayout, "cityscapes": _CityscapesLayout}
 
 
-def _write_split(tmp: str, layout: str, split: str, n_images: int, size: int, seed: int) -> None:
+def _write_split(tmp: str, layout: str, split: str, n_images: int, size: int, seed: int, pairs=(),
+                 prob: float = 0.0) -> None:
     writer = LAYOUTS[layout]
     num_fg = writer.num_classes - 1
     height, width = size, int(round(size * writer.aspect))
     split_id = 0 if split == "train" else 1
     plan = schedule(np.random.default_rng([seed, split_id, 1 << 20]), n_images, num_fg)
+    plan = add_partners(np.random.default_rng([seed, split_id, 1 << 21]), plan, pairs, prob)
     lines = []
-    for index, (classes, single) in enumerate(plan):
+    for index, (classes, single, partners) in enumerate(plan):
         rng = np.random.default_rng([seed, split_id, index])
         image, label, clutter_map = render(rng, classes, num_fg, height, width, single,
-                                           clutter_ids=writer.clutter_ids)
+                                           clutter_ids=writer.clutter_ids, partners=partners)
         line = writer.write(tmp, split, index, image, label, clutter_map)
         if line is not None:
             lines.append(line)
@@ -327,14 +360,31 @@ def is_synthetic(root: str) -> bool:
     return os.path.isfile(os.path.join(root, MARKER))
 
 
+def parse_pair(text: str) -> tuple[int, int]:
+    """``"A:B"`` -> ``(A, B)`` (argparse ``type`` of ``--cooccur``)."""
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two class ids A:B, got {text!r}") from None
+    return a, b
+
+
 def generate(root: str, layout: str = "voc", *, size: int = 96, n_train: int | None = None,
-             n_val: int | None = None, seed: int = 0, force: bool = False) -> dict:
-    """Write the synthetic dataset at ``root`` (atomically); returns a summary dict."""
+             n_val: int | None = None, seed: int = 0, force: bool = False, cooccur=(),
+             cooccur_prob: float = 0.9) -> dict:
+    """Write the synthetic dataset at ``root`` (atomically); returns a summary dict. ``cooccur``: class-id pairs
+    drawn together with probability ``cooccur_prob`` (see the module docstring)."""
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     if size < 16:
         raise UserError(f"--size {size} is too small; use at least 16 pixels")
     spec = LAYOUTS[layout]
+    pairs = [tuple(int(c) for c in pair) for pair in cooccur]
+    for a, b in pairs:
+        if a == b or not (1 <= a < spec.num_classes and 1 <= b < spec.num_classes):
+            raise UserError(f"--cooccur {a}:{b}: two different foreground class ids in 1..{spec.num_classes - 1}")
+    if not 0.0 <= cooccur_prob <= 1.0:
+        raise UserError(f"--cooccur_prob must be in [0, 1], got {cooccur_prob}")
     n_train = spec.train if n_train is None else n_train
     n_val = spec.val if n_val is None else n_val
     root = os.path.abspath(root)
@@ -349,10 +399,13 @@ def generate(root: str, layout: str = "voc", *, size: int = 96, n_train: int | N
         os.makedirs(tmp)
         for sub in spec.dirs:
             os.makedirs(os.path.join(tmp, sub))
-        _write_split(tmp, layout, "train", n_train, size, seed)
-        _write_split(tmp, layout, "val", n_val, size, seed)
+        _write_split(tmp, layout, "train", n_train, size, seed, pairs, cooccur_prob)
+        _write_split(tmp, layout, "val", n_val, size, seed, pairs, cooccur_prob)
+        marker = {"layout": layout, "size": size, "train": n_train, "val": n_val, "seed": seed}
+        if pairs:
+            marker.update(cooccur=[list(p) for p in pairs], cooccur_prob=cooccur_prob)
         with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as handle:
-            json.dump({"layout": layout, "size": size, "train": n_train, "val": n_val, "seed": seed}, handle)
+            json.dump(marker, handle)
         if os.path.exists(root):
             old = os.path.join(parent, f".{os.path.basename(root)}.old-{os.getpid()}")
             os.rename(root, old)
@@ -378,11 +431,15 @@ def main(argv=None) -> int:
     parser.add_argument("--train", type=int, default=None, help="train images (default per layout)")
     parser.add_argument("--val", type=int, default=None, help="val images (default per layout)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cooccur", type=parse_pair, action="append", default=[], metavar="A:B",
+                        help="draw classes A and B together (class ids of the real label space; repeatable)")
+    parser.add_argument("--cooccur_prob", type=float, default=0.9,
+                        help="probability that an image holding one class of a pair also holds the other")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty ROOT")
     args = parser.parse_args(argv)
     try:
         info = generate(args.root, args.layout, size=args.size, n_train=args.train, n_val=args.val, seed=args.seed,
-                        force=args.force)
+                        force=args.force, cooccur=args.cooccur, cooccur_prob=args.cooccur_prob)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -159,7 +159,7 @@ class Method:
     """A continual-learning method: a plugin whose hooks the step flow calls in this order (each is optional)::
 
         model_spec -> wrap_dataset -> [step > 0: load_previous] -> prepare_model -> init_new_classifier
-        -> param_groups -> terms -> (resume: load_state_dict) -> before_step
+        -> param_groups -> terms -> wrap_terms -> (resume: load_state_dict) -> before_step
         -> per epoch: begin_epoch -> per iteration: compose_batch, losses (terms), backward, after_backward (terms)
         -> after_step -> state_dict (checkpoint) ; evaluation and test: predict
 
@@ -233,6 +233,10 @@ class Method:
     def terms(self, ctx: StepContext) -> list["LossTerm"]:
         """The loss terms of this step, in execution order."""
         return []
+
+    def wrap_terms(self, terms: list["LossTerm"], ctx: StepContext) -> list["LossTerm"]:
+        """Rewrite the terms every plugin provided (e.g. DropClass applies the classification term to two paths)."""
+        return terms
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     def before_step(self, ctx: StepContext) -> None:

@@ -62,6 +62,8 @@ class MethodStack:
         terms: list[LossTerm] = []
         for plugin in self.plugins:
             terms += plugin.terms(ctx)
+        for plugin in self.plugins:
+            terms = plugin.wrap_terms(terms, ctx)
         return Criterion(terms)
 
     # ---- data --------------------------------------------------------------------------------------------------------

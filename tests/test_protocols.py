@@ -456,7 +456,9 @@ def test_reproduction_doc_is_the_generated_ledger():
         recipe = recipe_of(row)
         assert os.path.isfile(os.path.join(ROOT, "scripts", row.wrapper + ".sh"))
         assert recipe.batch == (32 if recipe.id in ("ssul-voc", "ssul-awt-voc") else 24)  # SSUL's README: 32 on VOC
-        assert f"scripts/{row.wrapper}.sh" in row.command and row.published
+        assert f"scripts/{row.wrapper}.sh" in row.command
+        # a number, or a row that says it awaits one (DropClass: the paper's tables were not retrieved)
+        assert row.published or (row.src == "" and "no published number" in row.note), row.id
 
 
 def test_run_records_survive_reruns_and_bad_files(tmp_path):

@@ -5,8 +5,10 @@ of every preset, with and without ``--att 25 --mask_att``, on a small synthetic 
 
 Run it before and after a change that must not change behaviour and ``diff`` the two outputs. The runs write under
 ``OUT_DIR`` (same folder both times: the checkpoints store the resolved configuration, paths included). Files are
-hashed byte for byte, except the AWT scores file, whose metadata records the wall-clock time of the attribution:
-there the scores and the metadata without ``seconds`` are hashed.
+hashed byte for byte, except the AWT scores file, whose metadata records the wall-clock time of the attribution
+(there the scores and the metadata without ``seconds`` are hashed), the checkpoints, which also store the resolved
+configuration, so that any new flag changes their bytes (there the weights and the trainer state are hashed), and
+the ``.run.json`` run records (configuration and timings; skipped).
 """
 from __future__ import annotations
 
@@ -46,6 +48,14 @@ def _digest(path):
         for key in ("scores", "n_used", "n_skipped"):
             h.update(obj[key].numpy().tobytes())
         return h.hexdigest()
+    if path.endswith(".pth"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        h = hashlib.sha256()
+        for key, tensor in sorted(obj["model_state"].items()):
+            h.update(key.encode())
+            h.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        h.update(repr(obj.get("trainer_state", {})).encode())
+        return h.hexdigest()
     with open(path, "rb") as handle:
         return hashlib.sha256(handle.read()).hexdigest()
 
@@ -66,6 +76,8 @@ def main(out, listing):
     for sub in ("ckpt", "results", "channels"):
         for folder, _, files in sorted(os.walk(os.path.join(out, sub))):
             for name in sorted(files):
+                if name.endswith(".run.json"):
+                    continue
                 path = os.path.join(folder, name)
                 lines.append(f"{_digest(path)} {os.path.relpath(path, out)}\n")
     with open(listing, "w", encoding="utf-8") as handle:
