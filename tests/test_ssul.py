@@ -221,24 +221,20 @@ def test_exact_and_captum_attribute_the_unknown_logit_alike():
 def test_scheduler_floor_and_warm_poly():
     from utils.optim import build_scheduler
 
-    cfg = _cfg(["--lr_policy", "poly", "--lr_power", "0.9"])
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    sched = build_scheduler(opt, cfg, 10)
-    lrs = []
-    for _ in range(10):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs[3] == pytest.approx(0.01 * (1 - 3 / 10) ** 0.9)
-    assert opt.param_groups[0]["lr"] == pytest.approx(1e-6)  # SSUL's floor (the preset's --lr_min 1e-6)
-    warm = _cfg(["--lr_policy", "warm_poly"])
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05)
-    sched = build_scheduler(opt, warm, 100)
-    seen = []
-    for _ in range(12):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    def lrs(flags, lr, total, n):
+        """The lr of the first n iterations and the one after them."""
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        sched, seen = build_scheduler(opt, _cfg(flags), total), []
+        for _ in range(n):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return seen, opt.param_groups[0]["lr"]
+
+    poly, after = lrs(["--lr_policy", "poly", "--lr_power", "0.9"], 0.01, 10, 10)
+    assert poly[3] == pytest.approx(0.01 * (1 - 3 / 10) ** 0.9)
+    assert after == pytest.approx(1e-6)  # SSUL's floor (the preset's --lr_min 1e-6)
+    seen, _ = lrs(["--lr_policy", "warm_poly"], 0.05, 100, 12)
     assert seen[0] == pytest.approx(0.05 * 0.001)
     assert seen[5] == pytest.approx(0.05 * (0.001 * 0.5 + 0.5) * (1 - 5 / 100) ** 0.9)
     assert seen[11] == pytest.approx(0.05 * (1 - 11 / 100) ** 0.9)
