@@ -166,17 +166,19 @@ def load_weights(model, path: str, *, strict: bool = True, what: str = "checkpoi
 
 def load_previous_step(cfg, step: int, device, *, first_step_of_call: bool = True,
                        method: MethodStack | None = None):
-    """(frozen model of step - 1 in eval mode, its checkpoint dict). A missing file is an error, never a random
-    model."""
+    """(frozen model of step - 1 in eval mode, prepared by the method as the step's teacher; its checkpoint dict).
+    A missing file is an error, never a random model."""
     path = previous_ckpt_path(cfg, step, first_step_of_call=first_step_of_call)
     if not os.path.isfile(path):
         raise UserError(f"previous-step checkpoint not found: {path}; run step {step - 1} first "
                         f"(python run.py ... --step {step - 1}) or pass --step_ckpt")
+    method = method or build_method(cfg)
     model_old = build_model(cfg, step - 1, pretrained=False, method=method)
     ckpt = load_weights(model_old, path, strict=cfg.strict_weights, what="previous-step checkpoint", cfg=cfg)
     model_old.to(device).eval()
     for p in model_old.parameters():
         p.requires_grad_(False)
+    method.prepare_old_model(model_old, step)
     return model_old, ckpt
 
 

@@ -158,7 +158,8 @@ class TransferSource:
 class Method:
     """A continual-learning method: a plugin whose hooks the step flow calls in this order (each is optional)::
 
-        model_spec -> wrap_dataset -> [step > 0: load_previous] -> prepare_model -> init_new_classifier
+        model_spec -> wrap_dataset -> [step > 0: prepare_old_model, load_previous] -> prepare_model
+        -> init_new_classifier
         -> param_groups -> terms -> wrap_terms -> (resume: load_state_dict) -> before_step
         -> per epoch: begin_epoch -> per iteration: compose_batch, losses (terms), backward, after_backward (terms)
         -> after_step -> state_dict (checkpoint) ; evaluation and test: predict
@@ -204,6 +205,10 @@ class Method:
 
     def prepare_model(self, ctx: StepContext) -> None:
         """After the previous weights are loaded (every step): e.g. merge branches, freeze parts."""
+
+    def prepare_old_model(self, model_old: nn.Module, step: int) -> None:
+        """The frozen previous-step model, loaded as the teacher of ``step`` (training, attribute.py): e.g. choose
+        the output it answers with."""
 
     def init_new_classifier(self, ctx: StepContext) -> bool:
         """Initialise the new classifier at step > 0; True when this plugin did (the others still run)."""

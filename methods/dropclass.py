@@ -9,9 +9,9 @@ NeurIPS 2021; sanghyeokchu/DropClass 0787087) as an extension of any method with
 * losses (``wrap_terms``): the method's own classification term on both paths,
   ``lambda * L_cls(y, Y) + (1 - lambda) * L_cls(y_drop, Y with z ignored) + alpha * mean softmax(y_drop)[z]`` with
   ``lambda = 1 - epoch / E``; every other term (distillation, regularisers) reads the plain path.
-* class-incremental steps (``prepare_model``): the importance rows of earlier steps' classes are frozen
-  (``--dropclass_rows frozen``) and the old model answers with its plain path (the teacher of distillation and
-  pseudo-labels, as the new model's plain path it is compared with).
+* class-incremental steps: the importance rows of earlier steps' classes are frozen (``prepare_model``,
+  ``--dropclass_rows frozen``) and the old model answers with its plain path (``prepare_old_model``: the teacher of
+  distillation, pseudo-labels and AWT's attribution, in run.py and attribute.py alike).
 
 docs/dropclass.md lists the choices.
 """
@@ -161,8 +161,12 @@ class DropClass(Extension):
             model.drop.train_drop = False
             for p in model.drop.parameters():
                 p.requires_grad_(False)
-        if ctx.model_old is not None and getattr(unwrap(ctx.model_old), "drop", None) is not None:
-            unwrap(ctx.model_old).drop.readout = "plain"
+
+    def prepare_old_model(self, model_old, step: int) -> None:
+        """The teacher answers with its plain path (distillation, pseudo-labels and AWT read the plain path)."""
+        drop = getattr(unwrap(model_old), "drop", None)
+        if drop is not None:
+            drop.readout = "plain"
 
     # ---- batches and losses ------------------------------------------------------------------------------------------
     def before_step(self, ctx: StepContext) -> None:

@@ -48,6 +48,10 @@ class MethodStack:
         for plugin in self.plugins:
             plugin.prepare_model(ctx)
 
+    def prepare_old_model(self, model_old: nn.Module, step: int) -> None:
+        for plugin in self.plugins:
+            plugin.prepare_old_model(model_old, step)
+
     def init_new_classifier(self, ctx: StepContext) -> None:
         done = [p.name for p in self.plugins if p.init_new_classifier(ctx)]
         if not done:

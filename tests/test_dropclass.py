@@ -213,6 +213,11 @@ def test_mib_dropclass_two_steps_and_offline_through_run_py(cooc, tmp_path, capl
     assert "loss_ce_drop=" in text and "loss_kd=" in text and "froze the importance rows of 16 classes" in text
     state = torch.load(tmp_path / "inc" / "ckpt" / "15-5-voc_Experiment_1.pth", weights_only=True)["model_state"]
     assert state["drop.frozen_rows"].shape == (16, 256) and "drop.conv.weight" in state
+    from experiment.builders import load_old_model
+    from experiment.config import parse_config
+
+    teacher = load_old_model(parse_config(args), 1, "cpu")  # as attribute.py and run.py load it
+    assert teacher.drop.readout == "plain" and not teacher.training
 
     off = smoke_args(cooc, tmp_path / "off", task="offline", extra=["--method", "FT", "--dropclass", "--epochs",
                                                                      "2", "--batch_size", "4"])
