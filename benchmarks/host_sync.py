@@ -1,6 +1,8 @@
 """Host-device synchronisation audit of the training loop.
 
-Runs a few real iterations of ``train.train_one_epoch`` for a method on a small CPU model and records every
+Runs a few real iterations of ``train.train_one_epoch`` for a method on a small CPU model (built, prepared and fed
+through the method's plugins as run.py does: its model family, ``prepare_model``, terms, ``compose_batch``) and
+records every
 operation that makes the host wait for a CUDA device: reading a value (``.item()``, ``float(t)``, ``if t:``),
 boolean indexing and ``nonzero`` (the output size depends on the data), ``unique``, ``bincount``/``histc``, etc.
 On a CPU nothing waits, but the same operations are dispatched, so the audit needs no GPU. Only the logging
@@ -8,10 +10,12 @@ iterations may synchronise (``train._check_finite``, ``train._log_iteration``, `
 
     python -m benchmarks.host_sync                                       # every preset (+ EWC/RW/PI at step 2)
     python -m benchmarks.host_sync --args "--method PLOP --pseudo median" --args "--method MiB --bce"
+    python -m benchmarks.host_sync --args "--method RCIL" --args "--method MiB --dropclass"
 
 Blind spots: ``.tolist()``, ``.numpy()`` and ``.cpu()`` read CPU memory without a dispatched operation, and the
-fp16 ``GradScaler.step`` (it reads the inf/NaN flag) is not exercised on CPU. Exit status 1 if an operation outside
-the logging functions synchronises.
+fp16 ``GradScaler.step`` (it reads the inf/NaN flag) is not exercised on CPU; methods whose batches need the
+loader's extra tensors (SSUL's saliency maps) and AWT's attribution pass (before training) are not audited here.
+Exit status 1 if an operation outside the logging functions synchronises.
 """
 from __future__ import annotations
 
@@ -26,9 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.common import ROOT, markdown_table, step_models
+from benchmarks.common import ROOT, markdown_table
+from experiment.builders import model_spec
 from experiment.config import parse_config
-from methods import StepContext, build_criterion
+from methods import StepContext, build_method
+from segmentation_module import build_model_from_spec
 from train import EpochSetup, Precision, train_one_epoch
 
 aten = torch.ops.aten
@@ -46,6 +52,8 @@ INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, 
 LOGGING = {("train.py", "_check_finite"), ("train.py", "_log_iteration"), ("train.py", "_epoch_means")}
 PRESET_RUNS = [(["--method", m], 1) for m in ("FT", "LWF", "LWF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP")] + \
               [(["--method", m], 2) for m in ("EWC", "RW", "PI")]
+PLUGIN_RUNS = [(["--method", "RCIL"], 1), (["--method", "RCIL"], 2), (["--method", "MiB", "--dropclass"], 1),
+               (["--method", "PLOP", "--dropclass"], 1), (["--method", "RCIL", "--dropclass"], 2)]
 
 
 @dataclass(frozen=True)
@@ -113,26 +121,42 @@ def _batches(n_classes: int, iters: int, size: int, device, seed: int = 1) -> li
 
 def train_epoch(argv: list[str], step: int, classes: list[int], trainer_state: dict, *, iters: int,
                 log_interval: int, amp: str = "off", device: str = "cpu", watch=None, warmup_epochs: int = 0):
-    """One epoch of ``iters`` iterations of the method ``argv`` (run.py flags) at ``step`` on a small model, built
-    as run.py builds it (criterion, ``before_step``, SGD, GradScaler for fp16); ``watch``: a context manager entered
-    around that epoch only, after ``warmup_epochs`` unwatched ones (cuDNN autotuning, allocator).
-    Returns (criterion, epoch means of the loss terms)."""
+    """One epoch of ``iters`` iterations of the method ``argv`` (run.py flags) at ``step`` on a small model of
+    ``classes`` (per step), built as run.py builds it: the method's model family for the old and the new model,
+    ``prepare_old_model``, ``load_previous``, ``prepare_model``, its criterion and ``before_step``, ``begin_epoch``
+    and ``compose_batch``, SGD, GradScaler for fp16 (the new classifier keeps its random init: AWT's pass needs data).
+    ``watch``: a context manager entered around that epoch only, after ``warmup_epochs`` unwatched ones (cuDNN
+    autotuning, allocator). Returns (criterion, epoch means of the loss terms)."""
     device = torch.device(device)
-    cfg = parse_config(list(argv) + ["--dataset", "voc", "--task", "15-5", "--no_pretrained"])
+    cfg = parse_config(list(argv) + ["--dataset", "voc", "--task", "15-5", "--no_pretrained", "--backbone",
+                                     "resnet18", "--norm_act", "abn"], warn=False)
+    method = build_method(cfg)
     precision = Precision(device.type, {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp])
-    new, old = step_models(classes, device, backbone="resnet18", norm_act="abn")
+    torch.manual_seed(0)
+    old = build_model_from_spec(model_spec(cfg, step - 1, method), classes[:-1]).to(device).eval()
+    for p in old.parameters():
+        p.requires_grad_(False)
+    method.prepare_old_model(old, step)
+    new = build_model_from_spec(model_spec(cfg, step, method), classes)
+    method.load_previous(new, old, step)
+    new.to(device)
     batches = _batches(sum(classes), iters, 32, device)
     ctx = StepContext(step=step, classes=classes, model=new, model_old=old, device=device, train_loader=batches,
-                      trainer_state=trainer_state, autocast=precision.autocast)
-    criterion = build_criterion(cfg, ctx)
+                      trainer_state=trainer_state, autocast=precision.autocast, method=method)
+    method.prepare_model(ctx)
+    criterion = method.criterion(ctx)
     criterion.before_step(ctx)
+    method.before_step(ctx)
     optimizer = torch.optim.SGD([p for p in new.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     setup = EpochSetup(criterion=criterion, optimizer=optimizer,
                        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
                        scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"), precision=precision,
-                       n_old=ctx.n_old, n_new=ctx.n_new, log_interval=log_interval)
+                       n_old=ctx.n_old, n_new=ctx.n_new, log_interval=log_interval, hooks=method)
+    epochs = warmup_epochs + 1
     for epoch in range(warmup_epochs):
+        method.begin_epoch(epoch, epochs)
         train_one_epoch(new, old, batches, setup, step=step, epoch=epoch, device=device)
+    method.begin_epoch(warmup_epochs, epochs)
     with watch if watch is not None else contextlib.nullcontext():
         means = train_one_epoch(new, old, batches, setup, step=step, epoch=warmup_epochs, device=device)
     return criterion, means
@@ -162,13 +186,14 @@ def audit(argv: list[str], step: int = 1, *, iters: int = 4, log_interval: int =
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.host_sync", description=__doc__.split("\n\n")[0])
     p.add_argument("--args", action="append", default=None,
-                   help="run.py method flags of one configuration (repeatable); default: every preset")
+                   help="run.py method flags of one configuration (repeatable); default: every preset, RCIL and "
+                        "DropClass")
     p.add_argument("--step", type=int, default=1, choices=[1, 2], help="step of the --args configurations")
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--log_interval", type=int, default=2)
     p.add_argument("--amp", default="off", choices=["off", "bf16"])
     args = p.parse_args(argv)
-    runs = [(shlex.split(a), args.step) for a in args.args] if args.args else PRESET_RUNS
+    runs = [(shlex.split(a), args.step) for a in args.args] if args.args else PRESET_RUNS + PLUGIN_RUNS
     rows, bad = [], 0
     for flags, step in runs:
         syncs = audit(flags, step, iters=args.iters, log_interval=args.log_interval, amp=args.amp)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import random
 from typing import Any
 
 import torch
@@ -139,7 +140,7 @@ class DropClass(Extension):
     def __init__(self, cfg: Any):
         super().__init__(cfg)
         self.step, self.classes, self.epoch, self.epochs = 0, [], 0, 1
-        self.generator = torch.Generator()
+        self.rng = random.Random(0)  # host-side draws: no tensor is read back per iteration
 
     def active(self, step: int) -> bool:
         return self.cfg.dropclass_steps == "all" or step == 0
@@ -177,14 +178,14 @@ class DropClass(Extension):
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         self.epoch, self.epochs = epoch, epochs
         # the same draws on every rank and after a resume at this epoch
-        self.generator.manual_seed(int(self.cfg.random_seed) * 1_000_003 + self.step * 10_007 + epoch)
+        self.rng.seed(int(self.cfg.random_seed) * 1_000_003 + self.step * 10_007 + epoch)
 
     def compose_batch(self, inputs: TrainInputs) -> TrainInputs:
         if not self.active(self.step):
             return inputs
         lam, p = schedule(self.epoch, self.epochs, self.cfg.dropclass_schedule, self.cfg.dropclass_p)
-        z = self.classes[int(torch.randint(len(self.classes), (1,), generator=self.generator))]
-        dropped = float(torch.rand((), generator=self.generator)) < p
+        z = self.rng.choice(self.classes)
+        dropped = self.rng.random() < p
         keep = torch.ones(self.n_classes, dtype=torch.bool)
         if dropped:
             keep[z] = False

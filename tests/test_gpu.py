@@ -108,8 +108,9 @@ def cuda_sync_warnings(caught: list):
 
 
 @pytest.mark.parametrize("argv,step", [(["--method", "MiB"], 1), (["--method", "PLOP"], 1),
-                                       (["--method", "EWC"], 2), (["--method", "RW"], 2)],
-                         ids=["MiB", "PLOP", "EWC-step2", "RW-step2"])
+                                       (["--method", "EWC"], 2), (["--method", "RW"], 2), (["--method", "RCIL"], 2),
+                                       (["--method", "MiB", "--dropclass"], 1)],
+                         ids=["MiB", "PLOP", "EWC-step2", "RW-step2", "RCIL-step2", "MiB+DropClass"])
 def test_training_loop_synchronises_only_to_log_on_cuda(argv, step):
     from benchmarks.host_sync import previous_state, train_epoch
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.host_sync import PRESET_RUNS, HostSyncRecorder, audit, outside_logging
+from benchmarks.host_sync import PLUGIN_RUNS, PRESET_RUNS, HostSyncRecorder, audit, outside_logging
 
 EXTRA_RUNS = [
     ["--method", "PLOP", "--pseudo", "naive"],
@@ -42,7 +42,7 @@ def test_recorder_sees_synchronising_operations_only():
     assert rec.syncs == []
 
 
-@pytest.mark.parametrize("argv,step", PRESET_RUNS + [(a, 1) for a in EXTRA_RUNS],
+@pytest.mark.parametrize("argv,step", PRESET_RUNS + PLUGIN_RUNS + [(a, 1) for a in EXTRA_RUNS],
                          ids=lambda v: " ".join(v) if isinstance(v, list) else f"step{v}")
 def test_training_loop_synchronises_only_to_log(argv, step):
     syncs = audit(argv, step, iters=4, log_interval=2)
