@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from dataset.incremental import IncrementalSegmentation, build_step_datasets
-from dataset.tasks import classes_per_step, get_task_labels
+from dataset.tasks import classes_per_step, get_task_labels, is_domain_incremental
 from dataset.transform import eval_preset, images_to_device, labels_to_device, train_preset
 from methods.awt import classifier_init_plan
 from methods.base import Batch, LossTerm, Method, StepContext, TrainInputs, TransferSource
@@ -172,8 +172,9 @@ class SSUL(Method):
                                 "its own loss, schedule and freezing; remove the flag")
         if not 0.0 <= float(cfg.pseudo_thresh) <= 1.0:
             raise UserError(f"--pseudo_thresh {cfg.pseudo_thresh} is not a probability in [0, 1]")
-        if getattr(cfg, "dataset", "voc") == "cityscapes_domain":
-            raise UserError("SSUL is class-incremental: its unknown label has no meaning on cityscapes_domain")
+        if is_domain_incremental(getattr(cfg, "dataset", "voc")):
+            raise UserError(f"SSUL is class-incremental: its unknown label has no meaning on {cfg.dataset}, whose "
+                            "steps add cities")
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)

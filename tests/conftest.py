@@ -58,6 +58,23 @@ def synthetic_ade(tmp_path_factory):
     return str(root)
 
 
+def interrupt_at_epoch(monkeypatch, epoch: int = 1):
+    """Make ``train.train_one_epoch`` raise KeyboardInterrupt when it starts ``epoch`` (Ctrl-C after the in-step
+    checkpoint of the epoch before); returns the original function, to put back before resuming."""
+    import train
+
+    original = train.train_one_epoch
+
+    def interrupted(*args, epoch: int, **kwargs):
+        if epoch == stop_at:
+            raise KeyboardInterrupt
+        return original(*args, epoch=epoch, **kwargs)
+
+    stop_at = epoch
+    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    return original
+
+
 def smoke_args(data_root: str, out, *, task: str = "15-5", steps=(0,), dataset: str = "voc", extra=()) -> list[str]:
     """A fast run.py command line (ResNet-18, 32 px crops, one epoch) writing everything under ``out``."""
     out = str(out)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from conftest import smoke_args
+from conftest import interrupt_at_epoch, smoke_args
 from methods import METHODS, LossTerm, Method, register_method
 from utils.errors import UserError
 
@@ -217,14 +217,7 @@ def test_plugin_state_is_restored_on_resume(synthetic_voc, tmp_path, toy, monkey
 
     args = smoke_args(synthetic_voc, tmp_path, extra=["--method", "Toy", "--name", "Toy", "--epochs", "2",
                                                       "--lr", "0.01"])
-    original = train.train_one_epoch
-
-    def crash_in_epoch_1(*a, epoch, **k):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(*a, epoch=epoch, **k)
-
-    monkeypatch.setattr(train, "train_one_epoch", crash_in_epoch_1)
+    original = interrupt_at_epoch(monkeypatch, 1)
     assert run.main(args) == 130
     saved = int(_ckpt(tmp_path, 0, ".partial")["trainer_state"]["methods"]["Toy"]["iterations"])
     monkeypatch.setattr(train, "train_one_epoch", original)

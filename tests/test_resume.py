@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, smoke_args
+from conftest import ROOT, interrupt_at_epoch, smoke_args
 
 pytestmark = pytest.mark.slow
 
@@ -136,15 +136,8 @@ def test_resume_at_step_1_is_exact(tiny_voc, tmp_path, monkeypatch, method):
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     assert run.main(_args(tiny_voc, full, steps=(1,), extra=[*extra, "--lr", "0.001"])) == 0
 
-    original = train.train_one_epoch
-
-    def crash_in_epoch_1(*args, epoch, **kwargs):
-        if epoch == 1:
-            raise KeyboardInterrupt  # as Ctrl-C after the in-step checkpoint of epoch 0
-        return original(*args, epoch=epoch, **kwargs)
-
     args = _args(tiny_voc, crashed, steps=(1,), extra=[*extra, "--lr", "0.001"])
-    monkeypatch.setattr(train, "train_one_epoch", crash_in_epoch_1)
+    original = interrupt_at_epoch(monkeypatch, 1)  # as Ctrl-C after the in-step checkpoint of epoch 0
     assert run.main(args) == 130
     assert (crashed / "ckpt" / CKPT.format(1).replace(".pth", ".partial.pth")).exists()
     monkeypatch.setattr(train, "train_one_epoch", original)

@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, smoke_args
+from conftest import ROOT, interrupt_at_epoch, smoke_args
 from test_errors import _assert_one_line, _run, _tree
 
 pytestmark = pytest.mark.slow
@@ -133,14 +133,7 @@ def test_a_changed_lr_is_applied_on_resume(tiny_voc, tmp_path, monkeypatch, capl
     import train
 
     args = smoke_args(tiny_voc, tmp_path, extra=["--lr", "0.01", "--epochs", "2", "--batch_size", "12"])
-    original = train.train_one_epoch
-
-    def crash_in_epoch_1(*a, epoch, **k):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(*a, epoch=epoch, **k)
-
-    monkeypatch.setattr(train, "train_one_epoch", crash_in_epoch_1)
+    original = interrupt_at_epoch(monkeypatch, 1)
     assert run.main(args) == 130
     partial = torch.load(_ckpt(tmp_path, suffix=".partial"), weights_only=True)
     assert partial["step_lr"] == 0.01
