@@ -1,7 +1,9 @@
 """Fingerprint of the framework's behaviour: SHA-256 of the checkpoints, result CSVs and AWT masks of a two-step run
 of every preset, with and without ``--att 25 --mask_att``, on a small synthetic VOC.
 
-    python scripts/dev/behaviour_hashes.py OUT_DIR HASHES.txt
+    python scripts/dev/behaviour_hashes.py OUT_DIR HASHES.txt [--presets-only]
+
+SSUL, SSUL-M, RCIL and DropClass (on MiB and PLOP) run too, each with and without AWT, unless ``--presets-only``.
 
 Run it before and after a change that must not change behaviour and ``diff`` the two outputs. The runs write under
 ``OUT_DIR`` (same folder both times: the checkpoints store the resolved configuration, paths included). Files are
@@ -26,17 +28,21 @@ import run  # noqa: E402
 from dataset.synthetic import generate  # noqa: E402
 
 PRESETS = ["FT", "LWF", "LWF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP"]
+# (run name, flags) of the methods that change the model, the data or the losses' wiring
+PLUGINS = [("SSUL", ["--method", "SSUL"]), ("SSUL-M", ["--method", "SSUL-M", "--mem_size", "8"]),
+           ("RCIL", ["--method", "RCIL"]), ("MiB_DropClass", ["--method", "MiB", "--dropclass"]),
+           ("PLOP_DropClass", ["--method", "PLOP", "--dropclass"])]
 
 
-def _args(data, out, method, awt):
+def _args(data, out, method, awt, flags=None):
     name = method + ("_AWT" if awt else "")
-    extra = ["--att", "25", "--mask_att"] if awt else []
+    extra = (["--att", "25", "--mask_att"] if awt else []) + list(flags or ["--method", method])
     return ["--dataset", "voc", "--data_root", data, "--task", "15-5", "--step", "0", "1", "--backbone",
             "resnet18", "--no_pretrained", "--norm_act", "abn", "--crop_size", "32", "--batch_size", "8",
             "--epochs", "1", "--num_workers", "0", "--no_progress", "--visualize", "--overlap",
             "--checkpoint", os.path.join(out, "ckpt"), "--results_dir", os.path.join(out, "results"),
             "--logdir", os.path.join(out, "logs"), "--cache_root", os.path.join(out, "cache"),
-            "--channels_dir", os.path.join(out, "channels"), "--date", "fixed", "--method", method,
+            "--channels_dir", os.path.join(out, "channels"), "--date", "fixed",
             "--name", name, "--lr", "0.01", "0.001", *extra]
 
 
@@ -72,6 +78,12 @@ def main(out, listing):
             code = run.main(_args(data, out, method, awt))
             if code != 0:
                 raise SystemExit(f"{method} awt={awt}: exit {code}")
+    if "--presets-only" not in sys.argv:
+        for name, flags in PLUGINS:
+            for awt in (False, True):
+                code = run.main(_args(data, out, name, awt, flags))
+                if code != 0:
+                    raise SystemExit(f"{name} awt={awt}: exit {code}")
     lines = []
     for sub in ("ckpt", "results", "channels"):
         for folder, _, files in sorted(os.walk(os.path.join(out, sub))):
