@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from experiment.builders import build_step_datasets, load_old_model, select_device
 from experiment.argparser import get_argparser
+from experiment.builders import build_step_datasets, select_device
+from experiment.checkpoints import load_old_model
 from experiment.config import parse_config
 from methods import awt, build_method
 from methods.channel_masks import write_mask
@@ -58,7 +59,8 @@ def run_attribution(argv=None, *, per_class: bool = False) -> int:
         for i, step in enumerate(steps):
             model_old = load_old_model(cfg, step, device, first_step_of_call=(i == 0), method=method)
             mask, result, meta = awt.compute_mask(cfg, step, model_old, device, per_class=per_class,
-                                                  dataset=build_step_datasets(cfg, step)[0])
+                                                  dataset=build_step_datasets(cfg, step)[0],
+                                                  source=method.transfer_source(model_old))
             path = awt.channels_path(cfg, step, per_class=per_class)
             write_mask(path, mask, result, meta, plot=bool(cfg.att_plot))
             print(f"step {step}: wrote {path} ({meta['selected']} of {mask.shape[-1]} channels"

@@ -27,11 +27,12 @@ from dataset.erase import EraseClass
 from dataset.readers import READERS
 from dataset.tasks import order
 from experiment.argparser import get_argparser
-from experiment.builders import build_model, build_step_datasets, ckpt_path, load_weights, resolve_precision, select_device
+from experiment.builders import build_model, build_step_datasets, resolve_precision, select_device
+from experiment.checkpoints import ckpt_path, load_weights
 from experiment.config import parse_config, replace
 from experiment.validate import check_writable
 from methods import build_method
-from metrics.stream_metrics import old_new_all
+from metrics import summary
 from train import evaluate
 from utils.data import build_loader
 from utils.errors import UserError
@@ -66,13 +67,13 @@ def save_png(array, path: str) -> None:
         handle.write(buffer.getvalue())
 
 
-def format_report(res: dict, split: dict, class_names: list[str]) -> str:
+def format_report(values: dict, class_names: list[str]) -> str:
+    """The per-class IoU table and the summary line, from :func:`metrics.summary.compute`'s values."""
     lines = ["| class | IoU (%) |", "|---|---:|"]
-    for i, v in res["Class IoU"].items():
+    for i, v in values["class_iou"].items():
         name = class_names[i] if i < len(class_names) else str(i)
-        lines.append(f"| {i} {name} | {'absent' if v == 'X' else f'{100 * v:.2f}'} |")
-    lines += ["", f"overall acc {100 * res['Overall Acc']:.2f} | mIoU {100 * res['Mean IoU']:.2f} | "
-                  f"old {100 * split['old']:.2f} | new {100 * split['new']:.2f} | all {100 * split['all']:.2f}"]
+        lines.append(f"| {i} {name} | {summary.percent(v, missing='absent')} |")
+    lines += ["", summary.format_line(values, ("pixel_acc", *summary.SUMMARY))]
     return "\n".join(lines)
 
 
@@ -87,11 +88,11 @@ def strict_json(value):
     return value
 
 
-def evaluate_checkpoint(cfg) -> dict:
-    """Load the step's checkpoint, evaluate it on the chosen split, optionally write pictures."""
+def evaluate_checkpoint(cfg, method) -> dict:
+    """Load the step's checkpoint, evaluate it on the chosen split, optionally write pictures (``method``: the
+    call's method stack)."""
     step = cfg.step[0]
     device = select_device(cfg)
-    method = build_method(cfg)
     model = build_model(cfg, step, pretrained=False, method=method).to(device)
     load_weights(model, cfg.ckpt or ckpt_path(cfg, step), strict=cfg.strict_weights, what="step checkpoint", cfg=cfg)
     data_cfg = replace(cfg, val_on_trainset=cfg.split == "train")
@@ -119,19 +120,20 @@ def evaluate_checkpoint(cfg) -> dict:
                   precision=resolve_precision(cfg, device), show_progress=not cfg.no_progress, sample_hook=samples,
                   predict=method.predict, what=f"step {step} evaluation ({cfg.split} split)")
     res = cm.results()
-    split = old_new_all(res["Class IoU"], model.classes[0], sum(model.classes))
+    values = summary.compute(summary.ClassScores.from_results(res, model.classes))
+    split = {k: values[k] for k in summary.SUMMARY}
     names = [reader.CLASS_NAMES[c] for c in order(cfg.dataset, cfg.task, step)]
     if erased:
         print(f"only the {erased['images']} images holding class {erased['class']} ({names[erased['class']]}), "
               + ("with it erased and ignored" if erased["erased"] else "with it ignored but not erased"))
-    print(format_report(res, split, names))
+    print(format_report(values, names))
     if cfg.out_dir:
         os.makedirs(cfg.out_dir, exist_ok=True)
         for k, picture in enumerate(samples.panels):
             save_png(picture, os.path.join(cfg.out_dir, f"sample_{k:03d}.png"))
         metrics = {"step": step, "split": cfg.split, "full_resolution": not cfg.crop_val, **split,
-                   "mIoU": res["Mean IoU"], "overall_acc": res["Overall Acc"],
-                   "class_iou": {names[i]: v for i, v in res["Class IoU"].items()},
+                   "mIoU": res["Mean IoU"], "overall_acc": values["pixel_acc"],
+                   "class_iou": {names[i]: v for i, v in values["class_iou"].items()},
                    **({"erased": {**erased, "name": names[erased["class"]]}} if erased else {})}
         atomic_write_text(os.path.join(cfg.out_dir, "metrics.json"), json.dumps(strict_json(metrics), indent=2,
                                                                                  allow_nan=False))
@@ -147,8 +149,9 @@ def main(argv=None) -> int:
             raise UserError("evaluate.py takes one --step")
         if cfg.out_dir:
             check_writable(cfg.out_dir, "--out_dir")
+        method = build_method(cfg)
         with torch.no_grad():
-            evaluate_checkpoint(cfg)
+            evaluate_checkpoint(cfg, method)
         return 0
     except UserError as exc:
         if cfg is not None and cfg.debug:

@@ -9,7 +9,6 @@ import datetime
 import functools
 import json
 import logging
-import math
 import os
 import random
 import shlex
@@ -22,21 +21,21 @@ import torch
 
 from dataset.readers import READERS
 from dataset.tasks import order
-from experiment.builders import (build_model, build_step_datasets, check_compatible, ckpt_path, classes_for_step,
-                                 data_kind, load_previous_step, load_weights, log_folder, norm_fallback_note,
-                                 resolve_precision, select_device)
-from experiment.config import check_resume_config, dump, parse_config, step_lrs, to_dict
+from experiment.builders import (build_model, build_step_datasets, classes_for_step, data_kind, log_folder,
+                                 norm_fallback_note, resolve_precision, select_device)
+from experiment.checkpoints import (checkpoint_content, ckpt_path, load_previous_into, load_previous_step,
+                                    load_weights, restored_selection, resume_if_possible)
+from experiment.config import parse_config, step_lrs, to_dict
 from experiment.recipes import Recipe, match
 from experiment.validate import check_writable, validate_run
 from methods import MethodStack, StepContext, build_method
 from metrics.report import read_run, step_scores
 from metrics.results import (csv_row, format_summary, read_rows, results_csv_path, summary_path, update_run_record,
                              upsert_row)
-from metrics.stream_metrics import old_new_all
+from metrics import summary
 import train
 from train import EpochSetup
-from utils.checkpoint import (check_resumable, model_state, nonfinite_entry, nonfinite_in_model, partial_ckpt_path,
-                              safe_load, save_checkpoint)
+from utils.checkpoint import nonfinite_in_model, partial_ckpt_path, save_checkpoint
 from utils.data import build_loader
 from utils.dist import (barrier, cleanup, get_rank, get_world_size, init_distributed, is_distributed,
                         is_main_process, peer_failure_message)
@@ -49,7 +48,6 @@ from utils.progress import duration, eta, status
 from utils.visualize import SampleCollector, index_to_class_lut
 
 log = logging.getLogger("run")
-VERSION = 1
 
 
 def seed_everything(seed: int) -> None:
@@ -58,10 +56,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_loaders(cfg, step: int, device: torch.device, method: MethodStack | None = None):
+def build_loaders(cfg, step: int, device: torch.device, method: MethodStack):
     """Train, validation and test loaders of ``step`` and the unwrapped training dataset; evaluation batch =
     --batch_size on centre crops (default), 1 on full images with --crop_val (reference)."""
-    method = method or build_method(cfg)
     datasets = build_step_datasets(cfg, step)
     train_ds, val_ds, test_ds = (method.wrap_dataset(split, ds, step)
                                  for split, ds in zip(("train", "val", "test"), datasets))
@@ -79,12 +76,11 @@ def build_loaders(cfg, step: int, device: torch.device, method: MethodStack | No
     return loaders, datasets[0]
 
 
-def prepare_models(cfg, step: int, device: torch.device, first_step_of_call: bool, *,
-                   method: MethodStack | None = None, ctx: StepContext | None = None):
-    """The model of ``step`` (previous weights loaded, prepared and its new classifier initialised by the method)
-    and the frozen old model; returns ``(model, model_old, previous trainer_state)``. ``ctx`` (optional) receives
-    the models and is what the method's hooks see."""
-    method = method or build_method(cfg)
+def prepare_models(cfg, step: int, device: torch.device, first_step_of_call: bool, *, method: MethodStack,
+                   ctx: StepContext | None = None):
+    """The model of ``step`` (previous weights loaded, prepared and its new classifier initialised as the method's
+    init plan says) and the frozen old model; returns ``(model, model_old, previous trainer_state)``. ``ctx``
+    (optional) receives the models and is what the method's hooks see."""
     ctx = ctx or StepContext(step=step, classes=classes_for_step(cfg, step), model=None, device=device,
                              method=method)
     if step == 0:
@@ -94,7 +90,7 @@ def prepare_models(cfg, step: int, device: torch.device, first_step_of_call: boo
         model = build_model(cfg, step, pretrained=False, method=method)
         model_old, prev = load_previous_step(cfg, step, device, first_step_of_call=first_step_of_call,
                                              method=method)
-        method.load_previous(model, model_old, step)
+        load_previous_into(model, model_old, step)
         model.to(device)
         trainer_state = prev.get("trainer_state") or {}
     ctx.model, ctx.model_old, ctx.trainer_state = model, model_old, trainer_state
@@ -125,9 +121,8 @@ def wrap_for_training(cfg, model, device: torch.device):
 
 
 def build_setup(cfg, step: int, lr: float, model, model_old, train_loader, trainer_state, precision, device, *,
-                method: MethodStack | None = None, ctx: StepContext | None = None):
+                method: MethodStack, ctx: StepContext | None = None):
     """Optimiser, schedule, scaler and the criterion of this step; returns ``(EpochSetup, StepContext)``."""
-    method = method or build_method(cfg)
     optimizer = build_optimizer(method.param_groups(model, lr, step), cfg, lr)
     iters = cfg.epochs * -(-len(train_loader) // cfg.grad_accum)
     scheduler = build_scheduler(optimizer, cfg, iters)
@@ -141,89 +136,6 @@ def build_setup(cfg, step: int, lr: float, model, model_old, train_loader, train
                        log_interval=cfg.print_interval, show_progress=not cfg.no_progress, hooks=method,
                        epochs=cfg.epochs)
     return setup, ctx
-
-
-def checkpoint_content(cfg, model, setup, epoch: int, best_score: float, method: MethodStack,
-                       step_lr: float | None = None, *, record: dict | None = None, final: bool = False) -> dict:
-    """The reference keys plus what an exact resume needs. ``final``: the step's checkpoint, which keeps only what
-    the next step and evaluation read (weights, the terms' statistics, configuration, the run record): no
-    optimiser, schedule, scaler or RNG state, which live in the in-step ``.partial.pth`` only."""
-    trainer_state = {"regularizer": None, **setup.criterion.state_dict()}
-    if methods_state := method.state_dict():
-        trainer_state["methods"] = methods_state
-    content = {"epoch": epoch, "model_state": model.state_dict(), "best_score": best_score,
-               "trainer_state": trainer_state, "config": dump(cfg), "version": VERSION,
-               **({"step_lr": step_lr} if step_lr is not None else {}),
-               **({"run_record": record, "train_id": record["train_id"]} if record else {})}
-    if not final:
-        content.update(optimizer_state=setup.optimizer.state_dict(), scheduler_state=setup.scheduler.state_dict(),
-                       scaler_state=setup.scaler.state_dict(), rng_state={"torch": torch.get_rng_state()})
-    return content
-
-
-def saved_step_lr(ckpt: dict, cfg) -> float | None:
-    """The lr the checkpoint's step was trained with (``step_lr``; older files: from their stored configuration)."""
-    if "step_lr" in ckpt:
-        return float(ckpt["step_lr"])
-    try:
-        saved = json.loads(ckpt["config"])
-        lrs = saved["lr"] * len(saved["step"]) if len(saved["lr"]) == 1 else saved["lr"]
-        return float(dict(zip(saved["step"], lrs))[cfg.step[0] if cfg.ckpt else ckpt.get("step", cfg.step[0])])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def apply_new_lr(setup, old: float | None, new: float, path: str) -> None:
-    """Continue an interrupted step with a changed --lr: the schedule restarts from the new base lr at the epoch
-    reached (momentum and the other optimiser state are kept)."""
-    if old is None or old == new:
-        return
-    ratio = new / old
-    for group in setup.optimizer.param_groups:
-        group["lr"] *= ratio
-        group["initial_lr"] = group.get("initial_lr", group["lr"]) * ratio
-    setup.scheduler.base_lrs = [base * ratio for base in setup.scheduler.base_lrs]
-    log.warning("--lr %g differs from the %g the in-step checkpoint %s was trained with: the step continues with the "
-                "new lr (schedule rescaled, now %g); the checkpoint and the run record store %g", new, old, path,
-                setup.optimizer.param_groups[0]["lr"], new)
-
-
-def resume_if_possible(cfg, model, setup, final_path: str, method: MethodStack | None = None,
-                       lr: float | None = None, record: dict | None = None) -> int:
-    """Restore an interrupted step (``.partial.pth`` or ``--ckpt``); returns the epoch to start from. A changed
-    ``lr`` is applied from there (``apply_new_lr``); any other changed training flag is refused. ``record`` (the
-    run record of this step) takes over the interrupted training's ``train_id``: it is the same training."""
-    path = cfg.ckpt or partial_ckpt_path(final_path)
-    if not os.path.isfile(path) or (cfg.no_auto_resume and not cfg.ckpt):
-        if cfg.ckpt:  # --resume without an in-step checkpoint is refused up front (experiment/validate.py)
-            raise UserError(f"nothing to resume: --ckpt {path} does not exist")
-        return 0
-    restart = "pass --no_auto_resume to start the step over" if not cfg.ckpt else "give another --ckpt"
-    ckpt = safe_load(path, "resume checkpoint", hint=f"; {restart}")
-    check_resumable(ckpt, path, restart)
-    check_resume_config(ckpt, cfg, path)
-    state = model_state(ckpt, path)
-    check_compatible(ckpt, state, model, cfg, path, "resume checkpoint")
-    bad = nonfinite_entry(state)
-    if bad is not None:
-        raise UserError(f"resume checkpoint {path} holds NaN or inf ({bad}): it cannot be continued; {restart}")
-    model.load_state_dict(state, strict=cfg.strict_weights)
-    setup.optimizer.load_state_dict(ckpt["optimizer_state"])
-    setup.scheduler.load_state_dict(ckpt["scheduler_state"])
-    if lr is not None:
-        apply_new_lr(setup, saved_step_lr(ckpt, cfg), lr, path)
-    if ckpt.get("scaler_state"):
-        setup.scaler.load_state_dict(ckpt["scaler_state"])
-    trainer_state = ckpt.get("trainer_state") or {}
-    setup.criterion.load_state_dict(trainer_state)
-    if method is not None:
-        method.load_state_dict(trainer_state.get("methods") or {})
-    if "rng_state" in ckpt:
-        torch.set_rng_state(ckpt["rng_state"]["torch"])
-    if record is not None and ckpt.get("train_id"):
-        record["train_id"] = ckpt["train_id"]
-    log.info("resuming step from %s after epoch %d/%d", path, ckpt["epoch"], cfg.epochs)
-    return int(ckpt["epoch"])
 
 
 def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, board, start_epoch: int,
@@ -291,15 +203,6 @@ def select_best(selection: dict | None, model, class_iou: dict, n_old: int, epoc
     return selection
 
 
-def restored_selection(cfg, final_path: str) -> dict | None:
-    """The best weights so far of an interrupted step (``--select_best_on_val``), from its in-step checkpoint."""
-    path = partial_ckpt_path(final_path)
-    if not cfg.select_best_on_val or cfg.no_auto_resume or not os.path.isfile(path):
-        return None
-    saved = safe_load(path, "resume checkpoint").get("selection")
-    return saved if isinstance(saved, dict) and "state" in saved else None
-
-
 def warn_about_epoch(step: int, epoch: int, epochs: int, means: dict[str, float], notes: list[str]) -> None:
     """A step that learns nothing says so: every loss term 0 for an epoch, or a term's own note (no pseudo-label
     accepted). Once per step and kind."""
@@ -355,9 +258,8 @@ def test_step(cfg, step: int, model, test_loader, precision, device, board, meth
     cm = train.evaluate(model, test_loader, n_classes=sum(model.classes), device=device, precision=precision,
                         show_progress=not cfg.no_progress, predict=method.predict, what=f"step {step} test")
     res = cm.results()
-    split = old_new_all(res["Class IoU"], model.classes[0], sum(model.classes))
-    log.info("step %d test: mIoU %.2f %%, old / new / all %s %%", step, 100 * res["Mean IoU"],
-             " / ".join("-" if math.isnan(split[k]) else f"{100 * split[k]:.2f}" for k in ("old", "new", "all")))
+    split = summary.compute(summary.ClassScores.from_results(res, model.classes), summary.SUMMARY)
+    log.info("step %d test: mIoU %.2f %%, %s %%", step, 100 * res["Mean IoU"], summary.format_slashed(split))
     board.scalar("T_MeanIoU", res["Mean IoU"], step)
     board.scalar("T_Overall_Acc", res["Overall Acc"], step)
     board.scalar("T_MeanAcc", res["Mean Acc"], step)
@@ -377,7 +279,7 @@ def test_step(cfg, step: int, model, test_loader, precision, device, board, meth
     return {**res, **split}
 
 
-def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: torch.device,
+def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: torch.device, method: MethodStack,
              recipe: Recipe | None = None, position: str = "") -> dict:
     """One incremental step: data, models, training (or resume), final checkpoint, test, results. ``recipe``: the
     published recipe the run follows (recorded with the results). A step trained and tested by an earlier call is
@@ -391,7 +293,6 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
                  "--test evaluates it again", step, final_path, results, position)
         return {}
     seed_everything(cfg.random_seed)
-    method = build_method(cfg)
     precision = resolve_precision(cfg, device)
     configure_backends(cfg, device)
     loaders, train_dataset = build_loaders(cfg, step, device, method)
@@ -512,17 +413,18 @@ def main(argv=None) -> int:
     try:
         cfg = parse_config(argv)
         logger.setup_logging(cfg.debug)
+        method = build_method(cfg)  # once per call: every step and check below uses this stack
         with experiment_lock(cfg):
-            validate_run(cfg)
+            validate_run(cfg, method)
             device = select_device(cfg)
             init_distributed(device.type)
             logger.setup_logging(cfg.debug)  # again: the rank (log prefix, rank-0-only INFO) is known only now
             start_run_files(cfg)
-            if note := norm_fallback_note(cfg):
+            if note := norm_fallback_note(cfg, method):
                 log.info(note)
             recipe = find_recipe(cfg)
             compare_with_recipe(cfg, recipe)
-            run_steps(cfg, device, recipe)
+            run_steps(cfg, device, recipe, method)
         return 0
     except UserError as exc:
         if cfg is not None and cfg.debug:
@@ -548,12 +450,12 @@ def main(argv=None) -> int:
         cleanup()
 
 
-def run_steps(cfg, device, recipe: Recipe | None) -> None:
+def run_steps(cfg, device, recipe: Recipe | None, method: MethodStack) -> None:
     """The steps of this call in order, each saying which of how many it is, with an ETA for the call."""
     plan = step_lrs(cfg)
     start = time.perf_counter()
     for i, (step, lr) in enumerate(plan):
-        run_step(cfg, step, lr, first_step_of_call=(i == 0), device=device, recipe=recipe,
+        run_step(cfg, step, lr, first_step_of_call=(i == 0), device=device, method=method, recipe=recipe,
                  position=f"{i + 1}/{len(plan)} of this call")
         if len(plan) > 1:
             log.info("%s", status("steps of this call", i + 1, len(plan), time.perf_counter() - start))

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import ROOT, markdown_table
 from experiment.builders import model_spec
+from experiment.checkpoints import load_previous_into
 from experiment.config import parse_config
 from methods import StepContext, build_method
 from segmentation_module import build_model_from_spec
@@ -123,7 +124,7 @@ def train_epoch(argv: list[str], step: int, classes: list[int], trainer_state: d
                 log_interval: int, amp: str = "off", device: str = "cpu", watch=None, warmup_epochs: int = 0):
     """One epoch of ``iters`` iterations of the method ``argv`` (run.py flags) at ``step`` on a small model of
     ``classes`` (per step), built as run.py builds it: the method's model family for the old and the new model,
-    ``prepare_old_model``, ``load_previous``, ``prepare_model``, its criterion and ``before_step``, ``begin_epoch``
+    ``prepare_old_model``, the previous weights (``load_previous_into``), ``prepare_model``, its criterion and ``before_step``, ``begin_epoch``
     and ``compose_batch``, SGD, GradScaler for fp16 (the new classifier keeps its random init: AWT's pass needs data).
     ``watch``: a context manager entered around that epoch only, after ``warmup_epochs`` unwatched ones (cuDNN
     autotuning, allocator). Returns (criterion, epoch means of the loss terms)."""
@@ -138,7 +139,7 @@ def train_epoch(argv: list[str], step: int, classes: list[int], trainer_state: d
         p.requires_grad_(False)
     method.prepare_old_model(old, step)
     new = build_model_from_spec(model_spec(cfg, step, method), classes)
-    method.load_previous(new, old, step)
+    load_previous_into(new, old, step)
     new.to(device)
     batches = _batches(sum(classes), iters, 32, device)
     ctx = StepContext(step=step, classes=classes, model=new, model_old=old, device=device, train_loader=batches,

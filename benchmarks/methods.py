@@ -7,7 +7,7 @@ model family, losses and preparation, measured side by side in one process.
 
 What is timed: ``train.train_one_epoch`` over ``--iters`` iterations of a batch already on the device, at VOC 15-5
 step 1 (classes [16, 5]), with the step built the way ``run.py`` builds it: the old model of the method's step-0
-family (random weights, seeded), the new model loaded from it by the method (``load_previous``), prepared
+family (random weights, seeded), the new model loaded from it (``load_previous_into``), prepared
 (``prepare_model``: RCIL folds its twins here) and its new classifier initialised, then ``run.build_setup`` and the
 criterion's ``before_step`` (PLOP's pseudo-label thresholds pass, untimed). Ratios are against the first method
 (``PLOP`` by default: RCIL is PLOP's successor on the same model).
@@ -26,6 +26,7 @@ import torch
 from benchmarks.common import (describe_device, forward_flops, gib, interleaved, markdown_table, model_defaults,
                                median, peak_memory_bytes, reset_peak_memory, start, str_list, time_once)
 from experiment.builders import build_model
+from experiment.checkpoints import load_previous_into
 from experiment.config import parse_config
 from methods import build_method
 from methods.base import StepContext
@@ -68,7 +69,7 @@ def build_step(args, method_name: str, loader, device):
     for p in model_old.parameters():
         p.requires_grad_(False)
     model = build_model(cfg, 1, pretrained=False, method=method)
-    method.load_previous(model, model_old, 1)
+    load_previous_into(model, model_old, 1)
     model.to(device)
     ctx = StepContext(step=1, classes=list(CLASSES), model=model, model_old=model_old, device=device, method=method)
     method.prepare_model(ctx)

@@ -30,6 +30,7 @@ from benchmarks.common import (start, describe_device, forward_flops, gib, inter
                                measured_peak, median, peak_memory_bytes, reset_peak_memory, step_models, str_list,
                                training_step_flops, time_once)
 from experiment.config import parse_config
+from methods.stack import build_method
 from run import build_setup, resolve_precision, wrap_for_training
 from train import train_one_epoch
 
@@ -97,7 +98,8 @@ def build_variant(args, name: str, base_new, base_old, loader, device):
     model_old = copy.deepcopy(base_old) if base_old is not None else None
     if model_old is not None and cfg.channels_last:
         model_old.to(memory_format=torch.channels_last)
-    setup, ctx = build_setup(cfg, args.step, cfg.lr[0], model, model_old, loader, {}, precision, device)
+    setup, ctx = build_setup(cfg, args.step, cfg.lr[0], model, model_old, loader, {}, precision, device,
+                             method=build_method(cfg))
     setup.log_interval = len(loader)  # the loss check (one host sync) once per timed call, as at an epoch end
     setup.criterion.before_step(ctx)
     train_model = wrap_for_training(cfg, model, device)

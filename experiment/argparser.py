@@ -9,8 +9,8 @@ import argparse
 
 from methods import add_extension_args, add_method_args
 from models import BACKBONES
-from utils.flags import (IGNORED, INVERTED, NOT_IMPLEMENTED, ArgumentParser, momentum_value, nonnegative_float,
-                         nonnegative_int, plain_name, positive_float, positive_int)
+from utils.flags import (DEFAULT_PARAM_GROUPS, IGNORED, INVERTED, NOT_IMPLEMENTED, ArgumentParser, mark,
+                         momentum_value, nonnegative_float, nonnegative_int, plain_name, positive_float, positive_int)
 
 __all__ = ["ArgumentParser", "IGNORED", "get_argparser"]
 
@@ -29,6 +29,7 @@ def _add_performance(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convolutions on GPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slower start, faster steps)")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact reruns, slower)")
+    mark(g, resume_free=("local_rank", "num_workers", "device", "compile"))
 
 
 def _add_dataset(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,7 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
                    help="folder of the index caches {cache_root}/{dataset}/{task}[-ov]/*.npy (default: "
                         "$CISS_CACHE_DIR, else $XDG_CACHE_HOME/ciss or ~/.cache/ciss, one sub-folder per --data_root; "
                         "the reference used data/)")
+    mark(g, resume_free=("data_root", "cache_root"))
 
 
 def _add_training(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +77,8 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--freeze_old", action="store_true", help="freeze old classifiers")
     g.add_argument("--freeze_old_and_FE", action="store_true", help="freeze backbone and old classifiers")
     g.add_argument("--freeze_all_but_new", action="store_true", help="train only the new classifier")
+    mark(g, resume_free=("lr",), requires={d: DEFAULT_PARAM_GROUPS for d in ("fix_bn", "lr_old", "freeze", "freeze_old",
+                                                                             "freeze_old_and_FE", "freeze_all_but_new")})
 
 
 def _add_validation(parser: argparse.ArgumentParser) -> None:
@@ -112,16 +116,21 @@ def _add_logging(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--val_interval", type=positive_int, default=1, help="epochs between validations")
     g.add_argument("--ckpt_interval", type=positive_int, default=1, help="epochs between resumable checkpoints inside a step")
     g.add_argument("--results_dir", default="results", help="folder of the results CSVs")
+    g.add_argument("--channels_dir", default="channels", help="folder of the AWT channel masks (see docs/awt.md)")
     g.add_argument("--date", default="", help="CSV name prefix (default: today's date)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
+    mark(g, resume_free=("logdir", "output_dir", "sample_num", "debug", "visualize", "print_interval", "val_interval",
+                         "ckpt_interval", "results_dir", "channels_dir", "date", "no_progress"))
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--backbone", default="resnet101", choices=[n for n, f in BACKBONES.items() if f.selectable],
-                   help="backbone: resnet* in the In-Place ABN layout of the reference code, tv_resnet* in "
+                   help="backbone family: resnet* in the In-Place ABN layout of the reference code, tv_resnet* in "
                         "torchvision's layout with BatchNorm")
-    g.add_argument("--output_stride", type=int, default=16, choices=[8, 16], help="output stride")
+    g.add_argument("--output_stride", type=positive_int, default=None,
+                   help="output stride of the backbone's deepest feature, one its family supports (ResNets: 8, 16 "
+                        "or 32; default: the family's, 16 for the ResNets)")
     g.add_argument("--no_pretrained", action="store_true", help="do not load ImageNet weights from pretrained/")
     g.add_argument("--norm_act", default="iabn_sync", choices=["iabn_sync", "iabn", "abn", "std"],
                    help="normalisation + activation of the resnet* backbones and the deeplabv3 head (tv_resnet* "
@@ -132,6 +141,7 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disable_background", action="store_true",
                    help=NOT_IMPLEMENTED + "zero the background logit in evaluation (PLOP's Cityscapes-domain "
                         "leftover)")
+    mark(g, resume_free=("code_directory",))
 
 
 def _add_checkpoint(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +154,7 @@ def _add_checkpoint(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="retrain a step whose final checkpoint already exists")
     g.add_argument("--step_ckpt", default=None, help="explicit previous-step checkpoint (first step of the call)")
     g.add_argument("--checkpoint", default="./checkpoints/step", help="checkpoint folder")
+    mark(g, resume_free=("test", "ckpt", "resume", "no_auto_resume", "overwrite", "step_ckpt", "checkpoint"))
 
 
 def _add_protocol(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +165,7 @@ def _add_protocol(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data_masking", default="current", choices=["current", "current+old", "all", "new"],
                    help="training label masking")
     g.add_argument("--overlap", action="store_true", help="overlapped protocol (default: disjoint)")
+    mark(g, resume_free=("step",))
 
 
 USAGE = "%(prog)s --dataset D --data_root PATH --task T --step N [N ...] [--method M] [flag value ...]"

@@ -16,7 +16,10 @@ import sys
 from typing import Sequence
 
 from experiment.argparser import get_argparser
-from methods import METHODS, build_method
+from methods import METHODS
+from methods.options import check_flag_owners
+from methods.stack import resolve_plugins
+from models import BACKBONES
 from utils.errors import UserError
 from utils.flags import ArgumentParser
 
@@ -87,9 +90,19 @@ def default_cache_root(data_root: str) -> str:
 
 def default_name(cfg) -> str:
     """``--name`` when not given: the method and its extensions, e.g. ``MiB+AWT`` (``FT`` without --method)."""
-    stack = build_method(cfg)
-    labels = [stack.method.name] + [p.label(cfg) for p in stack.plugins[1:]]
+    method, extensions = resolve_plugins(cfg)
+    labels = [method.name] + [ext.label(cfg, method) for ext in extensions]
     return "+".join(label for label in labels if label)
+
+
+def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The destinations the command line sets explicitly (abbreviations and ``--flag=value`` included): argparse
+    fills defaults only for attributes the namespace lacks, so every attribute still holding the sentinel was not
+    given."""
+    sentinel = object()
+    ns = argparse.Namespace(**{a.dest: sentinel for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_known_args(list(argv), namespace=ns)
+    return {dest for dest, value in vars(ns).items() if value is not sentinel}
 
 
 def _resolve_outputs(ns: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
@@ -99,6 +112,8 @@ def _resolve_outputs(ns: argparse.Namespace, parser: argparse.ArgumentParser, ar
                 setattr(ns, dest, os.path.join(ns.output_dir, sub))
     if hasattr(ns, "cache_root") and ns.cache_root is None:
         ns.cache_root = default_cache_root(ns.data_root)
+    if getattr(ns, "output_stride", 0) is None and getattr(ns, "backbone", None) in BACKBONES:
+        ns.output_stride = BACKBONES[ns.backbone].default_stride
 
 
 def parse_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None, *,
@@ -109,13 +124,17 @@ def parse_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentPar
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = parser or get_argparser()
     method, dataset = _method_from_argv(parser, argv)
-    if method is not None:
-        preset = METHODS[method].preset_for(dataset)
-        parser.set_defaults(**preset)
+    defaults = {a.dest: a.default for a in parser._actions}
+    preset = METHODS[method].preset_for(dataset) if method is not None else {}
+    parser.set_defaults(**preset)
+    given = given_dests(parser, argv)
+    preset_set = {k for k, v in preset.items() if k not in given and v != defaults.get(k)}
+    # flags of plugins that are off are refused before the strict parse, so that their values cannot hide the reason
+    check_flag_owners(parser, parser.parse_known_args(argv)[0], given | preset_set, preset_set=preset_set, warn=warn)
     ns = parser.parse_args(argv)
     if method is not None and warn:
         for key, value in preset.items():
-            if _given(parser, argv, key) and getattr(ns, key) != value:
+            if key in given and getattr(ns, key) != value:
                 log.warning("--%s %s overrides the %s preset value %s", key, getattr(ns, key), method, value)
     _resolve_outputs(ns, parser, argv)
     cfg = config_from_namespace(ns)
@@ -132,30 +151,3 @@ def step_lrs(cfg) -> list[tuple[int, float]]:
     if len(lrs) != len(steps):
         raise UserError(f"--lr has {len(lrs)} values but --step has {len(steps)}: give one lr per step or a single lr")
     return list(zip(steps, lrs))
-
-
-# Flags that do not change the trained weights (paths, logging, workers, which steps the call runs); a resumed step
-# may differ in them. Every other flag must match the interrupted run for the resume to be exact.
-_RESUME_FREE_FLAGS = frozenset({
-    "num_workers", "no_progress", "debug", "visualize", "logdir", "print_interval", "ckpt_interval", "val_interval",
-    "resume", "no_auto_resume", "ckpt", "step", "lr", "overwrite", "date", "results_dir", "checkpoint", "local_rank",
-    "sample_num", "code_directory", "cache_root", "channels_dir", "data_root", "step_ckpt", "test", "device",
-    "compile", "att_plot", "output_dir"})
-
-
-def check_resume_config(ckpt: Any, cfg, path: str) -> None:
-    """Refuse to resume from an in-step checkpoint written with different training flags (e.g. --batch_size)."""
-    stored = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not isinstance(stored, str):
-        return  # reference checkpoints carry no configuration
-    try:
-        saved = json.loads(stored)
-    except ValueError:
-        return
-    current = json.loads(json.dumps(to_dict(cfg), sort_keys=True, default=str))
-    diff = [k for k in sorted(set(saved) & set(current))  # flags added by a newer version are not compared
-            if k not in _RESUME_FREE_FLAGS and saved[k] != current[k]]
-    if diff:
-        shown = ", ".join(f"--{k} {saved[k]!r} there, {current[k]!r} now" for k in diff[:3])
-        raise UserError(f"in-step checkpoint {path} was written with other settings ({shown}); rerun with the same "
-                        "flags to resume, or pass --no_auto_resume to start the step over")

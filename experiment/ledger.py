@@ -19,13 +19,13 @@ from functools import lru_cache
 
 from dataset.tasks import canonical_task, num_steps
 from experiment.recipes import Recipe, load_recipes
-from metrics import report
+from metrics import report, summary
 from metrics.results import read_run_record
 from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEDGER_FILE = os.path.join(ROOT, "docs", "ledger.toml")
-METRICS = ("old", "new", "all", "avg")
+METRICS = ("old", "new", "all", "avg")  # the published metrics a ledger row may carry
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,17 @@ def flags(row: Row, run: report.Run) -> list[str]:
 
 
 def ours(run: report.Run) -> dict[str, float | None]:
+    """Our summary metrics at the last step and PLOP's avg, in percent."""
     scores = report.step_scores(run)
     scores["avg"] = report.average_over_steps(run)
     return {k: (None if v is None else 100 * v) for k, v in scores.items()}
+
+
+def published_hiou(row: Row) -> float | None:
+    """hIoU of the published old and new (derived: the papers of the ledger do not print it)."""
+    values = {k: row.published[k] / 100 for k in ("old", "new") if k in row.published}
+    hiou = summary.complete(values).get("hiou")
+    return None if hiou is None else 100 * hiou
 
 
 def _triple(values: dict, keys=("old", "new", "all"), decimals: int | None = 1) -> str:
@@ -137,22 +145,27 @@ def _setting(row: Row) -> str:
 
 
 def render_ledger(rows, runs, decimals: int = 1) -> str:
-    """Markdown: published, ours and ours - published (all) per row, with the flags of each result."""
-    lines = ["Published against ours (mIoU %, old / new / all at the last step; Δ = ours - published, all).", "",
-             "| id | setting | method | published | ours | Δ all | flags |", "|---|---|---|---|---|---:|---|"]
+    """Markdown: published, ours and ours - published (all) per row, hIoU (published: derived from its old and new),
+    with the flags of each result."""
+    lines = ["Published against ours (mIoU %, old / new / all at the last step; Δ = ours - published, all; hIoU = "
+             "harmonic mean of old and new, the published one derived).", "",
+             "| id | setting | method | published | ours | Δ all | hIoU pub. / ours | flags |",
+             "|---|---|---|---|---|---:|---|---|"]
     found = 0
     for row in rows:
         run = find_run(row, runs)
+        pub_h = published_hiou(row)
         if run is None:
             lines.append(f"| {row.id} | {_setting(row)} | {row.method} | {_triple(row.published, decimals=None)} | — | "
-                         "| not run |")
+                         f"| {_triple({'pub': pub_h}, ('pub', 'ours'), decimals)} | not run |")
             continue
         found += 1
         mine = ours(run)
         delta = ("" if mine["all"] is None or "all" not in row.published
                  else f"{mine['all'] - row.published['all']:+.{decimals}f}")
+        hious = _triple({"pub": pub_h, "ours": mine.get("hiou")}, ("pub", "ours"), decimals)
         lines.append(f"| {row.id} | {_setting(row)} | {row.method} | {_triple(row.published, decimals=None)} | "
-                     f"{_triple(mine, decimals=decimals)} | {delta} | {'; '.join(flags(row, run)) or 'ok'} |")
+                     f"{_triple(mine, decimals=decimals)} | {delta} | {hious} | {'; '.join(flags(row, run)) or 'ok'} |")
     lines += ["", f"{found} of {len(rows)} rows have a result; commands: docs/reproduction.md."]
     return "\n".join(lines) + "\n"
 

@@ -6,13 +6,12 @@ import os
 import tempfile
 
 from dataset.readers import READERS
-from dataset.tasks import classes_per_step, is_domain_incremental, num_steps
-from experiment.builders import check_model_flags, ckpt_path, heads_for_step, pretrained_path, previous_ckpt_path
+from dataset.tasks import classes_per_step, num_steps
+from experiment.builders import check_model, model_spec, pretrained_path
+from experiment.checkpoints import check_resume_request, check_step_checkpoints
 from experiment.config import step_lrs
-from methods import build_method
-from methods.awt import channels_path, classifier_init_plan, load_mask, resolve_per_class
-from utils.checkpoint import (check_class_layout, check_resumable, classifier_weights, model_state, nonfinite_entry,
-                              partial_ckpt_path, safe_load)
+from methods import MethodStack
+from methods.awt import channels_path, load_mask, resolve_per_class
 from utils.errors import UserError
 from utils.io import free_space
 
@@ -49,40 +48,9 @@ def _check_data_root(cfg) -> None:
     READERS[cfg.dataset](root, "val")
 
 
-def _check_resume(cfg) -> None:
-    if cfg.ckpt and len(cfg.step) > 1:
-        raise UserError(f"--ckpt names the checkpoint of one step but --step has {len(cfg.step)} values; run the "
-                        "step it belongs to on its own")
-    if cfg.ckpt and not os.path.isfile(cfg.ckpt):
-        raise UserError(f"--ckpt {cfg.ckpt} does not exist; give the path of a checkpoint of step {cfg.step[0]}")
-    if cfg.ckpt:  # before any dataset cache is built: a broken file stops the call with nothing written
-        what = "step checkpoint" if cfg.test else "resume checkpoint"
-        ckpt = safe_load(cfg.ckpt, what)
-        if not cfg.test:
-            check_resumable(ckpt, cfg.ckpt, "give another --ckpt")
-        check_model_flags(ckpt, cfg, cfg.ckpt, what)
-        bad = nonfinite_entry(model_state(ckpt, cfg.ckpt))
-        if bad is not None:
-            fix = "no result is computed from it; retrain the step" if cfg.test else "it cannot be continued; give " \
-                "another --ckpt or pass --no_auto_resume without --ckpt to start the step over"
-            raise UserError(f"{what} {cfg.ckpt} holds NaN or inf ({bad}): {fix}")
-    if cfg.resume and not cfg.ckpt and not cfg.test:
-        partial = partial_ckpt_path(ckpt_path(cfg, cfg.step[0]))
-        if cfg.no_auto_resume:
-            raise UserError("--resume and --no_auto_resume contradict each other; pass one of them")
-        if not os.path.isfile(partial) and os.path.isfile(ckpt_path(cfg, cfg.step[0])):
-            raise UserError(f"--resume: step {cfg.step[0]} has finished, {ckpt_path(cfg, cfg.step[0])} exists; drop "
-                            "--resume (use --test to evaluate it, --overwrite to train it again)")
-        if not os.path.isfile(partial):
-            raise UserError(f"--resume: nothing to resume for step {cfg.step[0]}, {partial} does not exist (the step "
-                            "was not interrupted after a checkpoint, or other --checkpoint/--name/--task); drop "
-                            "--resume to start the step")
-
-
-def _check_channel_masks(cfg, channels: int) -> None:
+def _check_channel_masks(cfg, channels: int, method: MethodStack) -> None:
     """An AWT channel mask that already exists must fit the model (it is loaded, not recomputed)."""
-    plan = classifier_init_plan(cfg)
-    if cfg.test or not plan or plan["mask_source"] != "attribution":
+    if cfg.test or not _needs_masks(cfg, method):
         return
     for step in cfg.step:
         if step < 1:
@@ -117,68 +85,27 @@ def _check_protocol(cfg) -> None:
         raise UserError("--batch_size 1 trains batch norm on one image per process, whose image-pooling branch has a "
                         "single value per channel: use --batch_size 2 or more (--grad_accum keeps the effective batch) "
                         "or --fix_bn")
-    if is_domain_incremental(cfg.dataset):
-        _check_domain_flags(cfg)
 
 
-# Flags that act on the classes a step adds (default values): meaningless when steps add domains. The reference ran
-# them with every class "old" (UNCE then has no loss at all); its domain-incremental scripts use none of them.
-_CLASS_STEP_FLAGS = {"unce": False, "unkd": False, "pseudo": None, "icarl": False, "init_balanced": False,
-                     "orig_init": False, "att": 0.0, "random_channels": False}
-
-
-def _check_domain_flags(cfg) -> None:
-    bad = [flag for flag, default in _CLASS_STEP_FLAGS.items() if getattr(cfg, flag) != default]
-    if bad:
-        origin = f" (set by --method {cfg.method})" if cfg.method else ""
-        raise UserError(f"--{bad[0]}{origin} works on the classes a step adds, but {cfg.dataset} adds cities and keeps "
-                        "its 19 classes; use --method FT with --pod/--loss_kd as the published domain-incremental "
-                        "scripts do (scripts/cityscapes_domain/)")
-
-
-def _check_checkpoints(cfg) -> int:
-    """Returns the classifier-input channels of the previous-step model (256 when none is loaded)."""
-    first, channels = cfg.step[0], 256
-    if first > 0 and not cfg.test:
-        path = previous_ckpt_path(cfg, first, first_step_of_call=True)
-        if not os.path.isfile(path):
-            raise UserError(f"previous-step checkpoint not found: {path}; run step {first - 1} first "
-                            f"(python run.py ... --step {first - 1}) or give it with --step_ckpt")
-        ckpt = safe_load(path, "previous-step checkpoint")
-        check_model_flags(ckpt, cfg, path, "previous-step checkpoint")
-        state = model_state(ckpt, path)
-        check_class_layout(state, heads_for_step(cfg, first - 1), path)
-        bad = nonfinite_entry(state)
-        if bad is not None:
-            raise UserError(f"previous-step checkpoint {path} holds NaN or inf ({bad}): step {first} cannot start "
-                            f"from it; retrain step {first - 1} (--step {first - 1} --overwrite) or give another "
-                            "--step_ckpt")
-        channels = int(classifier_weights(state)[0].shape[1])
-    for step in cfg.step:
-        if cfg.test and not cfg.ckpt and not os.path.isfile(ckpt_path(cfg, step)):
-            raise UserError(f"--test: checkpoint of step {step} not found: {ckpt_path(cfg, step)}")
-    return channels
-
-
-def validate_run(cfg) -> None:
-    """Everything that can be checked before training starts."""
+def validate_run(cfg, method: MethodStack) -> None:
+    """Everything that can be checked before training starts (``method``: the call's stack, whose plugins checked
+    their flags when it was built)."""
     _check_protocol(cfg)
     step_lrs(cfg)
-    build_method(cfg)  # the plugins' own checks
-    if cfg.att and not 0 < cfg.att <= 100:
-        raise UserError(f"--att {cfg.att} is outside (0, 100]: it is the percentage of channels to transfer")
+    check_model(cfg, method)
     if 0 in cfg.step and not cfg.test:
-        pretrained_path(cfg)  # a missing ImageNet file is an error before the datasets are built
+        pretrained_path(cfg, model_spec(cfg, 0, method))  # a missing ImageNet file is an error before the datasets
     _check_data_root(cfg)
-    _check_resume(cfg)
-    _check_channel_masks(cfg, _check_checkpoints(cfg))
+    check_resume_request(cfg)
+    _check_channel_masks(cfg, check_step_checkpoints(cfg, method), method)
     for folder, flag, needed in ((cfg.checkpoint, "--checkpoint", not cfg.test), (cfg.results_dir, "--results_dir", True),
                                  (cfg.logdir, "--logdir", True), (cfg.cache_root, "--cache_root", True),
-                                 (cfg.channels_dir, "--channels_dir", _needs_masks(cfg))):
+                                 (cfg.channels_dir, "--channels_dir", _needs_masks(cfg, method) and not cfg.test)):
         if needed:
             check_writable(folder, flag)
 
 
-def _needs_masks(cfg) -> bool:
-    plan = classifier_init_plan(cfg)
-    return bool(plan and plan["mask_source"] == "attribution" and not cfg.test)
+def _needs_masks(cfg, method: MethodStack) -> bool:
+    """Whether the run's init plan transfers on attributed channels (AWT's masks)."""
+    transfer = method.init_plan.transfer
+    return isinstance(transfer, dict) and transfer.get("mask_source") == "attribution"

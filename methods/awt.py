@@ -17,16 +17,16 @@ from torch.utils.data import DataLoader, Subset
 from dataset.incremental import build_step_datasets
 from dataset.tasks import canonical_task, classes_per_step, new_class_indices
 from methods.attribution import AGGREGATIONS, channel_importance, resolve_target, unwrap
-from methods.base import Extension, StepContext, TransferSource
+from methods.base import INIT_BY_TRANSFER, Extension, StepContext, TransferSource
 from methods.channel_masks import classifier_fingerprint, load_mask, write_mask
-from methods.registry import METHODS, register_extension
+from methods.registry import register_extension
+from methods.transfer import init_new_classifier
 from utils.data import seeded_rng
 from utils.dist import broadcast_object, is_distributed, is_main_process
 from utils.errors import UserError
-from utils.flags import IGNORED
+from utils.flags import CLASS_INCREMENTAL, IGNORED, TRANSFER_INIT, mark
 
 log = logging.getLogger(__name__)
-
 
 
 def add_awt_args(g: argparse._ActionsContainer) -> None:
@@ -67,7 +67,6 @@ def add_awt_args(g: argparse._ActionsContainer) -> None:
     g.add_argument("--att_max_images", type=int, default=None,
                    help="cap on the images attributed: stop after the first used image at position N-1 or later "
                         "(the reference's rule; default: 2001 on ADE, 5001 on ADE task 50/50-50, else all)")
-    g.add_argument("--channels_dir", default="channels", help="folder of the AWT channel masks (see docs/awt.md)")
     g.add_argument("--att_plot", action="store_true", default=False,
                    help="also write a PNG of the sorted channel scores with the selected channels marked")
     g.add_argument("--att_accumulate_classes", action="store_true", default=False,
@@ -76,6 +75,9 @@ def add_awt_args(g: argparse._ActionsContainer) -> None:
     g.add_argument("--att_per_class", action="store_true", default=False,
                    help="run.py: use (and compute if missing) one channel mask per new class, as written by "
                         "attribute_class.py, instead of one mask for the union of the new classes")
+    mark(g, resume_free=("att_plot",),
+         requires={"att": CLASS_INCREMENTAL, "random_channels": CLASS_INCREMENTAL,
+                   "init_balanced": (CLASS_INCREMENTAL, TRANSFER_INIT), "orig_init": (CLASS_INCREMENTAL, TRANSFER_INIT)})
 
 
 # ================================================================================================ flag resolution
@@ -168,29 +170,26 @@ def random_channel_mask(cfg, channels: int) -> Tensor:
     return mask
 
 
-def classifier_init_plan(cfg) -> dict | None:
-    """How the new classifier is initialised at step > 0; None = it keeps its random init.
+def classifier_init_plan(cfg, mib_init: bool = True) -> dict | None:
+    """How the AWT extension initialises the new classifier at step > 0; None = it does not (the method's own
+    initialisation or the random one stay). ``mib_init``: whether --init_balanced / --orig_init ask for MiB's
+    initialisation (False when the method initialises the new classifier itself: ``Capabilities.classifier_init``).
 
     Returns ``{"mask_source": "attribution" | "random" | None, "orig_init", "copy", "copy_bias"}``; the last three
     are the keyword arguments of ``init_new_classifier`` and ``mask_source`` says where its ``channel_mask`` comes
     from (resolved by :func:`prepare_new_classifier`). Rules (docs/awt.md, "Initialisation variants"):
     ``--no_att`` -> None; ``--att > 0`` or ``--random_channels`` -> masked transfer (``--random_channels`` wins,
-    ``--orig_init`` respected); else ``--orig_init`` or ``--init_balanced`` -> MiB init; else None."""
+    ``--orig_init`` respected); else ``--orig_init`` or ``--init_balanced`` -> MiB init (with ``mib_init``); else
+    None."""
     validate_awt_args(cfg)
     if cfg.no_att:
         return None
     if cfg.random_channels or float(cfg.att) > 0:
         return {"mask_source": "random" if cfg.random_channels else "attribution", "orig_init": bool(cfg.orig_init),
                 "copy": bool(cfg.copy), "copy_bias": bool(cfg.copy_bias)}
-    if cfg.orig_init or (cfg.init_balanced and not _method_initialises(cfg)):
+    if mib_init and (cfg.orig_init or cfg.init_balanced):
         return {"mask_source": None, "orig_init": True, "copy": False, "copy_bias": False}
     return None
-
-
-def _method_initialises(cfg) -> bool:
-    """Whether --method's own plugin initialises the new classifier for --init_balanced (RCIL's meaning)."""
-    method = METHODS.get(getattr(cfg, "method", None) or "")
-    return bool(getattr(method, "own_classifier_init", False))
 
 
 # ================================================================================================ mask files
@@ -367,16 +366,17 @@ def compute_or_load_mask(cfg, step: int, model_old, device, *, per_class: bool |
 
 
 def prepare_new_classifier(cfg, step: int, model, model_old, device, *, dataset=None,
-                           transfer_source: Callable | None = None) -> dict | None:
+                           transfer_source: Callable | None = None, plan: dict | None = None) -> dict | None:
     """Initialise the new classifier of ``model`` at ``step`` > 0 (after the previous weights are loaded) following
-    :func:`classifier_init_plan`; returns the plan used (with the mask) or None when it stays random.
+    ``plan`` (default: :func:`classifier_init_plan` of ``cfg``); returns the plan used (with the mask) or None when
+    it stays random.
 
     ``transfer_source(model) -> TransferSource`` names the classifier row to transfer from and to attribute (the
     method's ``Method.transfer_source``); None: the background row of ``cls[0]``.
     AWT requested and no mask available -> UserError; never a silent fall-back to a random classifier."""
     if step < 1:
         return None
-    plan = classifier_init_plan(cfg)
+    plan = plan if plan is not None else classifier_init_plan(cfg)
     if plan is None:
         log.info("step %d: new classifier keeps its random initialisation (%s)", step,
                  "--no_att" if cfg.no_att else "no --att, --orig_init or --init_balanced")
@@ -398,9 +398,8 @@ def prepare_new_classifier(cfg, step: int, model, model_old, device, *, dataset=
         mask = random_channel_mask(cfg, _channels(net, new_source))
         if plan["copy"]:
             mask = mask.bool()  # --copy needs a boolean mask (the reference crashed here)
-    net.init_new_classifier(channel_mask=mask, orig_init=plan["orig_init"], copy=plan["copy"],
-                            copy_bias=plan["copy_bias"],
-                            source=(new_source.layer, new_source.row) if new_source else None)
+    init_new_classifier(net, channel_mask=mask, orig_init=plan["orig_init"], copy=plan["copy"],
+                        copy_bias=plan["copy_bias"], source=(new_source.layer, new_source.row) if new_source else None)
     target = resolve_target(net, new_source)
     origin = "the background classifier" if (target.name, target.row) == ("cls[0]", 0) else \
         f"row {target.row} of {target.name}"
@@ -413,11 +412,13 @@ def prepare_new_classifier(cfg, step: int, model, model_old, device, *, dataset=
 
 @register_extension
 class AWT(Extension):
-    """Initialises the new classifier at every step > 0 from the background classifier: on the channels AWT
-    attributes (``--att``), on random channels (``--random_channels``) or everywhere (MiB's ``--init_balanced`` /
-    ``--orig_init``); see :func:`classifier_init_plan`."""
+    """Initialises the new classifier at every step > 0 from the method's transfer source (by default the background
+    classifier): on the channels AWT attributes (``--att``), on random channels (``--random_channels``) or everywhere
+    (MiB's ``--init_balanced`` / ``--orig_init``, for methods that do not initialise it themselves); see
+    :func:`classifier_init_plan`."""
 
     name = "AWT"
+    switches = ("att", "init_balanced", "orig_init", "random_channels", "no_att")
 
     @staticmethod
     def add_args(group: argparse._ActionsContainer) -> None:
@@ -428,17 +429,23 @@ class AWT(Extension):
         validate_awt_args(cfg)
 
     @classmethod
-    def enabled(cls, cfg) -> bool:
-        return classifier_init_plan(cfg) is not None
+    def transfer_plan(cls, cfg, method) -> dict | None:
+        return classifier_init_plan(cfg, mib_init=method.capabilities.classifier_init == INIT_BY_TRANSFER)
 
     @classmethod
-    def label(cls, cfg) -> str | None:
-        plan = classifier_init_plan(cfg)
+    def enabled(cls, cfg, method) -> bool:
+        return cls.transfer_plan(cfg, method) is not None
+
+    @classmethod
+    def label(cls, cfg, method) -> str | None:
+        plan = cls.transfer_plan(cfg, method)
         if plan is None or plan["mask_source"] is None:  # MiB's own initialisation
             return None
         return "AWT" if plan["mask_source"] == "attribution" else "RandomChannels"
 
     def init_new_classifier(self, ctx: StepContext) -> bool:
-        transfer = ctx.method.transfer_source if ctx.method is not None else None
+        stack = ctx.method
+        plan = stack.init_plan.transfer if stack is not None else classifier_init_plan(self.cfg)
+        transfer = stack.transfer_source if stack is not None else None
         return prepare_new_classifier(self.cfg, ctx.step, ctx.model, ctx.model_old, ctx.device,
-                                      dataset=ctx.train_dataset, transfer_source=transfer) is not None
+                                      dataset=ctx.train_dataset, transfer_source=transfer, plan=plan) is not None

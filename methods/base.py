@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -21,7 +23,6 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from modules.heads import final_layer
-from utils.errors import UserError
 from utils.optim import apply_freezing, build_param_groups
 
 
@@ -93,6 +94,9 @@ class LossTerm:
     """One loss / regulariser. Subclasses set ``name`` and override what they need."""
 
     name: ClassVar[str] = "term"
+    # execution order among the registered terms (lower first): pseudo-labels 10 rewrite the labels the others read,
+    # classification 20, output distillation 30, feature distillation 40, POD 50, weight regularisers 60
+    order: ClassVar[int] = 100
     needs_old_model: bool = False
     needs_features: bool = False
     # (dest, default, what it did in the reference): reference ablation flags this term parses but does not
@@ -155,23 +159,84 @@ class TransferSource:
     row: int = 0
 
 
+INIT_BY_TRANSFER, INIT_OWN, INIT_OWN_THEN_TRANSFER = "transfer", "own", "own+transfer"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method declares about itself; the stack resolves the run's answers once (``MethodStack``).
+
+    ``classifier_init``: who initialises the new classifier at a step > 0: ``"transfer"`` (the AWT extension: MiB's
+    copy of the transfer source with --init_balanced / --orig_init, AWT's masked copy with --att), ``"own"`` (the
+    method's ``init_new_classifier``; an AWT transfer replaces it) or ``"own+transfer"`` (the method's, then AWT's
+    masked transfer on top)."""
+
+    domain_incremental: bool = True  # can train steps that add domains instead of classes (cityscapes_domain)
+    builds_terms: bool = True  # its losses are the registered loss terms their flags enable (their flags apply)
+    default_param_groups: bool = True  # trains with the default groups (--freeze*, --lr_old and --fix_bn apply)
+    classifier_init: str = INIT_BY_TRANSFER
+    classifier: str = "conv1x1"  # the per-step classifier kind its models have (a key of modules CLASSIFIERS)
+
+
+@functools.lru_cache(maxsize=None)
+def plugin_dests(plugin: type) -> tuple[str, ...]:
+    """The destinations of the flags a plugin class declares (``add_args``), in declaration order."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group(plugin.name or plugin.__name__)
+    plugin.add_args(group)
+    return tuple(a.dest for a in group._group_actions)
+
+
+@functools.lru_cache(maxsize=None)
+def options_class(plugin: type) -> type:
+    """A frozen dataclass ``{Name}Options`` whose fields are the plugin's own flags, typed from their parser."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group(plugin.name or plugin.__name__)
+    plugin.add_args(group)
+    fields = []
+    for action in group._group_actions:
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            kind: Any = bool
+        elif action.nargs not in (None, "?"):
+            kind = list
+        elif action.type in (int, float, str):
+            kind = action.type
+        else:
+            kind = Any
+        fields.append((action.dest, kind))
+    name = "".join(part.capitalize() for part in (plugin.name or plugin.__name__).replace("-", "_").split("_"))
+    return dataclasses.make_dataclass(f"{name}Options", fields, frozen=True)
+
+
+def plugin_options(plugin: type, cfg: Any):
+    """The plugin's frozen options object: its own flags' values in ``cfg`` (defaults where ``cfg`` lacks them)."""
+    cls = options_class(plugin)
+    parser = argparse.ArgumentParser(add_help=False)
+    plugin.add_args(parser.add_argument_group("defaults"))
+    defaults = {a.dest: a.default for a in parser._actions}
+    return cls(**{f.name: getattr(cfg, f.name, defaults.get(f.name)) for f in dataclasses.fields(cls)})
+
+
 class Method:
     """A continual-learning method: a plugin whose hooks the step flow calls in this order (each is optional)::
 
-        model_spec -> wrap_dataset -> [step > 0: prepare_old_model, load_previous] -> prepare_model
-        -> init_new_classifier
+        model_spec -> wrap_dataset -> [step > 0: prepare_old_model, previous weights loaded] -> prepare_model
+        -> init_new_classifier (as the stack's init plan says)
         -> param_groups -> terms -> wrap_terms -> (resume: load_state_dict) -> before_step
         -> per epoch: begin_epoch -> per iteration: compose_batch, losses (terms), backward, after_backward (terms)
         -> after_step -> state_dict (checkpoint) ; evaluation and test: predict
 
-    ``name`` is the ``--method`` value; ``preset`` the flag defaults it applies (explicit flags win).
+    ``name`` is the ``--method`` value; ``preset`` the flag defaults it applies (explicit flags win);
+    ``capabilities`` what it declares (:class:`Capabilities`); ``ignored_flags`` the reference flags its published
+    scripts pass and it accepts without effect (``{dest: why}``, listed in its ``--help`` group). Its own flags
+    (``add_args``) reach it as the frozen ``self.options``; a flag of a plugin that is not active is refused.
     """
 
     name: ClassVar[str] = ""
     preset: ClassVar[dict] = {}
     description: ClassVar[str] = ""
-    # True when --init_balanced means the method's own initialisation of the new classifier (RCIL), not MiB's
-    own_classifier_init: ClassVar[bool] = False
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    ignored_flags: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def preset_for(cls, dataset: str | None) -> dict:
@@ -189,19 +254,12 @@ class Method:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+        self.options = plugin_options(type(self), cfg)
 
     # ---- model ---------------------------------------------------------------------------------------------------
     def model_spec(self, spec: Any, step: int) -> Any:
         """The ``segmentation_module.ModelSpec`` of the model of ``step`` (backbone, head, classifier family)."""
         return spec
-
-    def load_previous(self, model: nn.Module, model_old: nn.Module, step: int) -> None:
-        """Copy the previous step's weights into the new model; only the new classifier may stay unloaded."""
-        missing, unexpected = model.load_state_dict(model_old.state_dict(), strict=False)
-        new_prefix = f"cls.{len(model.cls) - 1}."
-        if unexpected or any(not k.startswith(new_prefix) for k in missing):
-            raise UserError(f"previous-step model does not fit step {step}: missing {missing[:3]}, unexpected "
-                            f"{unexpected[:3]}")
 
     def prepare_model(self, ctx: StepContext) -> None:
         """After the previous weights are loaded (every step): e.g. merge branches, freeze parts."""
@@ -211,7 +269,8 @@ class Method:
         the output it answers with."""
 
     def init_new_classifier(self, ctx: StepContext) -> bool:
-        """Initialise the new classifier at step > 0; True when this plugin did (the others still run)."""
+        """Initialise the new classifier at step > 0 (called when the stack's init plan gives it the job); True
+        when it did."""
         return False
 
     def transfer_source(self, model: nn.Module) -> TransferSource:
@@ -268,14 +327,31 @@ class Method:
 
 
 class Extension(Method):
-    """A plugin composed with the selected method when its own flags ask for it (e.g. AWT with ``--att``)."""
+    """A plugin composed with the selected method when its own flags ask for it (e.g. AWT with ``--att``).
+
+    ``switches``: its flags that decide whether it is enabled (always accepted); its other flags are refused while
+    it is off."""
+
+    switches: ClassVar[tuple[str, ...]] = ()
+    needs_classifier: ClassVar[str | None] = None  # the classifier kind it works on (None: any)
 
     @classmethod
-    def enabled(cls, cfg: Any) -> bool:
+    def enabled(cls, cfg: Any, method: type[Method]) -> bool:
+        """Whether the flags ask for it on top of ``method`` (the ``--method`` plugin class)."""
         return False
 
     @classmethod
-    def label(cls, cfg: Any) -> str | None:
+    def transfer_plan(cls, cfg: Any, method: type[Method]) -> Any:
+        """How it initialises the new classifier on top of ``method`` (None: it does not); the stack's init plan
+        holds the answer (``MethodStack.init_plan``)."""
+        return None
+
+    @classmethod
+    def switch_hint(cls) -> str:
+        return ", ".join(f"--{s}" for s in cls.switches) or cls.name
+
+    @classmethod
+    def label(cls, cfg: Any, method: type[Method]) -> str | None:
         """How the default ``--name`` names this extension when enabled (None: it adds nothing to the name, e.g.
         an initialisation the method's own preset asks for)."""
         return cls.name

@@ -9,7 +9,7 @@ from torch import Tensor
 from methods.registry import register_term
 from methods.base import Batch, LossTerm, StepContext, pixel_mean
 from utils import loss as L
-from utils.flags import NOT_IMPLEMENTED, nonnegative_float
+from utils.flags import CLASS_INCREMENTAL, NOT_IMPLEMENTED, declare, nonnegative_float
 from utils.constants import IGNORE_INDEX
 from utils.errors import UserError
 
@@ -24,6 +24,7 @@ class Classification(LossTerm):
     """
 
     name = "classification"
+    order = 20
     unsupported = (
         ("nca", False, "NCA loss with a cosine classifier"),
         ("nca_margin", 0.0, "NCA margin"),
@@ -36,10 +37,12 @@ class Classification(LossTerm):
     def add_args(parser: argparse._ActionsContainer) -> None:
         parser.add_argument("--bce", action="store_true", default=False,
                             help="binary cross-entropy (one-hot, sum over classes) instead of softmax CE")
-        parser.add_argument("--unce", action="store_true", default=False,
-                            help="MiB unbiased cross-entropy at steps > 0 (old classes folded into background)")
-        parser.add_argument("--icarl", action="store_true", default=False,
-                            help="LwF-MC / iCaRL: BCE criterion plus BCE distillation on the old classes")
+        declare(parser.add_argument("--unce", action="store_true", default=False,
+                            help="MiB unbiased cross-entropy at steps > 0 (old classes folded into background)"),
+                requires=CLASS_INCREMENTAL)
+        declare(parser.add_argument("--icarl", action="store_true", default=False,
+                            help="LwF-MC / iCaRL: BCE criterion plus BCE distillation on the old classes"),
+                requires=CLASS_INCREMENTAL)
         parser.add_argument("--icarl_importance", type=nonnegative_float, default=1.0,
                             help="weight of the iCaRL distillation term (LWF-MC preset: 10)")
         parser.add_argument("--icarl_disjoint", action="store_true", default=False,

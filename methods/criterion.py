@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from methods.base import Batch, LossTerm, StepContext
-from methods.registry import EXTENSIONS, METHODS, TERMS, method_name
+from methods.registry import EXTENSIONS, METHODS, TERMS, method_name, ordered_terms
 from utils.errors import UserError
 from utils.flags import NOT_IMPLEMENTED
 
@@ -121,30 +121,52 @@ def _merge(into: dict, new: dict, who: str) -> None:
         into[key] = value
 
 
+def _owned_group(parser: argparse.ArgumentParser, owner: type, title: str, description: str | None = None):
+    """``owner.add_args`` in a group of its own; every flag it declares records its owner (``ciss_owner``), which
+    the flag-ownership rule (``methods.options``) reads."""
+    group = parser.add_argument_group(title, description)
+    owner.add_args(group)
+    for action in group._group_actions:
+        action.ciss_owner = owner
+    return group
+
+
+def _ignored_note(plugin: type) -> str | None:
+    if not plugin.ignored_flags:
+        return None
+    return "accepted without effect with --method " + plugin.name + ": " + "; ".join(
+        f"--{dest} ({why})" for dest, why in plugin.ignored_flags.items())
+
+
 def add_method_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--method``, every term's reference flags (one argument group per term), the reference ablation flags
-    that are parsed but not implemented, and the flags of every registered method."""
+    that are parsed but not implemented, and the flags of every registered method (a method that inherits its
+    flags, e.g. SSUL-M, shares its parent's group)."""
     group = parser.add_argument_group("method")
     group.add_argument("--method", type=method_name, default=None, choices=list(METHODS),
                        help="named method: a plugin and its preset of flags (explicit flags win); "
                             "case-insensitive, e.g. MIB = MiB")
-    for term in TERMS.values():
-        term.add_args(parser.add_argument_group(term.name))
+    for term in ordered_terms():
+        _owned_group(parser, term, term.name)
     _add_unsupported_args(parser.add_argument_group("PLOP ablations (not implemented)"))
+    declared = set()
     for plugin in METHODS.values():
-        plugin.add_args(parser.add_argument_group(plugin.name))  # argparse hides groups without flags
+        if plugin.add_args in declared:
+            continue
+        declared.add(plugin.add_args)
+        _owned_group(parser, plugin, plugin.name, _ignored_note(plugin))  # argparse hides groups without flags
 
 
 def add_extension_args(parser: argparse.ArgumentParser) -> None:
     """Add the flags of every registered extension, one argument group each."""
     for plugin in EXTENSIONS.values():
-        plugin.add_args(parser.add_argument_group(plugin.name))
+        _owned_group(parser, plugin, plugin.name)
 
 
 def build_terms(cfg: Any, ctx: StepContext) -> list[LossTerm]:
-    """The registered loss terms that ``cfg`` enables for this step, in registry (= execution) order."""
+    """The registered loss terms that ``cfg`` enables for this step, in their declared execution order."""
     terms = []
-    for cls in TERMS.values():
+    for cls in ordered_terms():
         term = cls.build(cfg, ctx)
         if term is None:
             continue

@@ -10,7 +10,7 @@ from torch import Tensor
 from methods.registry import register_term
 from methods.base import Batch, LossTerm, StepContext
 from utils import loss as L
-from utils.flags import IGNORED, NOT_IMPLEMENTED, nonnegative_float, positive_float
+from utils.flags import CLASS_INCREMENTAL, IGNORED, NOT_IMPLEMENTED, declare, nonnegative_float, positive_float
 
 
 
@@ -20,6 +20,7 @@ class KnowledgeDistillation(LossTerm):
     MiB's unbiased KD (``--unkd``). Not masked for ignored pixels, as in the reference."""
 
     name = "kd"
+    order = 30
     needs_old_model = True
     unsupported = (
         ("kd_new", False, "KD restricted to background pixels"),
@@ -39,8 +40,9 @@ class KnowledgeDistillation(LossTerm):
         parser.add_argument("--loss_kd", type=nonnegative_float, default=0.0,
                             help="weight of output distillation at steps > 0 (default 0 as PLOP/MiB; AWT used 10, "
                                  "LWF/ILT presets 100, MiB 10)")
-        parser.add_argument("--unkd", action="store_true", default=False,
-                            help="MiB unbiased KD (new-model background absorbs the new classes)")
+        declare(parser.add_argument("--unkd", action="store_true", default=False,
+                            help="MiB unbiased KD (new-model background absorbs the new classes)"),
+                requires=CLASS_INCREMENTAL)
         parser.add_argument("--alpha", type=positive_float, default=1.0,
                             help="old logits are multiplied by alpha before the softmax in KD; also focal-loss alpha")
         parser.add_argument("--kd_scheduling", action="store_true", default=False,
@@ -91,6 +93,7 @@ class FeatureDistillation(LossTerm):
     """ILT: ``loss_de = --loss_de * MSE(body, body_old)`` on the backbone output, at steps > 0."""
 
     name = "ilt"
+    order = 40
     needs_old_model = True
     needs_features = True
 

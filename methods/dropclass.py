@@ -30,6 +30,8 @@ from torch import Tensor
 from methods.attribution import unwrap
 from methods.base import Batch, Extension, LossTerm, StepContext, TrainInputs
 from methods.registry import register_extension
+from modules import dropclass as _parts  # noqa: F401  (registers the dropclass classifier wrapper)
+from utils.loss import suppression
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,11 +54,6 @@ def droppable_classes(n_old: int, n_classes: int, which: str) -> list[int]:
     if which == "all" or n_old == 0:
         return list(range(n_classes))
     return [0] + list(range(n_old, n_classes))
-
-
-def suppression(drop_logits_small: Tensor, z: int) -> Tensor:
-    """DropClass's L_sup: mean over images and pixels (feature resolution) of the dropped class's probability."""
-    return F.softmax(drop_logits_small.float(), dim=1)[:, z].mean()
 
 
 class DropClassLoss(LossTerm):
@@ -104,6 +101,9 @@ class DropClass(Extension):
 
     name = "DropClass"
     description = "DropClass (NeurIPS 2021): class-dropped classifier input, its losses and inference path"
+    switches = ("dropclass",)
+    needs_classifier = "conv1x1"
+    WRAPPER = "dropclass"  # the classifier wrapper of modules/dropclass.py
 
     @staticmethod
     def add_args(group: argparse._ActionsContainer) -> None:
@@ -128,7 +128,7 @@ class DropClass(Extension):
                                 "and answer with the plain path)")
 
     @classmethod
-    def enabled(cls, cfg: Any) -> bool:
+    def enabled(cls, cfg: Any, method) -> bool:
         return bool(getattr(cfg, "dropclass", False))
 
     @classmethod
@@ -143,36 +143,35 @@ class DropClass(Extension):
         self.rng = random.Random(0)  # host-side draws: no tensor is read back per iteration
 
     def active(self, step: int) -> bool:
-        return self.cfg.dropclass_steps == "all" or step == 0
+        return self.options.dropclass_steps == "all" or step == 0
 
     # ---- model -------------------------------------------------------------------------------------------------------
     def model_spec(self, spec: Any, step: int) -> Any:
-        if spec.classifier != "conv1x1":
-            raise UserError(f"--dropclass needs 1x1 classifiers on the head's features; the {spec.classifier!r} "
-                            f"classifiers of --method {self.cfg.method} are not (remove --dropclass)")
-        return spec.replace(dropclass="drop" if self.active(step) else "plain", dropclass_rows=self.cfg.dropclass_rows)
+        return spec.with_wrapper(self.WRAPPER, readout="drop" if self.active(step) else "plain",
+                                 rows=self.options.dropclass_rows)
 
     def prepare_model(self, ctx: StepContext) -> None:
         model = unwrap(ctx.model)
-        if ctx.step > 0 and self.cfg.dropclass_rows == "frozen":
-            filled = model.drop.freeze_rows(model.classifier_rows())
+        drop = model.classifier_wrapper
+        if ctx.step > 0 and self.options.dropclass_rows == "frozen":
+            filled = drop.freeze_rows(model.classifier_rows())
             log.info("step %d: DropClass froze the importance rows of %d classes of the previous step", ctx.step,
                      filled)
         if not self.active(ctx.step):
-            model.drop.train_drop = False
-            for p in model.drop.parameters():
+            drop.train_drop = False
+            for p in drop.parameters():
                 p.requires_grad_(False)
 
     def prepare_old_model(self, model_old, step: int) -> None:
         """The teacher answers with its plain path (distillation, pseudo-labels and AWT read the plain path)."""
-        drop = getattr(unwrap(model_old), "drop", None)
+        drop = getattr(unwrap(model_old), "classifier_wrapper", None)
         if drop is not None:
             drop.readout = "plain"
 
     # ---- batches and losses ------------------------------------------------------------------------------------------
     def before_step(self, ctx: StepContext) -> None:
         self.step = ctx.step
-        self.classes = droppable_classes(ctx.n_old, ctx.n_classes, self.cfg.dropclass_classes)
+        self.classes = droppable_classes(ctx.n_old, ctx.n_classes, self.options.dropclass_classes)
         self.n_classes = ctx.n_classes
 
     def begin_epoch(self, epoch: int, epochs: int) -> None:
@@ -183,7 +182,7 @@ class DropClass(Extension):
     def compose_batch(self, inputs: TrainInputs) -> TrainInputs:
         if not self.active(self.step):
             return inputs
-        lam, p = schedule(self.epoch, self.epochs, self.cfg.dropclass_schedule, self.cfg.dropclass_p)
+        lam, p = schedule(self.epoch, self.epochs, self.options.dropclass_schedule, self.options.dropclass_p)
         z = self.rng.choice(self.classes)
         dropped = self.rng.random() < p
         keep = torch.ones(self.n_classes, dtype=torch.bool)
@@ -200,4 +199,4 @@ class DropClass(Extension):
         if "classification" not in names:
             raise UserError(f"--dropclass needs the method's classification loss term; --method {self.cfg.method} "
                             f"has terms {names}")
-        return [DropClassLoss(t, self.cfg.dropclass_alpha) if t.name == "classification" else t for t in terms]
+        return [DropClassLoss(t, self.options.dropclass_alpha) if t.name == "classification" else t for t in terms]

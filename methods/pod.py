@@ -21,7 +21,8 @@ from methods.base import Batch, LossTerm, StepContext
 from utils.constants import BACKGROUND
 from utils.errors import UserError
 from utils.flags import NOT_IMPLEMENTED, nonnegative_float
-from utils.loss import upcast
+from utils.loss import collapse_new_classes, pod_embed, upcast
+from utils.loss import pod_preprocess as preprocess
 
 SPP_SCALES = (1, 2, 4)  # PLOP default --spp_scales
 COLLAPSES = ("local", "spatial", "global")
@@ -104,17 +105,6 @@ def _validate(layer: PODLayer, where: str) -> None:
         raise UserError(f"{where}: spp_scales must be positive integers, got {list(layer.spp_scales)}")
 
 
-def preprocess(x: Tensor, prepro: str) -> Tensor:
-    """Elementwise map applied before pooling. ``abs`` is |x| (the reference's ``abs`` crashed)."""
-    if prepro == "pow":
-        return x.pow(2)
-    if prepro == "abs":
-        return x.abs()
-    if prepro == "relu":
-        return F.relu(x)
-    return x
-
-
 def collapse_logits(logits: Tensor, n_old: int, mode: str = "sum") -> Tensor:
     """Fold new-class logit channels so the new model's logits match the old ones.
 
@@ -123,47 +113,7 @@ def collapse_logits(logits: Tensor, n_old: int, mode: str = "sum") -> Tensor:
     """
     if mode == "trim":
         return logits[:, :n_old]
-    background = logits[:, :1] + logits[:, n_old:].sum(dim=1, keepdim=True)
-    return torch.cat([background, logits[:, 1:n_old]], dim=1)
-
-
-def _local_embed(x: Tensor, scales: tuple[int, ...]) -> Tensor:
-    b, _, _, w = x.shape
-    parts = []
-    for scale in scales:
-        k = w // scale  # the reference uses the width for both axes
-        for i in range(scale):
-            for j in range(scale):
-                region = x[..., i * k:(i + 1) * k, j * k:(j + 1) * k]
-                parts.append(region.mean(dim=3).reshape(b, -1))  # pooled over width: (B, C*k)
-                parts.append(region.mean(dim=2).reshape(b, -1))  # pooled over height: (B, C*k)
-    return torch.cat(parts, dim=1)
-
-
-def _global_embed(x: Tensor, scales: tuple[int, ...]) -> Tensor:
-    b, w = x.shape[0], x.shape[-1]
-    parts = []
-    for scale in scales:
-        pooled = F.avg_pool2d(x, kernel_size=w // scale)  # (B, C, s, s) for square maps
-        parts.append(pooled.sum(dim=2).reshape(b, -1))
-        parts.append(pooled.sum(dim=3).reshape(b, -1))
-    return torch.cat(parts, dim=1)
-
-
-def pod_embed(x: Tensor, collapse: str = "local", scales: tuple[int, ...] = SPP_SCALES) -> Tensor:
-    """Pooled embedding of an already pre-processed map.  x (B, C, H, W) -> (B, D).
-
-    ``spatial``: sums over H and over W of the whole map; ``local``: for each scale s, the s x s regions of side
-    ``W // s`` pooled (mean) along width and along height; ``global``: average-pool pyramid summed along each axis.
-    """
-    if collapse == "spatial":
-        b = x.shape[0]
-        return torch.cat([x.sum(dim=3).reshape(b, -1), x.sum(dim=2).reshape(b, -1)], dim=1)
-    if collapse == "local":
-        return _local_embed(x, scales)
-    if collapse == "global":
-        return _global_embed(x, scales)
-    raise ValueError(f"unknown POD collapse {collapse!r}")
+    return collapse_new_classes(logits, n_old)
 
 
 def pod_loss(feats_old: list[Tensor], feats_new: list[Tensor], cfg: PODConfig, *, n_old: int, n_classes: int,
@@ -202,6 +152,7 @@ class PODDistillation(LossTerm):
     """``loss_pod``: POD on ``extras["attentions"]`` (+ ``sem_logits_small`` with ``--pod_logits``) at steps > 0."""
 
     name = "pod"
+    order = 50
     needs_old_model = True
     needs_features = True
     unsupported = (

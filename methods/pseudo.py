@@ -20,7 +20,7 @@ from dataset.transform import images_to_device, labels_to_device
 from methods.registry import register_term
 from methods.base import Batch, LossTerm, StepContext
 from utils import loss as L
-from utils.flags import NOT_IMPLEMENTED, nonnegative_float
+from utils.flags import CLASS_INCREMENTAL, NOT_IMPLEMENTED, declare, nonnegative_float
 from utils.constants import BACKGROUND, IGNORE_INDEX
 from utils.errors import UserError
 from utils.progress import track
@@ -94,6 +94,7 @@ class PseudoLabel(LossTerm):
     """Rewrites ``batch.labels`` (and ``pixel_weight``) before the classification loss; returns no loss itself."""
 
     name = "pseudo"
+    order = 10
     needs_old_model = True
     unsupported = (
         ("pseudo_ablation", None, "pseudo-label error correction with the ground truth"),
@@ -101,9 +102,10 @@ class PseudoLabel(LossTerm):
 
     @staticmethod
     def add_args(parser: argparse._ActionsContainer) -> None:
-        parser.add_argument("--pseudo", type=str, default=None,
+        declare(parser.add_argument("--pseudo", type=str, default=None,
                             help="pseudo-label background pixels with the old model: naive, confidence, "
-                                 "threshold_<t>, median, entropy (PLOP preset: entropy)")
+                                 "threshold_<t>, median, entropy (PLOP preset: entropy)"),
+                requires=CLASS_INCREMENTAL)
         parser.add_argument("--threshold", type=nonnegative_float, default=0.9,
                             help="entropy mode: lower bound of the per-class entropy thresholds (PLOP: 0.001); "
                                  "median mode: upper bound of the per-class probability thresholds")

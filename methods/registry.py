@@ -1,6 +1,6 @@
 """The registries of the methods package: loss terms, methods (``--method NAME``) and extensions (composable
-plugins switched on by their own flags, e.g. AWT). Registration order is execution order for terms and
-composition order for extensions."""
+plugins switched on by their own flags, e.g. AWT). Terms run in their declared ``order`` (:func:`ordered_terms`),
+never in import order; extensions compose in registration order."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -18,6 +18,11 @@ def _register(table: dict, kind: str, cls: type) -> type:
         raise ValueError(f"{kind} {cls.name!r} registered twice")
     table[cls.name] = cls
     return cls
+
+
+def ordered_terms() -> list[type]:
+    """The registered loss terms in execution order (``LossTerm.order``; ties: registration order)."""
+    return sorted(TERMS.values(), key=lambda cls: cls.order)
 
 
 def register_term(cls: type) -> type:

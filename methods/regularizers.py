@@ -54,6 +54,7 @@ class Regularizer(LossTerm):
     """EWC / RW / PI selected by ``--regularizer``; active at every step (statistics at step 0, penalty from 1)."""
 
     name = "regularizer"
+    order = 60
 
     @staticmethod
     def add_args(parser: argparse._ActionsContainer) -> None:

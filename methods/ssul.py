@@ -44,18 +44,21 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from dataset.incremental import IncrementalSegmentation, build_step_datasets
-from dataset.tasks import classes_per_step, get_task_labels, is_domain_incremental
+from dataset.tasks import classes_per_step, get_task_labels
 from dataset.transform import eval_preset, images_to_device, labels_to_device, train_preset
-from methods.awt import classifier_init_plan
-from methods.base import Batch, LossTerm, Method, StepContext, TrainInputs, TransferSource
+from methods.base import INIT_OWN_THEN_TRANSFER, Batch, Capabilities, LossTerm, Method, StepContext, TrainInputs, \
+    TransferSource
 from methods.memory import MemoryFeeder, memory_path, mix_rows, read_memory, select_balanced, write_memory_step
 from methods.registry import register_method
+from models import family_in_layout
+from modules import ssul as _parts  # noqa: F401  (registers the conv_head classifier and the unknown_first layout)
 from modules.heads import final_layer
 from utils.constants import IGNORE_INDEX
 from utils.data import build_loader
 from utils.dist import barrier, is_main_process
 from utils.errors import UserError
 from utils.flags import nonnegative_int
+from utils.loss import bce_mean_over_valid
 from utils.progress import track
 
 log = logging.getLogger(__name__)
@@ -64,21 +67,6 @@ UNKNOWN, BACKGROUND = 0, 1  # output channels of the unknown_first layout; class
 MEMORY_DEFAULT = {"ade": 300}  # SSUL-M's memory size per dataset (README); 100 elsewhere (VOC's)
 BACKGROUND_LR = 1e-4  # the background head's lr factor at steps > 0
 BACKBONE_LR = 0.1  # step 0: backbone lr / head lr (SSUL: 0.001 / 0.01)
-
-# Flags of the other methods that SSUL's training has no place for: (dest, default, what). Refused when set.
-_NOT_WITH_SSUL = (
-    ("loss_kd", 0.0, "output distillation"), ("unce", False, "MiB's unbiased CE"), ("unkd", False, "MiB's KD"),
-    ("pod", None, "PLOP's POD"), ("pseudo", None, "PLOP's pseudo-labels (SSUL has its own, --pseudo_thresh)"),
-    ("icarl", False, "iCaRL"), ("bce", False, "--bce (SSUL's loss is BCE already)"), ("focal_loss", False, "focal"),
-    ("focal_loss_new", False, "focal"), ("regularizer", None, "EWC/RW/PI"), ("loss_de", 0.0, "ILT"),
-    ("lr_old", None, "--lr_old (SSUL sets its own per-head lrs)"), ("freeze", False, "--freeze (SSUL freezes)"),
-    ("freeze_old", False, "--freeze_old"), ("freeze_old_and_FE", False, "--freeze_old_and_FE"),
-    ("freeze_all_but_new", False, "--freeze_all_but_new"), ("fix_bn", False, "--fix_bn (SSUL freezes BN at t>0)"),
-    ("init_balanced", False, "MiB's initialisation"), ("orig_init", False, "MiB's initialisation"),
-    ("copy", False, "--copy"), ("copy_bias", False, "--copy_bias"), ("random_channels", False, "random channels"),
-    ("base_weights", False, "--base_weights"),
-)
-
 
 # ------------------------------------------------------------------------------------------------ labels and loss
 def unknown_relabel(labels: Tensor, saliency: Tensor | None) -> Tensor:
@@ -99,15 +87,9 @@ def pseudo_label(labels: Tensor, logits_old: Tensor, threshold: float) -> Tensor
 
 
 def bce_with_ignore(logits: Tensor, labels: Tensor) -> Tensor:
-    """SSUL's ``BCEWithLogitsLossWithIgnoreIndex``: one-hot targets over the C channels (an all-zero row for 255),
-    BCE per channel summed over channels, mean over the pixels whose one-hot row is not zero."""
-    n = logits.shape[1]
-    valid = labels != IGNORE_INDEX
-    onehot = F.one_hot(torch.where(valid, labels, torch.zeros_like(labels)), n).permute(0, 3, 1, 2).float()
-    onehot = onehot * valid[:, None].float()
-    per_pixel = F.binary_cross_entropy_with_logits(logits.float(), onehot, reduction="none").sum(dim=1)
-    counted = (onehot.sum(dim=1) > 0).float()
-    return (per_pixel * counted).sum() / counted.sum().clamp(min=1.0)
+    """SSUL's ``BCEWithLogitsLossWithIgnoreIndex``: one-hot targets over the C channels, BCE summed over channels,
+    mean over the pixels that are not ignored (``utils.loss.bce_mean_over_valid``)."""
+    return bce_mean_over_valid(logits, labels)
 
 
 def merge_unknown(logits: Tensor) -> Tensor:
@@ -143,6 +125,8 @@ class SSUL(Method):
     name = "SSUL"
     preset = {"lr_min": 1e-6}  # SSUL's poly schedule never goes below 1e-6
     description = "SSUL (NeurIPS 2021): unknown label from saliency, pseudo-labels, frozen network after step 0"
+    capabilities = Capabilities(domain_incremental=False, builds_terms=False, default_param_groups=False,
+                                classifier_init=INIT_OWN_THEN_TRANSFER, classifier="conv_head")
     default_memory = 0
 
     @staticmethod
@@ -166,33 +150,26 @@ class SSUL(Method):
 
     @classmethod
     def check(cls, cfg: Any) -> None:
-        for dest, default, what in _NOT_WITH_SSUL:
-            if getattr(cfg, dest, default) != default:
-                raise UserError(f"--{dest} ({what}) does not combine with --method {cfg.method}: SSUL trains with "
-                                "its own loss, schedule and freezing; remove the flag")
         if not 0.0 <= float(cfg.pseudo_thresh) <= 1.0:
             raise UserError(f"--pseudo_thresh {cfg.pseudo_thresh} is not a probability in [0, 1]")
-        if is_domain_incremental(getattr(cfg, "dataset", "voc")):
-            raise UserError(f"SSUL is class-incremental: its unknown label has no meaning on {cfg.dataset}, whose "
-                            "steps add cities")
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
         self.memory: MemoryFeeder | None = None
-        self.source_head = BACKGROUND if getattr(cfg, "ssul_awt_logit", "unknown") == "background" else UNKNOWN
+        self.source_head = BACKGROUND if self.options.ssul_awt_logit == "background" else UNKNOWN
 
     # ---- sizes -------------------------------------------------------------------------------------------------
     def memory_size(self) -> int:
-        if self.cfg.mem_size is not None:
-            return int(self.cfg.mem_size)
+        if self.options.mem_size is not None:
+            return int(self.options.mem_size)
         if not self.default_memory:
             return 0
         return MEMORY_DEFAULT.get(self.cfg.dataset, self.default_memory)
 
     # ---- model -------------------------------------------------------------------------------------------------
     def model_spec(self, spec: Any, step: int) -> Any:
-        backbone = spec.backbone if spec.backbone.startswith("tv_") else "tv_" + spec.backbone
-        return spec.replace(backbone=backbone, head="aspp", classifier="conv_head", head_layout="unknown_first",
+        return spec.replace(backbone=family_in_layout(spec.backbone, "torchvision"), head="aspp",
+                            classifier=self.capabilities.classifier, head_layout="unknown_first",
                             backbone_bn_momentum=0.01)
 
     def transfer_source(self, model: nn.Module) -> TransferSource:
@@ -208,8 +185,8 @@ class SSUL(Method):
             new[k].load_state_dict(source[k].state_dict())
         src_final, new_final = final_layer(source), final_layer(new)
         new_final.bias.copy_(src_final.bias[0].expand_as(new_final.bias))
-        awt_replaces = (classifier_init_plan(self.cfg) or {}).get("mask_source") == "attribution" \
-            and self.cfg.ssul_awt_variant == "replace"
+        transfer = ctx.method.init_plan.transfer if ctx.method is not None else None
+        awt_replaces = (transfer or {}).get("mask_source") == "attribution" and self.options.ssul_awt_variant == "replace"
         if not awt_replaces:
             new_final.weight.copy_(src_final.weight[0:1].expand_as(new_final.weight))
         log.info("step %d: new head initialised from the %s head (%s)", ctx.step,
@@ -255,7 +232,7 @@ class SSUL(Method):
                                         channels_last=images.is_contiguous(memory_format=torch.channels_last)
                                         and not images.is_contiguous())
             m_labels = labels_to_device(m_labels, device)
-            if not self.cfg.ssul_memory_unshifted:
+            if not self.options.ssul_memory_unshifted:
                 sal = m_aux.get("saliency")
                 m_labels = unknown_relabel(m_labels, sal.to(device) if sal is not None else None)
             rows = mix_rows(images.shape[0]).to(device)
@@ -266,7 +243,7 @@ class SSUL(Method):
 
     # ---- losses ----------------------------------------------------------------------------------------------------
     def terms(self, ctx: StepContext) -> list[LossTerm]:
-        return [SSULLoss(self.cfg.pseudo_thresh, pseudo=ctx.step > 0)]
+        return [SSULLoss(self.options.pseudo_thresh, pseudo=ctx.step > 0)]
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     def before_step(self, ctx: StepContext) -> None:
@@ -344,7 +321,7 @@ class SSUL(Method):
         memory = IncrementalSegmentation(train.reader, labels=labels, labels_old=labels_old, masking="current+old",
                                          transform=train_preset(self.cfg.crop_size), idxs=idxs,
                                          description=f"SSUL-M memory of step {ctx.step}")
-        if "saliency" in train.reader.AUX and not self.cfg.ssul_memory_unshifted:
+        if "saliency" in train.reader.AUX and not self.options.ssul_memory_unshifted:
             memory = memory.with_aux(("saliency",))
         return build_loader(memory, batch_size=self.cfg.batch_size, train=True, num_workers=self.cfg.num_workers,
                             seed=self.cfg.random_seed + 7919 * ctx.step)
@@ -360,11 +337,7 @@ class SSULM(SSUL):
 
     name = "SSUL-M"
     description = "SSUL-M: SSUL with an exemplar memory (100 images on VOC, 300 on ADE20K)"
-    default_memory = 100
-
-    @staticmethod
-    def add_args(group: argparse._ActionsContainer) -> None:
-        """SSUL's flags serve both (declared once, in SSUL's group)."""
+    default_memory = 100  # SSUL's flags (inherited) serve both, declared once in SSUL's group
 
 
 def _split(item) -> tuple[Tensor, Tensor, dict]:

@@ -1,28 +1,86 @@
 """The plugins of a run composed in a fixed order: the method chosen with ``--method`` first, then every extension
-whose flags ask for it (registration order). The step flow talks to this object only."""
+whose flags ask for it (registration order). The step flow talks to this object only; it is built once per call
+(:func:`build_method`) and passed down.
+
+The stack resolves once what the plugins declare: the capabilities of the run (:class:`StackCapabilities`) and who
+initialises the new classifier at a step > 0 (:class:`InitPlan`, the one place that answers it).
+"""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from methods.base import Extension, LossTerm, Method, StepContext, TrainInputs, TransferSource
+from dataset.tasks import is_domain_incremental
+from methods.base import (INIT_BY_TRANSFER, INIT_OWN_THEN_TRANSFER, Extension, LossTerm, Method, StepContext,
+                          TrainInputs, TransferSource)
 from methods.criterion import Criterion, check_supported
 from methods.registry import EXTENSIONS, METHODS
+from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 DEFAULT_METHOD = "FT"  # without --method, the terms switched on by explicit flags (FT's preset is empty)
 
 
+@dataclass(frozen=True)
+class InitPlan:
+    """Who initialises the new classifier at a step > 0: the method's own ``init_new_classifier`` (``method``), an
+    extension's transfer (``transfer``: the plan the extension ``by`` returned, e.g. AWT's), both (the method
+    first), or nobody (it keeps its random initialisation)."""
+
+    method: bool = False
+    transfer: Any = None
+    by: str | None = None
+
+    def describe(self) -> str:
+        parts = (["the method"] if self.method else []) + ([self.by] if self.transfer is not None else [])
+        return " then ".join(parts) or "nobody (random initialisation)"
+
+
+@dataclass(frozen=True)
+class StackCapabilities:
+    """The run's answers: whether every plugin supports domain-incremental steps, whether the registered loss terms'
+    flags apply, whether the default parameter groups train, and the classifier kind of the method's models."""
+
+    domain_incremental: bool
+    builds_terms: bool
+    default_param_groups: bool
+    classifier: str
+
+
+def resolve_plugins(cfg: Any) -> tuple[type[Method], list[type[Extension]]]:
+    """The ``--method`` plugin class and the extension classes its flags enable, without building them."""
+    method_cls = METHODS[getattr(cfg, "method", None) or DEFAULT_METHOD]
+    return method_cls, [cls for cls in EXTENSIONS.values() if cls.enabled(cfg, method_cls)]
+
+
+def resolve_init_plan(cfg: Any, method_cls: type[Method], extensions: list[type[Extension]]) -> InitPlan:
+    transfers = [(ext.name, plan) for ext in extensions if (plan := ext.transfer_plan(cfg, method_cls)) is not None]
+    if len(transfers) > 1:
+        raise UserError(f"{' and '.join(n for n, _ in transfers)} both initialise the new classifier: keep one")
+    by, transfer = transfers[0] if transfers else (None, None)
+    mode = method_cls.capabilities.classifier_init
+    own = mode != INIT_BY_TRANSFER and (transfer is None or mode == INIT_OWN_THEN_TRANSFER)
+    return InitPlan(method=own, transfer=transfer, by=by)
+
+
 class MethodStack:
     """``plugins[0]`` is the method; the rest are extensions. Hooks run in that order."""
 
-    def __init__(self, plugins: list[Method]):
+    def __init__(self, plugins: list[Method], init_plan: InitPlan | None = None):
         if not plugins or isinstance(plugins[0], Extension):
             raise ValueError("a method stack starts with a method")
         self.plugins = list(plugins)
+        self.init_plan = init_plan or InitPlan(method=type(plugins[0]).capabilities.classifier_init
+                                               != INIT_BY_TRANSFER)
+        caps = [type(p).capabilities for p in self.plugins]
+        self.capabilities = StackCapabilities(domain_incremental=all(c.domain_incremental for c in caps),
+                                              builds_terms=self.method.capabilities.builds_terms,
+                                              default_param_groups=self.method.capabilities.default_param_groups,
+                                              classifier=self.method.capabilities.classifier)
 
     @property
     def method(self) -> Method:
@@ -38,9 +96,6 @@ class MethodStack:
             spec = plugin.model_spec(spec, step)
         return spec
 
-    def load_previous(self, model: nn.Module, model_old: nn.Module, step: int) -> None:
-        self.method.load_previous(model, model_old, step)
-
     def transfer_source(self, model: nn.Module) -> TransferSource:
         return self.method.transfer_source(model)
 
@@ -53,8 +108,14 @@ class MethodStack:
             plugin.prepare_old_model(model_old, step)
 
     def init_new_classifier(self, ctx: StepContext) -> None:
-        done = [p.name for p in self.plugins if p.init_new_classifier(ctx)]
-        if not done:
+        """As :attr:`init_plan` says: the method's own initialisation, then the extensions' (AWT's transfer)."""
+        plan = self.init_plan
+        if plan.method:
+            self.method.init_new_classifier(ctx)
+        if plan.transfer is not None:
+            for plugin in self.plugins[1:]:
+                plugin.init_new_classifier(ctx)
+        if not plan.method and plan.transfer is None:
             log.info("step %d: new classifier keeps its random initialisation (no --att, --orig_init, "
                      "--init_balanced or method-specific initialisation)", ctx.step)
 
@@ -109,12 +170,30 @@ class MethodStack:
                 plugin.load_state_dict(state[plugin.name])
 
 
+def check_capabilities(cfg: Any, method_cls: type[Method], extensions: list[type[Extension]]) -> None:
+    """What the plugins declare against the run: a plugin that cannot train domain-incremental steps on such a
+    dataset, or an extension that needs another classifier kind than the method's, is refused (one line)."""
+    for ext in extensions:
+        kind = method_cls.capabilities.classifier
+        if ext.needs_classifier is not None and kind != ext.needs_classifier:
+            raise UserError(f"{ext.switch_hint()} needs {ext.needs_classifier} classifiers; --method "
+                            f"{method_cls.name} has {kind} classifiers (remove {ext.switch_hint()})")
+    dataset = getattr(cfg, "dataset", None)
+    if dataset is not None and is_domain_incremental(dataset):
+        for cls in [method_cls, *extensions]:
+            if not cls.capabilities.domain_incremental:
+                raise UserError(f"{cls.name} is class-incremental: it has no meaning on {dataset}, whose steps add "
+                                "cities and keep the classes; use a method that supports domain-incremental steps "
+                                "(e.g. --method FT with --pod, or RCIL)")
+
+
 def build_method(cfg: Any) -> MethodStack:
     """The method of ``--method`` (default: the terms enabled by flags) and every extension its flags enable;
-    ``UserError`` when a flag asks for something the plugins or terms cannot do."""
+    ``UserError`` when a flag asks for something the plugins or terms cannot do. Build it once per call."""
     check_supported(cfg)
-    method_cls = METHODS[getattr(cfg, "method", None) or DEFAULT_METHOD]
-    extensions = [cls for cls in EXTENSIONS.values() if cls.enabled(cfg)]
+    method_cls, extensions = resolve_plugins(cfg)
+    check_capabilities(cfg, method_cls, extensions)
     for cls in [method_cls, *extensions]:
         cls.check(cfg)
-    return MethodStack([cls(cfg) for cls in [method_cls, *extensions]])
+    plan = resolve_init_plan(cfg, method_cls, extensions)
+    return MethodStack([cls(cfg) for cls in [method_cls, *extensions]], plan)

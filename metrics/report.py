@@ -5,7 +5,8 @@ and no header: ``step,IoU_0,...,IoU_{N-1},mIoU`` with IoU in [0, 1], ``x`` for a
 learnt class without ground-truth pixels in the test set. A step tested twice (a re-run) counts once: the last row.
 
 Definitions (at the last step of a run, or any step for the curves):
-- old = the classes of step 0, background included; new = the classes added after step 0; all = every seen class.
+- old = the classes of step 0, background included; new = the classes added after step 0; all = every seen class;
+  hIoU = the harmonic mean of old and new (``metrics.summary``, where every reported metric is defined).
 - Only classes with a number count: ``x`` and ``X`` cells are left out of numerators *and* denominators.
   The reference's ``average_csv.py`` divided by the number of columns instead (``x``/``X`` counted as 0);
   ``reference_average=True`` reproduces that, with "all" = the CSV's own mIoU column as the reference printed it.
@@ -34,6 +35,7 @@ from typing import Iterable, Sequence
 
 from dataset import tasks as task_tables
 from dataset.readers import READERS
+from metrics import summary
 from metrics.results import read_run_record
 from utils.errors import UserError
 
@@ -294,7 +296,8 @@ def _mean(values: Iterable[float]) -> float | None:
 
 
 def step_scores(run: Run, step: int | None = None, reference_average: bool = False) -> dict[str, float | None]:
-    """``{"old", "new", "all"}`` mIoU (fractions) of ``run`` at ``step`` (default: its last tested step)."""
+    """The summary metrics of ``run`` at ``step`` (default: its last tested step), fractions or None:
+    old / new / all mIoU and hIoU (``metrics.summary.SUMMARY``)."""
     step = run.last_step if step is None else step
     vals = run.values[step]
     _order, step0 = _step_order(run.dataset, run.task, step)
@@ -309,12 +312,12 @@ def step_scores(run: Run, step: int | None = None, reference_average: bool = Fal
             first = [str(vals[c]) for c in step0]
             rest = [str(vals[c]) for c in range(n) if c not in step0]
         num = lambda cs: [float(c) for c in cs if c not in ("x", "X")]  # noqa: E731
-        return {"old": sum(num(first)) / len(first), "new": sum(num(rest)) / len(rest) if rest else None,
-                "all": run.miou[step]}
-    nums = {c: v for c, v in vals.items() if isinstance(v, float)}
-    return {"old": _mean(v for c, v in nums.items() if c in step0),
-            "new": _mean(v for c, v in nums.items() if c not in step0),
-            "all": _mean(nums.values())}
+        return summary.complete({"old": sum(num(first)) / len(first),
+                                 "new": sum(num(rest)) / len(rest) if rest else None, "all": run.miou[step]})
+    scores = summary.ClassScores(iou={c: (v if isinstance(v, float) else None) for c, v in vals.items()},
+                                 old=tuple(c for c in vals if c in step0),
+                                 new=tuple(c for c in vals if c not in step0))
+    return summary.compute(scores, summary.SUMMARY)
 
 
 def average_over_steps(run: Run, reference_average: bool = False) -> float | None:
@@ -418,7 +421,7 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
 
 def summarize(group: Group, reference_average: bool = False) -> dict[str, tuple[float | None, float | None, int]]:
     scores = [step_scores(r, reference_average=reference_average) for r in group.runs]
-    out = {k: mean_std([s[k] for s in scores]) for k in ("old", "new", "all")}
+    out = {k: mean_std([s[k] for s in scores]) for k in summary.SUMMARY}
     out["avg"] = mean_std([average_over_steps(r, reference_average) for r in group.runs])
     return out
 
@@ -455,9 +458,9 @@ def summary_table(groups: Sequence[Group], reference_average: bool = False, deci
         setting = g.setting + (" disjoint" if g.protocol == "disjoint" else "")
         dataset = g.dataset + (" (synthetic)" if g.synthetic else "")
         rows.append([dataset, setting, g.label, str(len(g.runs)), ",".join(done)]
-                    + [fmt(s[k][0], s[k][1], decimals) for k in ("old", "new", "all", "avg")])
-    header = ["dataset", "setting", "method", "n", "steps", "old", "new", "all", "avg"]
-    return _table(header, rows, ["---"] * 5 + ["---:"] * 4)
+                    + [fmt(s[k][0], s[k][1], decimals) for k in (*summary.SUMMARY, "avg")])
+    header = ["dataset", "setting", "method", "n", "steps", *map(summary.label, summary.SUMMARY), "avg"]
+    return _table(header, rows, ["---"] * 5 + ["---:"] * (len(summary.SUMMARY) + 1))
 
 
 def per_class_table(groups: Sequence[Group], decimals: int = 1) -> str:
@@ -558,7 +561,8 @@ def render(runs: Sequence[Run], *, reference_average: bool = False, per_class: b
     groups = group_runs(runs, separate_orders, orders)
     how = ("reference average (average_csv.py: x/X cells count as 0 in old/new; all = the CSV's mIoU column)"
            if reference_average else "x/X cells (class not learnt / absent from the test set) excluded")
-    parts = [f"mIoU (%) at the last tested step; old = step-0 classes incl. background, new = later classes; {how}.",
+    parts = [f"mIoU (%) at the last tested step; old = step-0 classes incl. background, new = later classes, hIoU = "
+             f"their harmonic mean; {how}.",
              "", summary_table(groups, reference_average, decimals)]
     if any(g.setting == pooled_orders_label(orders) for g in groups):
         parts += ["", describe_order_set(orders)]

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 
+from metrics import summary
 from utils.io import atomic_write_text
 
 
@@ -62,12 +62,11 @@ def summary_path(csv_path: str) -> str:
 
 
 def format_summary(rows: list[dict], title: str) -> str:
-    """A Markdown table of old/new/all mIoU (%) per step."""
-    def pct(v):
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
-
-    out = [f"### {title}", "", "| step | old | new | all |", "|---:|---:|---:|---:|"]
-    out += [f"| {r['step']} | {pct(r['old'])} | {pct(r['new'])} | {pct(r['all'])} |" for r in rows]
+    """A Markdown table of the summary metrics (mIoU % old / new / all, hIoU) per step."""
+    names = summary.SUMMARY
+    out = [f"### {title}", "", "| step | " + " | ".join(summary.label(n) for n in names) + " |",
+           "|---:|" + "---:|" * len(names)]
+    out += [f"| {r['step']} | " + " | ".join(summary.percent(r.get(n)) for n in names) + " |" for r in rows]
     return "\n".join(out) + "\n"
 
 

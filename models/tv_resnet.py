@@ -5,8 +5,9 @@ The stride of a bottleneck sits on its 3x3 conv (torchvision's "ResNet v1.5"); o
 stride of the last one / two stages by dilation exactly as torchvision's ``replace_stride_with_dilation`` does (the
 first block of a dilated stage keeps the previous dilation).
 
-``forward(x) -> (layer4 output, [pre-activation of the last block of layer1..layer4])``, the same contract as
-:class:`models.resnet.ResNet`, so every loss term that reads backbone features works on both layouts.
+``forward(x) -> {"res2" ... "res5": the outputs of layer1 ... layer4, "res2_pre" ... "res5_pre": their last block's
+pre-activation}``, the same names as :class:`models.resnet.ResNet`, so every loss term that reads backbone features
+works on both layouts. Registered as ``tv_resnet18``, ``tv_resnet50`` and ``tv_resnet101``.
 """
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ import torch
 from torch import nn
 
 from models.pretrained import load_backbone_file
+from models.registry import Backbone, BackboneFamily, register_backbone
+from modules.registry import ShapeSpec
 
-REPLACE_STRIDE = {16: (False, False, True), 8: (False, True, True)}
+REPLACE_STRIDE = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}
+FEATURES = ("res2", "res3", "res4", "res5")
 STRUCTURES = {"tv_resnet18": ((2, 2, 2, 2), False), "tv_resnet50": ((3, 4, 6, 3), True),
               "tv_resnet101": ((3, 4, 23, 3), True)}
 # torchvision's ImageNet files, as downloaded from download.pytorch.org/models/ (IMAGENET1K_V1 weights)
@@ -76,14 +80,17 @@ class Bottleneck(nn.Module):
         return torch.relu(self.pre_activation(x))
 
 
-class TorchvisionResNet(nn.Module):
+class TorchvisionResNet(Backbone):
     """torchvision's ResNet without ``avgpool``/``fc``; ``bn_momentum`` is PyTorch's BN momentum (SSUL: 0.01)."""
+
+    out_feature = "res5"
+    stage_features = tuple(f"{name}_pre" for name in FEATURES)
 
     def __init__(self, structure: Sequence[int], bottleneck: bool, output_stride: int = 16,
                  bn_momentum: float = 0.1):
         super().__init__()
         if output_stride not in REPLACE_STRIDE:
-            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+            raise ValueError(f"output_stride must be one of {sorted(REPLACE_STRIDE)}, got {output_stride}")
         block = Bottleneck if bottleneck else BasicBlock
         self.inplanes, self.dilation, self.momentum = 64, 1, bn_momentum
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
@@ -91,9 +98,12 @@ class TorchvisionResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         dilate = (False,) + REPLACE_STRIDE[output_stride]
+        stride, self._shapes = 4, {}
         for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), structure)):
             self.add_module(f"layer{i + 1}", self._make_layer(block, planes, blocks, 1 if i == 0 else 2, dilate[i]))
-        self.out_channels = 512 * block.expansion
+            stride *= 1 if (i == 0 or dilate[i]) else 2
+            self._shapes[FEATURES[i]] = self._shapes[f"{FEATURES[i]}_pre"] = ShapeSpec(planes * block.expansion,
+                                                                                      stride)
         self.output_stride = output_stride
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -114,17 +124,20 @@ class TorchvisionResNet(nn.Module):
                    for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor):
+    def output_shape(self) -> dict[str, ShapeSpec]:
+        return dict(self._shapes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        attentions = []
-        for name in ("layer1", "layer2", "layer3", "layer4"):
-            layer = getattr(self, name)
+        features = {}
+        for i, name in enumerate(FEATURES):
+            layer = getattr(self, f"layer{i + 1}")
             for block in list(layer)[:-1]:
                 x = block(x)
             pre = layer[-1].pre_activation(x)
-            attentions.append(pre)
             x = torch.relu(pre)
-        return x, attentions
+            features[f"{name}_pre"], features[name] = pre, x
+        return features
 
 
 def build_tv_backbone(name: str, output_stride: int = 16, bn_momentum: float = 0.1) -> TorchvisionResNet:
@@ -138,3 +151,16 @@ def load_torchvision_weights(body: nn.Module, path: str) -> None:
     """Load a torchvision ImageNet state dict strictly (``fc.*`` dropped, ``num_batches_tracked`` optional)."""
     load_backbone_file(body, path, drop_prefix="fc.", layout="torchvision-layout",
                        hint="put torchvision's ImageNet file there (see pretrained/README.md) or pass --no_pretrained")
+
+
+def _family(name: str) -> BackboneFamily:
+    return BackboneFamily(
+        build=lambda *, norm_act, output_stride, bn_momentum=None: build_tv_backbone(
+            name, output_stride, 0.1 if bn_momentum is None else bn_momentum),
+        pretrained_file=lambda norm_act: TORCHVISION_FILES[name], load_pretrained=load_torchvision_weights,
+        uses_norm_act=False, description="torchvision layout, BatchNorm2d + ReLU (SSUL and later work)",
+        strides=(8, 16, 32), arch=name[len("tv_"):], layout="torchvision")
+
+
+for _name in STRUCTURES:
+    register_backbone(_name, _family(_name))

@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+from modules.misc import pick
+from modules.registry import HEADS, ShapeSpec
+
+ASPP_RATES = {32: (3, 6, 9), 16: (6, 12, 18), 8: (12, 24, 36)}
 DROPOUT = 0.1  # SSUL/torchvision ASPP projection
 
 
@@ -32,12 +35,15 @@ class ASPPPooling(nn.Sequential):
 
 
 class ASPP(nn.Module):
-    """``forward(x (B, in, h, w)) -> (B, out, h, w)``; Kaiming-normal convs, BN weight 1 / bias 0 (as SSUL)."""
+    """``forward(features) -> (B, out, h, w)`` on ``features[in_feature]`` (B, in, h, w); Kaiming-normal convs, BN
+    weight 1 / bias 0 (as SSUL)."""
 
-    def __init__(self, in_channels: int, out_channels: int = 256, output_stride: int = 16):
+    def __init__(self, in_channels: int, out_channels: int = 256, output_stride: int = 16,
+                 in_feature: str | None = None):
         super().__init__()
         if output_stride not in ASPP_RATES:
-            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+            raise ValueError(f"output_stride must be one of {sorted(ASPP_RATES)}, got {output_stride}")
+        self.in_feature = in_feature
         branches = [nn.Sequential(*_conv_bn_relu(in_channels, out_channels, 1))]
         branches += [nn.Sequential(*_conv_bn_relu(in_channels, out_channels, 3, rate))
                      for rate in ASPP_RATES[output_stride]]
@@ -47,8 +53,16 @@ class ASPP(nn.Module):
                                      nn.Dropout(DROPOUT))
         init_conv_bn(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, features) -> torch.Tensor:
+        x = pick(features, self.in_feature)
         return self.project(torch.cat([branch(x) for branch in self.convs], dim=1))
+
+
+@HEADS.register("aspp")
+def build_aspp(spec, shapes: dict[str, ShapeSpec], in_feature: str) -> ASPP:
+    """torchvision's ASPP head on ``in_feature`` (always BatchNorm + ReLU)."""
+    shape = shapes[in_feature]
+    return ASPP(shape.channels, spec.head_channels, shape.stride, in_feature=in_feature)
 
 
 def init_conv_bn(module: nn.Module) -> None:

@@ -1,4 +1,5 @@
-"""DeepLab-v3 head: ASPP (1x1 + three dilated 3x3) plus an image-pooling branch, summed and normalised."""
+"""DeepLab-v3 head: ASPP (1x1 + three dilated 3x3) plus an image-pooling branch, summed and normalised; registered
+as the ``deeplabv3`` head (the reference layout, norm layers from ``--norm_act``)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -8,23 +9,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.norm import NORM_ACT, is_norm_layer
-from modules.misc import try_index
+from modules.misc import pick, try_index
+from modules.registry import HEADS, ShapeSpec
 
-ASPP_DILATIONS = {16: (6, 12, 18), 8: (12, 24, 32)}  # 32 (not 36) for OS8, as in the reference
+# 32 (not 36) for OS8, as in the reference; stride-32 features (hierarchical backbones) halve the OS16 rates
+ASPP_DILATIONS = {32: (3, 6, 9), 16: (6, 12, 18), 8: (12, 24, 32)}
 
 
 class DeeplabV3(nn.Module):
-    """``forward(x (B, in, h, w)) -> (B, out, h, w)``.
+    """``forward(features) -> (B, out, h, w)``: ``features[in_feature]`` (B, in, h, w) of the backbone's feature
+    dict (or that tensor itself).
 
     Image pooling: global mean in training or when ``pooling_size`` is None; in eval mode an average pool with
     window ``min(p, h) x min(p, w)`` and stride 1, replicate-padded back to ``h x w``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 256, out_stride: int = 16,
-                 norm_act: Callable[..., nn.Module] | None = None, pooling_size: int | tuple | None = None):
+                 norm_act: Callable[..., nn.Module] | None = None, pooling_size: int | tuple | None = None,
+                 in_feature: str | None = None):
         super().__init__()
         if out_stride not in ASPP_DILATIONS:
-            raise ValueError(f"out_stride must be 8 or 16, got {out_stride}")
+            raise ValueError(f"out_stride must be one of {sorted(ASPP_DILATIONS)}, got {out_stride}")
+        self.in_feature = in_feature
         if norm_act is None:
             norm_act = NORM_ACT["abn"]
         self.pooling_size = pooling_size
@@ -56,7 +62,8 @@ class DeeplabV3(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, features) -> torch.Tensor:
+        x = pick(features, self.in_feature)
         out = torch.cat([conv(x) for conv in self.map_convs], dim=1)
         out = self.red_conv(self.map_bn(out))
         pool = self.pool_red_conv(self.global_pooling_bn(self.global_pooling_conv(self._global_pooling(x))))
@@ -72,3 +79,11 @@ class DeeplabV3(nn.Module):
         pad = ((pw - 1) // 2, pw // 2, (ph - 1) // 2, ph // 2)  # left, right, top, bottom: output back to h x w
         pool = F.avg_pool2d(x, (ph, pw), stride=1)
         return F.pad(pool, pad, mode="replicate")
+
+
+@HEADS.register("deeplabv3")
+def build_deeplabv3(spec, shapes: dict[str, ShapeSpec], in_feature: str) -> DeeplabV3:
+    """The reference head on ``in_feature``, its ASPP rates from that feature's stride."""
+    shape = shapes[in_feature]
+    return DeeplabV3(shape.channels, spec.head_channels, spec.head_channels, out_stride=shape.stride,
+                     norm_act=NORM_ACT[spec.norm_act], pooling_size=spec.pooling, in_feature=in_feature)

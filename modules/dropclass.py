@@ -13,25 +13,35 @@ and the same classifiers read ``A_drop``. Inference goes through the drop path w
 ``frozen_rows`` (class-incremental steps, ``rows="frozen"``): the importance rows of the classes of earlier steps,
 fixed when their step ended (:meth:`DropClassPath.freeze_rows`), so that adding classifiers moves ``S`` only by the
 new classes' share instead of re-weighting every old class's features with the drifting current weights.
+
+Registered as the classifier wrapper ``dropclass`` (options ``readout`` and ``rows``); the model keeps it under
+``drop`` (checkpoint keys ``drop.conv.*``, ``drop.bn.*``, ``drop.frozen_rows``).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.norm import NORM_ACT
+from modules.registry import CLASSIFIER_WRAPPERS, ClassifierWrapper
+
 READOUTS = ("drop", "plain")  # what the model outputs in evaluation mode
 ROWS = ("frozen", "live")
 
 
-class DropClassPath(nn.Module):
-    """``forward(A (B, D, h, w), weights (C, D), keep (C,) or None) -> A_drop (B, D, h, w)``.
+class DropClassPath(ClassifierWrapper):
+    """``transform(A (B, D, h, w), weights (C, D), keep (C,) or None) -> A_drop (B, D, h, w)``; as a classifier
+    wrapper, ``forward`` gives the plain path's logits in training (the drop path's in ``extras["drop_logits"]`` and
+    ``["drop_logits_small"]``, with the classes of ``keep``, bool (C,), default all) and ``readout``'s in evaluation.
 
     ``readout``: the path the model answers with in evaluation mode ("drop": DropClass's inference; "plain": the
     classifiers on ``A``, e.g. for a teacher or when DropClass is off at this step). ``train_drop``: whether the
     training forward computes the drop path. Both are plain attributes that a method sets per step."""
+
+    state_key = "drop"
 
     def __init__(self, channels: int, norm_act: Callable[..., nn.Module], *, n_frozen: int = 0,
                  readout: str = "drop"):
@@ -66,9 +76,21 @@ class DropClassPath(nn.Module):
         k = keep.to(rows.dtype)
         return (k[:, None] * rows).sum(dim=0) / k.sum()
 
-    def forward(self, features: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None = None):
+    def transform(self, features: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None = None):
         s = self.importance(weights, keep)
         return F.relu(self.bn(self.conv(features * s[None, :, None, None].to(features.dtype))))
+
+    def forward(self, features: torch.Tensor, classify: Callable, rows: Callable, size: Sequence[int],
+                keep: torch.Tensor | None = None):
+        if not self.training and self.readout == "drop":
+            return classify(self.transform(features, rows(), keep)), {}
+        logits = classify(features)
+        if not (self.training and self.train_drop):
+            return logits, {}
+        drop_small = classify(self.transform(features, rows(), keep))
+        return logits, {"drop_logits_small": drop_small,
+                        "drop_logits": F.interpolate(drop_small, size=tuple(size), mode="bilinear",
+                                                     align_corners=False)}
 
     # ------------------------------------------------------------------ class-incremental steps
     @torch.no_grad()
@@ -103,3 +125,12 @@ class DropClassPath(nn.Module):
             self._loaded_rows = self.frozen_rows.shape[0]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+@CLASSIFIER_WRAPPERS.register("dropclass")
+def build_dropclass(spec, classes: Sequence[int], *, readout: str = "drop", rows: str = "frozen") -> DropClassPath:
+    """The drop path on the head's features; with ``rows="frozen"`` the rows of every class before the last step."""
+    if rows not in ROWS:
+        raise ValueError(f"rows must be one of {ROWS}, got {rows!r}")
+    n_frozen = sum(classes[:-1]) if rows == "frozen" else 0
+    return DropClassPath(spec.head_channels, NORM_ACT[spec.norm_act], n_frozen=n_frozen, readout=readout)

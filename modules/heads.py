@@ -1,26 +1,29 @@
 """Per-step classifiers: what maps the head's features (B, C, h, w) to one step's logits (B, n, h, w).
 
-* :func:`linear_classifier`: a 1x1 conv with bias (the reference code; keys ``cls.{i}.weight`` / ``cls.{i}.bias``).
-* :func:`conv_head_classifier`: 3x3 conv (no bias) - BN - ReLU - 1x1 conv with bias, one per step (SSUL); keys
-  ``cls.{i}.0.weight``, ``cls.{i}.1.*``, ``cls.{i}.3.weight``, ``cls.{i}.3.bias``. ``final_layer`` returns the 1x1
-  conv of either kind: the layer whose input AWT attributes and whose rows weight transfer copies.
+* ``conv1x1`` (:func:`linear_classifier`): a 1x1 conv with bias (the reference code; keys ``cls.{i}.weight`` /
+  ``cls.{i}.bias``).
+* ``per_step`` layout: one classifier per step, background in the first (the reference).
+
+Other classifier kinds register from their own files (e.g. ``modules/ssul.py``). ``final_layer`` returns the layer
+producing a classifier's logits: the layer whose input AWT attributes and whose rows weight transfer copies.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from torch import nn
 
-from modules.aspp import init_conv_bn
+from modules.registry import CLASSIFIERS, HEAD_LAYOUTS
 
 
+@CLASSIFIERS.register("conv1x1")
 def linear_classifier(channels: int, n_classes: int) -> nn.Module:
     return nn.Conv2d(channels, n_classes, 1, bias=True)
 
 
-def conv_head_classifier(channels: int, n_classes: int) -> nn.Module:
-    head = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
-                         nn.ReLU(inplace=True), nn.Conv2d(channels, n_classes, 1, bias=True))
-    init_conv_bn(head)
-    return head
+@HEAD_LAYOUTS.register("per_step")
+def per_step_layout(classes: Sequence[int]) -> list[int]:
+    return list(classes)
 
 
 def final_layer(classifier: nn.Module) -> nn.Module:

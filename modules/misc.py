@@ -14,6 +14,15 @@ def try_index(value, index: int):
     return value
 
 
+def pick(features, name: str | None) -> torch.Tensor:
+    """A head's input: ``features[name]`` of a backbone's feature dict, or ``features`` when given a tensor."""
+    if isinstance(features, dict):
+        if name not in features:
+            raise KeyError(f"the head reads feature {name!r}; the backbone gives {sorted(features)}")
+        return features[name]
+    return features
+
+
 class GlobalAvgPool2d(nn.Module):
     """Global average pooling to (B, C, 1, 1)."""
 

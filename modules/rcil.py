@@ -15,6 +15,10 @@ fold into one conv.
 
 The folded conv has a bias; every twin conv is built with a zero, frozen bias so that the keys are the same before
 and after a merge.
+
+Registered parts: the residual block kind ``twin`` (:data:`modules.registry.BLOCKS`: the backbone option
+``block="twin"`` of the In-Place ABN ResNets, with the stem's norm without activation and ImageNet files adapted by
+:func:`twin_state`) and the head ``twin_deeplabv3``.
 """
 from __future__ import annotations
 
@@ -26,6 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.deeplab import ASPP_DILATIONS, DeeplabV3
+from modules.misc import pick
+from modules.norm import NORM_ACT
+from modules.registry import BLOCKS, HEADS, BlockKind, ShapeSpec
 
 SLOPE = 0.01  # RCIL's explicit LeakyReLU
 
@@ -148,11 +155,13 @@ class TwinDeeplabV3(DeeplabV3, _Merged):
     activation, LeakyReLU(0.01) after the branch mix, the pooling branch and the output norm (RCIL)."""
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 256, out_stride: int = 16,
-                 norm_act: Callable[..., nn.Module] | None = None, pooling_size: int | tuple | None = None):
+                 norm_act: Callable[..., nn.Module] | None = None, pooling_size: int | tuple | None = None,
+                 in_feature: str | None = None):
         def identity_norm(c, **_):
             return norm_act(c, activation="identity")
 
-        DeeplabV3.__init__(self, in_channels, out_channels, hidden_channels, out_stride, identity_norm, pooling_size)
+        DeeplabV3.__init__(self, in_channels, out_channels, hidden_channels, out_stride, identity_norm, pooling_size,
+                           in_feature)
         d = ASPP_DILATIONS[out_stride]
         self.map_convs = nn.ModuleList([_biased_conv(in_channels, hidden_channels, 1)] + [
             _biased_conv(in_channels, hidden_channels, 3, dilation=r, padding=r) for r in d])
@@ -175,7 +184,8 @@ class TwinDeeplabV3(DeeplabV3, _Merged):
     def main_norms(self) -> Sequence[nn.Module]:
         return [self.map_bn]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, features) -> torch.Tensor:
+        x = pick(features, self.in_feature)
         out = self.map_bn(torch.cat([conv(x) for conv in self.map_convs], dim=1))
         twin = self.map_bn_new(torch.cat([conv(x) for conv in self.map_convs_new], dim=1))
         out = self.red_conv(F.leaky_relu(mix(out, twin, self.training), SLOPE))
@@ -184,6 +194,31 @@ class TwinDeeplabV3(DeeplabV3, _Merged):
         if pool.shape[-2:] != out.shape[-2:]:
             pool = pool.expand(-1, -1, out.shape[2], out.shape[3])
         return F.leaky_relu(self.red_bn(out + pool), SLOPE)
+
+
+@HEADS.register("twin_deeplabv3")
+def build_twin_deeplabv3(spec, shapes: dict[str, ShapeSpec], in_feature: str) -> TwinDeeplabV3:
+    shape = shapes[in_feature]
+    return TwinDeeplabV3(shape.channels, spec.head_channels, spec.head_channels, out_stride=shape.stride,
+                         norm_act=NORM_ACT[spec.norm_act], pooling_size=spec.pooling, in_feature=in_feature)
+
+
+def twin_state(state: dict, own: dict) -> dict:
+    """The ImageNet state of the reference layout for a backbone with twin branches: each twin gets a copy of the
+    pretrained 3x3 conv and norm it doubles (RCIL's loader), and the merge state and the zero biases of the twinned
+    convs come from the new backbone."""
+    out = dict(state)
+    for key in own:
+        if "_new." in key:
+            source = key.replace("_new.", ".")
+            if source in state:
+                out[key] = state[source]
+        elif key not in state and (key.endswith("merged") or key.endswith(".bias")):
+            out[key] = own[key]
+    return out
+
+
+BLOCKS.add("twin", BlockKind(TwinResidualBlock, stem_activation="identity", adapt_pretrained=twin_state))
 
 
 # ------------------------------------------------------------------------------------------------ the fold

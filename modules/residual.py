@@ -1,4 +1,5 @@
-"""Post-activation residual block (basic and bottleneck), in the In-Place ABN ResNet layout.
+"""Post-activation residual block (basic and bottleneck), in the In-Place ABN ResNet layout; the ``residual`` block
+kind of :data:`modules.registry.BLOCKS` (the default of the In-Place ABN ResNets).
 
 Module names (``convs.conv1``, ``convs.bn1``, ..., ``proj_conv``, ``proj_bn``) are part of the checkpoint format.
 """
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from modules.norm import activate
+from modules.registry import BLOCKS, BlockKind
 
 
 class ResidualBlock(nn.Module):
@@ -64,3 +66,6 @@ class ResidualBlock(nn.Module):
         if self.last:
             return out, pre
         return out
+
+
+BLOCKS.add("residual", BlockKind(ResidualBlock))

@@ -28,6 +28,7 @@ import evaluate  # noqa: E402
 import run  # noqa: E402
 from dataset.synthetic import generate  # noqa: E402
 from experiment.config import parse_config  # noqa: E402
+from methods import build_method  # noqa: E402
 
 PAIRS = [(15, 14), (9, 11)]
 NAMES = {9: "chair", 11: "diningtable", 14: "motorbike", 15: "person"}
@@ -41,7 +42,8 @@ def train_args(out: str, data: str, name: str, epochs: int, size: int, seed: int
 
 
 def evaluation(args: list[str], *extra: str) -> dict:
-    return evaluate.evaluate_checkpoint(parse_config(args + list(extra), parser=evaluate.get_parser()))
+    cfg = parse_config(args + list(extra), parser=evaluate.get_parser())
+    return evaluate.evaluate_checkpoint(cfg, build_method(cfg))
 
 
 def iou(res: dict, cls: int) -> float | None:

@@ -305,7 +305,7 @@ def test_dataset_defaults_table():
     assert awt.dataset_defaults("ade", "50") == {"ig_steps": 30, "max_images": 5001}
     assert awt.dataset_defaults("ade", "50-50") == {"ig_steps": 30, "max_images": 5001}  # the alias of 50
     assert awt.dataset_defaults("voc", "15-1") == {"ig_steps": 50, "max_images": None}
-    assert awt.resolved_ig_steps(cfg_of("--dataset", "ade", "--ig_steps", "7")) == 7
+    assert awt.resolved_ig_steps(cfg_of("--dataset", "ade", "--att", "25", "--ig_steps", "7")) == 7
 
 
 # ------------------------------------------------------------------------------------------ files

@@ -63,9 +63,10 @@ def test_attribute_writes_the_mask_run_py_finds(workdir):
     assert scores["meta"]["new_classes"] == [16] and scores["n_images"] > 0
     assert os.path.isfile(channel_masks.plot_path(path))
     # run.py's entry point loads (and validates) exactly this file for the old model of the same checkpoint
-    from experiment.builders import load_old_model
+    from experiment.checkpoints import load_old_model
+    from methods.stack import build_method
 
-    model_old = load_old_model(cfg, 1, torch.device("cpu"))
+    model_old = load_old_model(cfg, 1, torch.device("cpu"), method=build_method(cfg))
     assert torch.equal(awt.compute_or_load_mask(cfg, 1, model_old, "cpu"), mask)
 
 

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from methods.transfer import init_new_classifier  # noqa: E402
 from segmentation_module import make_model  # noqa: E402
 
 C = 16  # head channels (256 in the real model; the rules do not depend on it)
@@ -62,7 +63,7 @@ def check_untouched_old(m, s, bg_bias):
 
 def test_orig_init_is_mib(model):
     s = snapshot(model)
-    model.init_new_classifier(orig_init=True)
+    init_new_classifier(model, orig_init=True)
     assert torch.equal(model.cls[1].weight, w_bg(s).expand(2, C, 1, 1))
     torch.testing.assert_close(model.cls[1].bias, b_star(s).expand(2))
     check_untouched_old(model, s, b_star(s))
@@ -72,7 +73,7 @@ def test_orig_init_is_mib(model):
 def test_att_mask_adds_bg_weight_on_channels(model, shape):
     s = snapshot(model)
     mask = mask_bool()
-    model.init_new_classifier(channel_mask=mask.view(shape))
+    init_new_classifier(model, channel_mask=mask.view(shape))
     expected = s["cls.1.weight"] + w_bg(s) * mask.float().view(1, C, 1, 1)
     torch.testing.assert_close(model.cls[1].weight, expected)
     assert torch.equal(model.cls[1].bias, s["cls.1.bias"])  # random bias kept
@@ -84,7 +85,7 @@ def test_att_mask_adds_bg_weight_on_channels(model, shape):
 def test_att_copy_bias(model):
     s = snapshot(model)
     mask = mask_bool()
-    model.init_new_classifier(channel_mask=mask, copy_bias=True)
+    init_new_classifier(model, channel_mask=mask, copy_bias=True)
     torch.testing.assert_close(model.cls[1].weight, s["cls.1.weight"] + w_bg(s) * mask.float().view(1, C, 1, 1))
     torch.testing.assert_close(model.cls[1].bias, b_star(s).expand(2))
     check_untouched_old(model, s, b_star(s))
@@ -93,7 +94,7 @@ def test_att_copy_bias(model):
 def test_att_copy(model):
     s = snapshot(model)
     mask = mask_bool()
-    model.init_new_classifier(channel_mask=mask, copy=True)
+    init_new_classifier(model, channel_mask=mask, copy=True)
     w = model.cls[1].weight
     assert torch.equal(w[:, mask], w_bg(s)[mask].unsqueeze(0).expand(2, -1, 1, 1))
     assert torch.equal(w[:, ~mask], s["cls.1.weight"][:, ~mask])
@@ -104,7 +105,7 @@ def test_att_copy(model):
 def test_orig_init_with_att_doubles_bg_weight_on_mask(model):
     s = snapshot(model)
     mask = mask_bool()
-    model.init_new_classifier(channel_mask=mask, orig_init=True)
+    init_new_classifier(model, channel_mask=mask, orig_init=True)
     w = model.cls[1].weight
     torch.testing.assert_close(w[:, mask], (2 * w_bg(s)[mask]).unsqueeze(0).expand(2, -1, 1, 1))
     torch.testing.assert_close(w[:, ~mask], w_bg(s)[~mask].unsqueeze(0).expand(2, -1, 1, 1))
@@ -114,7 +115,7 @@ def test_orig_init_with_att_doubles_bg_weight_on_mask(model):
 
 def test_orig_init_with_att_and_copy_bias_applies_b_star_once(model):
     s = snapshot(model)
-    model.init_new_classifier(channel_mask=mask_bool(), orig_init=True, copy_bias=True)
+    init_new_classifier(model, channel_mask=mask_bool(), orig_init=True, copy_bias=True)
     torch.testing.assert_close(model.cls[1].bias, b_star(s).expand(2))
     check_untouched_old(model, s, b_star(s))
 
@@ -123,7 +124,7 @@ def test_random_channels_float_mask(model):
     s = snapshot(model)
     mask = torch.zeros(C)
     mask[[0, 3, 9]] = 1.0
-    model.init_new_classifier(channel_mask=mask)
+    init_new_classifier(model, channel_mask=mask)
     torch.testing.assert_close(model.cls[1].weight, s["cls.1.weight"] + w_bg(s) * mask.view(1, C, 1, 1))
     assert torch.equal(model.cls[1].bias, s["cls.1.bias"])
     check_untouched_old(model, s, s["cls.0.bias"][0])
@@ -131,7 +132,7 @@ def test_random_channels_float_mask(model):
 
 def test_no_att_or_missing_mask_changes_nothing(model):
     s = snapshot(model)
-    model.init_new_classifier()
+    init_new_classifier(model)
     for k, v in snapshot(model).items():
         assert torch.equal(v, s[k]), k
 
@@ -142,14 +143,14 @@ def test_per_class_masks(model, shape):
     masks = torch.zeros(2, C, dtype=torch.bool)
     masks[0, [1, 2]] = True
     masks[1, [2, 7, 8]] = True
-    model.init_new_classifier(channel_mask=masks.view(shape))
+    init_new_classifier(model, channel_mask=masks.view(shape))
     for k in range(2):
         expected = s["cls.1.weight"][k] + w_bg(s) * masks[k].float().view(C, 1, 1)
         torch.testing.assert_close(model.cls[1].weight[k], expected)
     assert torch.equal(model.cls[1].bias, s["cls.1.bias"])
     model2 = model  # copy with per-class masks
     s2 = snapshot(model2)
-    model2.init_new_classifier(channel_mask=masks, copy=True)
+    init_new_classifier(model2, channel_mask=masks, copy=True)
     for k in range(2):
         assert torch.equal(model2.cls[1].weight[k, masks[k]], w_bg(s2)[masks[k]])
         assert torch.equal(model2.cls[1].weight[k, ~masks[k]], s2["cls.1.weight"][k, ~masks[k]])
@@ -158,29 +159,29 @@ def test_per_class_masks(model, shape):
 def test_copy_without_bool_mask_is_a_clear_error(model):
     s = snapshot(model)
     with pytest.raises(ValueError, match="boolean channel mask"):
-        model.init_new_classifier(copy=True)
+        init_new_classifier(model, copy=True)
     with pytest.raises(ValueError, match="boolean channel mask"):
-        model.init_new_classifier(channel_mask=torch.ones(C), copy=True)
+        init_new_classifier(model, channel_mask=torch.ones(C), copy=True)
     for k, v in snapshot(model).items():  # nothing half-done
         assert torch.equal(v, s[k]), k
 
 
 def test_bad_mask_shape_and_step0(model):
     with pytest.raises(ValueError, match="does not fit"):
-        model.init_new_classifier(channel_mask=torch.ones(C + 1, dtype=torch.bool))
+        init_new_classifier(model, channel_mask=torch.ones(C + 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="does not fit"):
-        model.init_new_classifier(channel_mask=torch.ones(3, C, dtype=torch.bool))
+        init_new_classifier(model, channel_mask=torch.ones(3, C, dtype=torch.bool))
     torch.manual_seed(0)
     step0 = make_model(backbone="resnet18", norm_act="abn", output_stride=16, classes=[3], head_channels=C)
     with pytest.raises(ValueError, match="at least two"):
-        step0.init_new_classifier(orig_init=True)
+        init_new_classifier(step0, orig_init=True)
 
 
 def test_only_last_classifier_changes_with_three_steps():
     torch.manual_seed(0)
     m = make_model(backbone="resnet18", norm_act="abn", output_stride=16, classes=[3, 1, 1], head_channels=C)
     s = snapshot(m)
-    m.init_new_classifier(orig_init=True)
+    init_new_classifier(m, orig_init=True)
     assert torch.equal(m.cls[1].weight, s["cls.1.weight"]) and torch.equal(m.cls[1].bias, s["cls.1.bias"])
     assert torch.equal(m.cls[2].weight, w_bg(s).unsqueeze(0))
     torch.testing.assert_close(m.cls[2].bias, (s["cls.0.bias"][0] - math.log(2)).expand(1))

@@ -23,7 +23,8 @@ from utils import loss as L
 
 def _model(classes=(3, 2), readout="drop", rows="live", seed=0):
     torch.manual_seed(seed)
-    spec = ModelSpec(backbone="resnet18", norm_act="abn", pooling=None, dropclass=readout, dropclass_rows=rows)
+    spec = ModelSpec(backbone="resnet18", norm_act="abn", pooling=None).with_wrapper("dropclass", readout=readout,
+                                                                                     rows=rows)
     model = build_model_from_spec(spec, list(classes))
     with torch.no_grad():  # classifier rows with both signs, a g that is not ~0
         for c in model.cls:
@@ -213,32 +214,40 @@ def test_mib_dropclass_two_steps_and_offline_through_run_py(cooc, tmp_path, capl
     assert "loss_ce_drop=" in text and "loss_kd=" in text and "froze the importance rows of 16 classes" in text
     state = torch.load(tmp_path / "inc" / "ckpt" / "15-5-voc_Experiment_1.pth", weights_only=True)["model_state"]
     assert state["drop.frozen_rows"].shape == (16, 256) and "drop.conv.weight" in state
-    from experiment.builders import load_old_model
+    from experiment.checkpoints import load_old_model
     from experiment.config import parse_config
+    from methods.stack import build_method
 
-    teacher = load_old_model(parse_config(args), 1, "cpu")  # as attribute.py and run.py load it
+    cfg = parse_config(args)
+    teacher = load_old_model(cfg, 1, "cpu", method=build_method(cfg))  # as attribute.py and run.py load it
     assert teacher.drop.readout == "plain" and not teacher.training
 
     off = smoke_args(cooc, tmp_path / "off", task="offline", extra=["--method", "FT", "--dropclass", "--epochs",
                                                                      "2", "--batch_size", "4"])
     assert run.main(off) == 0
-    res = evaluate.evaluate_checkpoint(__import__("experiment.config", fromlist=["x"]).parse_config(
-        [*off, "--erase_class", "1"], parser=evaluate.get_parser()))
+    res = _evaluate(evaluate, [*off, "--erase_class", "1"])
     holding = sum(1 for lab in _labels(cooc, "val") if (lab == 1).any())
     assert res["erased"] == {"class": 1, "images": holding, "erased": True}
     assert res["Class IoU"][1] == "X"  # every class-1 pixel erased and ignored
-    same = evaluate.evaluate_checkpoint(__import__("experiment.config", fromlist=["x"]).parse_config(
-        [*off, "--images_with", "1"], parser=evaluate.get_parser()))
+    same = _evaluate(evaluate, [*off, "--images_with", "1"])
     assert same["erased"] == {"class": 1, "images": holding, "erased": False} and same["Class IoU"][1] == "X"
 
 
-def test_dropclass_refuses_classifiers_it_cannot_read():
-    from experiment.builders import build_model
+def _evaluate(evaluate, argv):
     from experiment.config import parse_config
+    from methods.stack import build_method
+
+    cfg = parse_config(argv, parser=evaluate.get_parser())
+    return evaluate.evaluate_checkpoint(cfg, build_method(cfg))
+
+
+def test_dropclass_refuses_classifiers_it_cannot_read():
+    from experiment.config import parse_config
+    from methods.stack import build_method
     from utils.errors import UserError
 
-    with pytest.raises(UserError, match="--dropclass needs 1x1 classifiers"):
-        build_model(parse_config(["--method", "SSUL", "--dropclass", "--backbone", "resnet18"]), 0, pretrained=False)
+    with pytest.raises(UserError, match="--dropclass needs conv1x1 classifiers; --method SSUL has conv_head"):
+        build_method(parse_config(["--method", "SSUL", "--dropclass", "--backbone", "resnet18"]))
 
 
 @pytest.mark.slow

@@ -93,8 +93,10 @@ def _fake_checkpoint(argv, path, *, step=0, **extra):
     from experiment.builders import build_model
     from experiment.config import parse_config
 
+    from methods.stack import build_method
+
     cfg = parse_config([str(a) for a in argv])
-    model = build_model(cfg, step, pretrained=False)
+    model = build_model(cfg, step, method=build_method(cfg), pretrained=False)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({"epoch": 1, "model_state": model.state_dict(), "best_score": 0.0, "trainer_state": {}, **extra}, path)
     return cfg
@@ -166,6 +168,18 @@ def test_lr_list_does_not_match_steps(tiny_voc, tmp_path, capsys):
 def test_att_outside_range(tiny_voc, tmp_path, capsys, att):
     args = smoke_args(tiny_voc, tmp_path / "out", steps=(1,), extra=["--method", "MiB", "--att", att])
     _check(args, capsys, [tmp_path, tiny_voc], f"--att {att}", "outside (0, 100]")
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--method", "MiB", "--pckd_weights", "1", "1", "1", "1", "1", "1"],
+     ["error: --pckd_weights belongs to --method RCIL (this run: --method MiB)"]),
+    (["--method", "FT", "--dropclass_alpha", "0.5"],
+     ["error: --dropclass_alpha belongs to DropClass, which is off in this run: turn it on with --dropclass"]),
+    (["--method", "PLOP", "--pseudo_thresh", "0.7"], ["--pseudo_thresh belongs to --method SSUL or SSUL-M"]),
+    (["--method", "SSUL", "--pod", "local"], ["--pod belongs to the pod loss term, which --method SSUL does not use"]),
+], ids=["pckd-without-RCIL", "dropclass-flag-without-dropclass", "ssul-flag-with-PLOP", "pod-with-SSUL"])
+def test_flag_of_an_inactive_plugin_names_its_owner(tiny_voc, tmp_path, capsys, flags, fragments):
+    _check(smoke_args(tiny_voc, tmp_path / "out", extra=flags), capsys, [tmp_path], *fragments)
 
 
 def test_previous_checkpoint_missing(tiny_voc, tmp_path, capsys):

@@ -57,7 +57,8 @@ def test_progress_k_of_n_and_eta_reach_a_plain_log_and_the_run_log(voc, tmp_path
     assert "\r" not in stdout  # no bar redraws in a log file
     # percent everywhere a person reads mIoU, and the masked-validation note once for the call
     assert re.search(r"step 0 epoch 2/2 validation mIoU \d+\.\d\d %", stdout)
-    assert re.search(r"step 1 test: mIoU \d+\.\d\d %, old / new / all \d+\.\d\d / \d+\.\d\d / \d+\.\d\d %", stdout)
+    assert re.search(r"step 1 test: mIoU \d+\.\d\d %, old / new / all / hIoU \d+\.\d\d / \d+\.\d\d / \d+\.\d\d / "
+                     r"\d+\.\d\d %", stdout)
     assert stdout.count("note: validation at step > 0 scores the step's own labels") == 1
     assert run_log.startswith("20")  # full dates in the file
 

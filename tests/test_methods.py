@@ -237,3 +237,30 @@ def test_pseudo_soft_replaces_the_hard_loss_on_uncertain_pixels(mode):
 def test_pseudo_soft_needs_entropy_pseudo_labels():
     with pytest.raises(UserError, match="--pseudo entropy"):
         check_supported(_parse(["--pseudo_soft", "soft_certain"]))
+
+
+def test_terms_run_in_their_declared_order_not_import_order(monkeypatch):
+    """``build_terms`` follows ``LossTerm.order`` (pseudo-labels rewrite the labels before classification reads
+    them); a term registered late with a low order runs first."""
+    from experiment.config import parse_config
+    from methods import StepContext, build_criterion, registry
+    from methods.base import LossTerm
+
+    assert [t.name for t in registry.ordered_terms()][:2] == ["pseudo", "classification"]
+    assert [t.order for t in registry.ordered_terms()] == sorted(t.order for t in registry.TERMS.values())
+
+    class First(LossTerm):
+        name, order = "first", 1
+
+        @classmethod
+        def build(cls, cfg, ctx):
+            return cls()
+
+        def __call__(self, batch):
+            return {}
+
+    monkeypatch.setitem(registry.TERMS, "first", First)
+    cfg = parse_config(["--method", "PLOP", "--step", "1", "--task", "15-5"])
+    ctx = StepContext(step=1, classes=[16, 5], model=None, model_old=torch.nn.Identity())
+    names = [t.name for t in build_criterion(cfg, ctx).terms]
+    assert names[0] == "first" and names.index("pseudo") < names.index("classification") < names.index("pod")

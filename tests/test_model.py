@@ -143,7 +143,7 @@ def test_model_attributes():
     assert len(list(model.old_classifier_params())) == 4 and len(list(model.new_classifier_params())) == 2
 
 
-@pytest.mark.parametrize("bad", [dict(backbone="resnet34"), dict(norm_act="gn"), dict(output_stride=32)])
+@pytest.mark.parametrize("bad", [dict(backbone="resnet34"), dict(norm_act="gn"), dict(output_stride=4)])
 def test_make_model_bad_options(bad):
     kwargs = dict(backbone="resnet18", norm_act="abn", output_stride=16, classes=[2]) | bad
     with pytest.raises(UserError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import modules.rcil  # noqa: F401  (RCIL's twin head and SSUL's conv head register from their own files)
+import modules.ssul  # noqa: F401
 from models import BACKBONES
 from models.tv_resnet import build_tv_backbone, load_torchvision_weights
 from segmentation_module import CLASSIFIERS, HEADS, ModelSpec, build_model_from_spec, make_model
@@ -47,9 +49,13 @@ def test_torchvision_dilation_and_stride_follow_replace_stride_with_dilation():
     assert os8.layer4[1].conv2.dilation == (4, 4)
     x = torch.randn(1, 3, 64, 64)
     for body, side in ((os16, 4), (os8, 8)):
-        out, attentions = body.eval()(x)
-        assert out.shape == (1, 2048, side, side) and len(attentions) == 4
-        assert torch.equal(torch.relu(attentions[-1]), out)  # the last attention is the pre-activation
+        features = body.eval()(x)
+        shapes = body.output_shape()
+        assert set(features) == set(shapes) and body.out_feature == "res5" and len(body.stage_features) == 4
+        for name, feature in features.items():
+            assert feature.shape[1] == shapes[name].channels and feature.shape[-1] == 64 // shapes[name].stride
+        assert features["res5"].shape == (1, 2048, side, side) and shapes["res5"].stride == 64 // side
+        assert torch.equal(torch.relu(features[body.stage_features[-1]]), features["res5"])  # pre-activation
 
 
 def test_torchvision_file_loads_strictly_and_mismatches_are_one_line(tmp_path):

@@ -16,6 +16,8 @@ from torch.utils.data import Dataset
 
 from conftest import interrupt_at_epoch, smoke_args
 from methods import METHODS, LossTerm, Method, register_method
+from methods.base import Capabilities
+from modules.registry import CLASSIFIERS
 from utils.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -53,11 +55,21 @@ class ToyAux(Dataset):
         return image, label, {"toy": torch.ones(1)}
 
 
+def toy_classifier(channels: int, n_classes: int) -> torch.nn.Module:
+    """The Toy method's own model part: a 1x1 bottleneck to 8 channels, ReLU, then the 1x1 classifier (the last layer
+    stays a 1x1 conv with bias, which is what weight transfer reads). Registered by the ``toy`` fixture with one
+    line, ``CLASSIFIERS.add("toy_head", toy_classifier)``, as a method's file registers its parts."""
+    return torch.nn.Sequential(torch.nn.Conv2d(channels, 8, 1, bias=False), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, n_classes, 1, bias=True))
+
+
 class Toy(Method):
     """Every hook does something visible and records that it ran."""
 
     name = "Toy"
     preset = {"loss_kd": 0.0}
+    # its own classifier kind and new-classifier initialisation; it picks its parameter groups (--freeze* refused)
+    capabilities = Capabilities(classifier_init="own", classifier="toy_head", default_param_groups=False)
 
     @staticmethod
     def add_args(group: argparse._ActionsContainer) -> None:
@@ -78,15 +90,11 @@ class Toy(Method):
 
     def model_spec(self, spec, step):
         CALLS.append(("model_spec", step))
-        return spec.replace(classifier="conv_head")
+        return spec.replace(classifier="toy_head")
 
     def wrap_dataset(self, split, dataset, step):
         CALLS.append(("wrap_dataset", split, step))
         return ToyAux(dataset) if split == "train" else dataset
-
-    def load_previous(self, model, model_old, step):
-        CALLS.append(("load_previous", step))
-        super().load_previous(model, model_old, step)
 
     def prepare_model(self, ctx):
         CALLS.append(("prepare_model", ctx.step))
@@ -141,12 +149,14 @@ class Toy(Method):
 @pytest.fixture
 def toy():
     register_method(Toy)
+    CLASSIFIERS.add("toy_head", toy_classifier)
     CALLS.clear()
     Toy.instances.clear()
     try:
         yield Toy
     finally:
         METHODS.pop("Toy")
+        CLASSIFIERS.pop("toy_head")
 
 
 def _ckpt(out, step, suffix=""):
@@ -163,8 +173,8 @@ def test_a_plugin_from_outside_runs_every_hook_in_order(synthetic_voc, tmp_path,
     assert run.main(args) == 0
     log = capsys.readouterr().out
     step1 = CALLS[CALLS.index(("wrap_dataset", "train", 1)):]
-    assert step1[:12] == [("wrap_dataset", "train", 1), ("wrap_dataset", "val", 1), ("wrap_dataset", "test", 1),
-                          ("model_spec", 1), ("model_spec", 0), ("load_previous", 1), ("prepare_model", 1),
+    assert step1[:11] == [("wrap_dataset", "train", 1), ("wrap_dataset", "val", 1), ("wrap_dataset", "test", 1),
+                          ("model_spec", 1), ("model_spec", 0), ("prepare_model", 1),
                           ("init_new_classifier", 1), ("param_groups", 1), ("terms", 1), ("before_step", 1),
                           ("begin_epoch", 0, 2)]
     names = [c[0] for c in step1]
@@ -175,11 +185,12 @@ def test_a_plugin_from_outside_runs_every_hook_in_order(synthetic_voc, tmp_path,
     assert [c[0] for c in CALLS].count("init_new_classifier") == 1 and ("load_state_dict",) not in CALLS
 
     ckpt0, ckpt1 = _ckpt(tmp_path, 0), _ckpt(tmp_path, 1)
-    assert "cls.0.3.weight" in ckpt1["model_state"] and "cls.1.3.bias" in ckpt1["model_state"]  # model_spec
+    state = ckpt1["model_state"]  # model_spec: the Toy's own classifiers, 1x1 to 8 channels then 1x1
+    assert state["cls.0.0.weight"].shape == (8, 256, 1, 1) and state["cls.1.2.bias"].shape == (5,)
     for key, value in ckpt0["model_state"].items():  # param_groups froze all but the new classifier
         if not key.startswith("cls.1.") and value.is_floating_point() and "running" not in key:
             assert torch.equal(ckpt1["model_state"][key], value), key
-    bias = ckpt1["model_state"]["cls.1.3.bias"]  # init_new_classifier set -3, then a little training moved it
+    bias = ckpt1["model_state"]["cls.1.2.bias"]  # init_new_classifier set -3, then a little training moved it
     assert not torch.equal(bias, torch.full((5,), -3.0)) and torch.allclose(bias, torch.full((5,), -3.0), atol=0.5)
     assert "step 1 epoch 1/2 iter 1/" in log
     assert re.search(r"step 1 epoch 1/2 iter 1/\d+ lr 0\.002000 ", log)  # param_groups: twice the step's lr

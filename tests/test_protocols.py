@@ -329,6 +329,7 @@ def test_domain_refuses_class_step_flags(cityscapes_root, tmp_path, capsys):
     assert run.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --unce (set by --method MiB) works on the classes a step adds") and "\n" not in err
+    assert err.endswith("(the same for --unkd, --init_balanced)")
 
 
 DOMAIN_METHODS = {"PLOP": ["--method", "FT", "--pod", "local", "--pod_factor", "0.0001", "--pod_logits"],
@@ -389,7 +390,7 @@ def test_average_csv_runs_as_the_published_scripts_call_it(tmp_path, capsys):
     path = _order_csv(tmp_path, "15-5s_b", 0.5, 0.2, name="PLOP")  # PLOP's file name: its task name
     assert average_csv.main([path]) == 0
     out = capsys.readouterr().out
-    assert "| voc | 15-1a | PLOP | 1 | 6/6 | 50.0 | 20.0 | 42.9 | 46.4 |" in out
+    assert "| voc | 15-1a | PLOP | 1 | 6/6 | 50.0 | 20.0 | 42.9 | 28.6 | 46.4 |" in out
     assert average_csv.main([path, "15-1a", "--reference-average"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-5:] == ["Last Step: 5", "Final Mean IoU 42.86", "Average Mean IoU 46.43", "Mean IoU first 50.0",
@@ -440,7 +441,8 @@ def test_ledger_fills_ours_and_flags_what_differs(tmp_path, capsys):
     awt = next(ln for ln in out.splitlines() if ln.startswith("| awt-t8-att25 "))
     cells = [c.strip() for c in awt.split("|")]
     assert cells[4] == "59.1 / 17.2 / 49.1" and cells[5] == "60.0 / 20.0 / 50.5" and cells[6] == "+1.4"
-    assert cells[7] == "steps 2/6; batch 8≠24 (step 0)"  # only steps 0 and 5 have rows
+    assert cells[7] == "26.6 / 30.0"  # hIoU: 2 * 59.1 * 17.2 / (59.1 + 17.2), derived; ours 2 * 60 * 20 / 80
+    assert cells[8] == "steps 2/6; batch 8≠24 (step 0)"  # only steps 0 and 5 have rows
     plop_row = next(ln for ln in out.splitlines() if ln.startswith("| plop-t1-plop-15-1 "))
     assert "no run record" in plop_row
     assert f"2 of {len(load_ledger())} rows have a result" in out

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import ROOT, smoke_args
-from methods.rcil import PCKD_WEIGHTS, collapse_new_classes, pckd_loss
+from methods.rcil import PCKD_WEIGHTS, pckd_loss
+from utils.loss import collapse_new_classes
 from modules import rcil as twins
 from modules.norm import NORM_ACT
 
@@ -58,7 +59,8 @@ def test_a_merged_model_evaluates_like_the_unmerged_one(norm, monkeypatch):
     """Whole model (backbone and ASPP): with the main branches alone, the merged model equals the unmerged one."""
     from segmentation_module import ModelSpec, build_model_from_spec
 
-    spec = ModelSpec(backbone="rcil_resnet50", norm_act=norm, head="twin_deeplabv3", pooling=None)
+    spec = ModelSpec(backbone="resnet50", norm_act=norm, head="twin_deeplabv3", pooling=None).with_backbone_options(
+        block="twin")
     model = build_model_from_spec(spec, [6, 2])
     _randomise(model, 1)
     model.eval()
@@ -142,8 +144,8 @@ def test_pretrained_3x3_weights_go_to_both_branches(tmp_path):
     _randomise(reference, 3)
     path = tmp_path / "resnet50_iabn.pth.tar"
     torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path)
-    family = BACKBONES["rcil_resnet50"]
-    body = family.build("iabn", 16)
+    family = BACKBONES["resnet50"]
+    body = family.build(norm_act="iabn", output_stride=16, bn_momentum=None, block="twin")
     family.load_pretrained(body, str(path))
     block = body.mod3.block2.convs
     assert torch.equal(block.conv2.weight, reference.mod3.block2.convs.conv2.weight)
@@ -155,15 +157,17 @@ def test_pretrained_3x3_weights_go_to_both_branches(tmp_path):
 def test_rcil_flags_and_init():
     from experiment.config import parse_config
     from methods import build_method
-    from methods.awt import classifier_init_plan
     from utils.errors import UserError
 
     cfg = parse_config(["--method", "RCIL", "--init_balanced"])  # RCIL's ADE scripts pass it: RCIL's own init
-    assert classifier_init_plan(cfg) is None and build_method(cfg).names == ["RCIL"]
+    stack = build_method(cfg)
+    assert stack.names == ["RCIL"] and stack.init_plan.method and stack.init_plan.transfer is None
     assert (cfg.loss_kd, cfg.unce, cfg.unkd) == (100, True, True)
-    assert build_method(parse_config(["--method", "RCIL", "--att", "25"])).names == ["RCIL", "AWT"]
-    with pytest.raises(UserError, match=r"--orig_init .*does not combine"):
-        build_method(parse_config(["--method", "RCIL", "--orig_init"]))
+    with_awt = build_method(parse_config(["--method", "RCIL", "--att", "25"]))
+    assert with_awt.names == ["RCIL", "AWT"] and not with_awt.init_plan.method and with_awt.init_plan.by == "AWT"
+    with pytest.raises(UserError, match=r"^--orig_init asks for MiB's initialisation of the new classifier, but "
+                                        r"--method RCIL initialises it itself$"):
+        parse_config(["--method", "RCIL", "--orig_init"])
     # RCIL's cityscapes_domain scripts: CE and PCKD only (UNCE has no loss when every class is old)
     domain = parse_config(["--method", "RCIL", "--dataset", "cityscapes_domain", "--task", "11-1"])
     assert (domain.loss_kd, domain.unce, domain.unkd) == (0, False, False)
@@ -176,21 +180,20 @@ def test_rcil_init_copies_the_background_weights_and_awt_replaces_it():
     from methods.base import StepContext
     from modules.heads import final_layer
 
-    for extra, copied in (([], True), (["--att", "25"], False)):
-        cfg = parse_config(["--method", "RCIL", "--task", "15-5", "--step", "1", "--backbone", "resnet18",
-                            "--no_pretrained", *extra])
-        torch.manual_seed(0)
-        model = build_model(cfg, 1, pretrained=False)
-        before = final_layer(model.cls[-1]).weight.detach().clone()
-        bias_before = final_layer(model.cls[-1]).bias.detach().clone()
-        rcil = build_method(cfg).plugins[0]
-        assert rcil.init_new_classifier(StepContext(step=1, classes=[16, 5], model=model)) is copied
-        new, bg = final_layer(model.cls[-1]), final_layer(model.cls[0])
-        if copied:  # every new row is the background row; biases untouched (not MiB's -log(N+1))
-            assert torch.equal(new.weight, bg.weight[:1].expand_as(new.weight))
-            assert torch.equal(new.bias, bias_before)
-        else:  # left to AWT's initialisation
-            assert torch.equal(new.weight, before)
+    cfg = parse_config(["--method", "RCIL", "--task", "15-5", "--step", "1", "--backbone", "resnet18",
+                        "--no_pretrained"])
+    stack = build_method(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, 1, method=stack, pretrained=False)
+    bias_before = final_layer(model.cls[-1]).bias.detach().clone()
+    stack.init_new_classifier(StepContext(step=1, classes=[16, 5], model=model, method=stack))
+    new, bg = final_layer(model.cls[-1]), final_layer(model.cls[0])
+    # every new row is the background row; biases untouched (not MiB's -log(N+1))
+    assert torch.equal(new.weight, bg.weight[:1].expand_as(new.weight))
+    assert torch.equal(new.bias, bias_before)
+    # with AWT, AWT's transfer initialises the new classifier and RCIL's copy is not made
+    plan = build_method(parse_config(["--method", "RCIL", "--task", "15-5", "--step", "1", "--att", "25"])).init_plan
+    assert not plan.method and plan.by == "AWT" and plan.transfer["mask_source"] == "attribution"
 
 
 def test_pckd_keeps_the_logits_when_a_step_adds_no_class():
@@ -209,7 +212,8 @@ def test_exact_and_captum_agree_on_an_rcil_model():
     from methods import attribution
     from segmentation_module import ModelSpec, build_model_from_spec
 
-    model = build_model_from_spec(ModelSpec(backbone="rcil_resnet18", norm_act="abn", head="twin_deeplabv3"), [6, 2])
+    spec = ModelSpec(backbone="resnet18", norm_act="abn", head="twin_deeplabv3").with_backbone_options(block="twin")
+    model = build_model_from_spec(spec, [6, 2])
     _randomise(model, 4)
     model.eval()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -239,7 +243,10 @@ def test_frozen_parts_are_the_fold_of_the_previous_step(voc, tmp_path):
     assert run.main(args) == 0
     step0 = torch.load(tmp_path / "ckpt" / "15-5-voc_Experiment_0.pth", weights_only=True)["model_state"]
     step1 = torch.load(tmp_path / "ckpt" / "15-5-voc_Experiment_1.pth", weights_only=True)["model_state"]
-    model = build_model(parse_config(args), 0, pretrained=False)
+    from methods.stack import build_method
+
+    cfg = parse_config(args)
+    model = build_model(cfg, 0, method=build_method(cfg), pretrained=False)
     model.load_state_dict(step0)
     twins.merge_twins(model)
     folded = model.state_dict()

@@ -46,13 +46,13 @@ def test_old_new_all_excludes_x_and_X_cells(tmp_path, capsys):
     # old = (0.9 + 14 x 0.6) / 15 = 0.62; new = 0.3 (4 classes, 17 absent); all = (9.3 + 1.2) / 19 = 0.5526...
     # avg over steps = (11.45 / 16 + 10.5 / 19) / 2 = 0.63413
     md = _run_md(capsys, _voc_15_5(tmp_path))
-    assert _row(md, "voc", "15-5", "MiB") == ["voc", "15-5", "MiB", "1", "2/2", "62.0", "30.0", "55.3", "63.4"]
+    assert _row(md, "voc", "15-5", "MiB") == ["voc", "15-5", "MiB", "1", "2/2", "62.0", "30.0", "55.3", "40.4", "63.4"]  # hIoU 2*62*30/92
 
 
 def test_reference_average_counts_x_and_X_in_the_denominators(tmp_path, capsys):
     # average_csv.py: old = 9.3 / 16 = 0.58125, new = 1.2 / 5 = 0.24, all = the mIoU column 0.5526
     md = _run_md(capsys, _voc_15_5(tmp_path), "--reference-average")
-    assert _row(md, "voc", "15-5", "MiB")[5:] == ["58.1", "24.0", "55.3", "63.4"]
+    assert _row(md, "voc", "15-5", "MiB")[5:] == ["58.1", "24.0", "55.3", "34.0", "63.4"]
     assert "average_csv.py" in md
 
 
@@ -76,10 +76,11 @@ def test_class_orders_pool_into_mean_and_std(tmp_path, capsys):
     # old 0.5 / 0.6, new 0.1 / 0.2, all 0.42 / (9.6 + 1) / 21 = 0.504762; sample std of two values = |a - b| / sqrt 2
     # avg: order a (0.8 + 0.42) / 2 = 0.61, order b 0.504762 -> 55.7 +- 7.4
     assert _row(md, "voc", "15-1, the AWT paper's ten orders", "MiB+AWT") == [
-        "voc", "15-1, the AWT paper's ten orders", "MiB+AWT", "2", "6/6", "55.0 ± 7.1", "15.0 ± 7.1", "46.2 ± 6.0", "55.7 ± 7.4"]
+        "voc", "15-1, the AWT paper's ten orders", "MiB+AWT", "2", "6/6", "55.0 ± 7.1", "15.0 ± 7.1", "46.2 ± 6.0",
+        "23.3 ± 9.4", "55.7 ± 7.4"]  # hIoU per run (16.7, 30.0), then pooled
     md = _run_md(capsys, str(tmp_path), "--separate-orders")
-    assert _row(md, "voc", "15-1a", "MiB+AWT")[5:] == ["50.0", "10.0", "42.0", "61.0"]
-    assert _row(md, "voc", "15-1b", "MiB+AWT")[5:] == ["60.0", "20.0", "50.5", "50.5"]
+    assert _row(md, "voc", "15-1a", "MiB+AWT")[5:] == ["50.0", "10.0", "42.0", "16.7", "61.0"]
+    assert _row(md, "voc", "15-1b", "MiB+AWT")[5:] == ["60.0", "20.0", "50.5", "30.0", "50.5"]
 
 
 def test_remapped_columns_are_mapped_back_to_class_ids(tmp_path):
@@ -97,7 +98,8 @@ def test_original_column_order_uses_the_task_table(tmp_path, capsys):
     path = _write(tmp_path, "_voc_15-1a_MiB.csv", [step0, step5])
     run = report.read_run(path)
     assert run.columns == "original"
-    assert report.step_scores(run) == pytest.approx({"old": 0.5, "new": 0.1, "all": (8 + 0.5) / 21})
+    assert report.step_scores(run) == pytest.approx({"old": 0.5, "new": 0.1, "all": (8 + 0.5) / 21,
+                                                      "hiou": 2 * 0.5 * 0.1 / 0.6})
     # forcing the other order gives other numbers: the table decides old/new, not the column position
     forced = report.step_scores(report.read_run(path, columns="remapped"))
     assert forced["old"] != pytest.approx(0.5)
@@ -116,7 +118,7 @@ def test_permuted_task_from_a_monkeypatched_table(tmp_path, monkeypatch):
     for c, v in {0: 0.9, 5: 0.7, 7: "X", 3: 0.4, 9: 0.2, 1: 0.0}.items():
         cells[c] = v
     run = report.read_run(_write(tmp_path, "_voc_toy_FT.csv", [[2] + cells + [0.44]]), columns="original")
-    assert report.step_scores(run) == pytest.approx({"old": 0.8, "new": 0.2, "all": 2.2 / 5})
+    assert report.step_scores(run) == pytest.approx({"old": 0.8, "new": 0.2, "all": 2.2 / 5, "hiou": 0.32})
     assert report.step_scores(run, reference_average=True)["old"] == pytest.approx(1.6 / 3)
 
 

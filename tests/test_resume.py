@@ -123,10 +123,12 @@ def test_resume_at_step_1_is_exact(tiny_voc, tmp_path, monkeypatch, method):
 
     from experiment.builders import build_model
     from experiment.config import parse_config
+    from methods.stack import build_method
 
     # an untrained step-0 model with EWC statistics stands in for a trained step 0 (the penalty is active)
     torch.manual_seed(0)
-    model0 = build_model(parse_config(smoke_args(tiny_voc, tmp_path)), 0, pretrained=False)
+    cfg0 = parse_config(smoke_args(tiny_voc, tmp_path))
+    model0 = build_model(cfg0, 0, method=build_method(cfg0), pretrained=False)
     gen = torch.Generator().manual_seed(0)
     fisher = {n: torch.rand(p.shape, generator=gen) for n, p in model0.named_parameters()}
     step0 = str(tmp_path / "step0.pth")

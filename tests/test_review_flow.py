@@ -23,19 +23,22 @@ def test_new_classifier_random_init_drawn_right_after_the_seed(tiny_voc, tmp_pat
     torch.manual_seed(random_seed), i.e. the new model is built first (the reference built model_old after it).
     Building the old model first consumed the RNG, so the random part of the AWT init differed for the same seed."""
     import run
-    from experiment.builders import build_model, ckpt_path
+    from experiment.builders import build_model
+    from experiment.checkpoints import ckpt_path
     from utils.checkpoint import save_checkpoint
     from experiment.config import parse_config
+    from methods.stack import build_method
 
     cfg = parse_config(smoke_args(tiny_voc, tmp_path, steps=(1,), extra=["--no_att"]))
+    method = build_method(cfg)
     torch.manual_seed(123)
-    old = build_model(cfg, 0, pretrained=False)
+    old = build_model(cfg, 0, method=method, pretrained=False)
     os.makedirs(cfg.checkpoint, exist_ok=True)
     save_checkpoint(ckpt_path(cfg, 0), model_state=old.state_dict())
     run.seed_everything(cfg.random_seed)
-    model, model_old, _ = run.prepare_models(cfg, 1, torch.device("cpu"), True)
+    model, model_old, _ = run.prepare_models(cfg, 1, torch.device("cpu"), True, method=method)
     torch.manual_seed(cfg.random_seed)
-    fresh = build_model(cfg, 1, pretrained=False)
+    fresh = build_model(cfg, 1, method=method, pretrained=False)
     assert torch.equal(model.cls[1].weight, fresh.cls[1].weight)
     assert torch.equal(model.cls[1].bias, fresh.cls[1].bias)
     # previous weights loaded into the new model, old model frozen in eval

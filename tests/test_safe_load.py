@@ -136,9 +136,11 @@ def test_reference_checkpoint_as_previous_step(tiny_voc, tmp_path):
     import run
     from experiment.builders import build_model
     from experiment.config import parse_config
+    from methods.stack import build_method
 
     args0 = smoke_args(tiny_voc, tmp_path / "ref")
-    model = build_model(parse_config(args0), 0, pretrained=False)
+    cfg0 = parse_config(args0)
+    model = build_model(cfg0, 0, method=build_method(cfg0), pretrained=False)
     ckpt = _reference_checkpoint(model)
     path = str(tmp_path / "15-5-voc_reference_0.pth")
     torch.save(ckpt, path)

@@ -129,9 +129,10 @@ def _cfg(extra=()):
 
 def test_model_family_heads_and_momentum():
     from experiment.builders import build_model
+    from methods import build_method
 
     cfg = _cfg()
-    model = build_model(cfg, 2, pretrained=False)
+    model = build_model(cfg, 2, method=build_method(cfg), pretrained=False)
     assert model.classes == [16, 1, 1] and model.heads == [1, 1, 15, 1, 1]
     assert type(model.body).__name__ == "TorchvisionResNet" and type(model.head).__name__ == "ASPP"
     assert all(len(c) == 4 for c in model.cls)  # 3x3 conv, BN, ReLU, 1x1
@@ -142,6 +143,7 @@ def test_model_family_heads_and_momentum():
 
 def _step_models(extra=()):
     from experiment.builders import build_model
+    from experiment.checkpoints import load_previous_into
     from methods import StepContext, build_method
 
     cfg = _cfg(extra)
@@ -155,7 +157,7 @@ def _step_models(extra=()):
             m.running_mean.normal_(0, 0.1)
             m.running_var.uniform_(0.5, 2)
     new = build_model(cfg, 1, pretrained=False, method=method)
-    method.load_previous(new, old, 1)
+    load_previous_into(new, old, 1)
     ctx = StepContext(step=1, classes=[16, 1], model=new, model_old=old, method=method)
     return cfg, method, old, new, ctx
 
@@ -173,7 +175,7 @@ def test_weight_transfer_copies_the_unknown_head():
 
 
 def test_awt_replace_variant_keeps_the_random_1x1_and_adds_the_masked_unknown_weights():
-    from segmentation_module import IncrementalSegmentationModule
+    from methods.transfer import init_new_classifier
 
     _, method, old, new, ctx = _step_models(["--att", "25", "--mask_att"])
     random_w = new.cls[-1][3].weight.clone()
@@ -183,7 +185,7 @@ def test_awt_replace_variant_keeps_the_random_1x1_and_adds_the_masked_unknown_we
     mask = torch.zeros(256, dtype=torch.bool)
     mask[:64] = True
     source = method.transfer_source(new)
-    IncrementalSegmentationModule.init_new_classifier(new, channel_mask=mask, source=(source.layer, source.row))
+    init_new_classifier(new, channel_mask=mask, source=(source.layer, source.row))
     w_unk = old.cls[0][3].weight[0]
     assert torch.allclose(new.cls[-1][3].weight[0], random_w[0] + w_unk * mask[:, None, None].float())
     _, method_b, old_b, new_b, ctx_b = _step_models(["--att", "25", "--mask_att", "--ssul_awt_variant", "add"])
@@ -240,14 +242,20 @@ def test_scheduler_floor_and_warm_poly():
     assert seen[11] == pytest.approx(0.05 * (1 - 11 / 100) ** 0.9)
 
 
-def test_other_methods_flags_are_refused_with_ssul(capsys, tmp_path):
+def test_other_methods_flags_are_refused_with_ssul():
     from experiment.config import parse_config
-    from methods import build_method
     from utils.errors import UserError
 
-    for flags in (["--loss_kd", "10"], ["--fix_bn"], ["--orig_init"], ["--pseudo", "entropy"]):
-        with pytest.raises(UserError, match="does not combine with --method SSUL"):
-            build_method(parse_config(["--method", "SSUL", *flags]))
+    refused = {("--loss_kd", "10"): "--loss_kd belongs to the kd loss term, which --method SSUL does not use",
+               ("--pseudo", "entropy"): "--pseudo belongs to the pseudo loss term, which --method SSUL does not use",
+               ("--fix_bn",): "--fix_bn acts on the default parameter groups, which --method SSUL replaces",
+               ("--orig_init",): "--orig_init asks for MiB's initialisation of the new classifier, but --method SSUL "
+                                 "initialises it itself",
+               ("--pckd_weights", "1", "1", "1", "1", "1", "1"): r"--pckd_weights belongs to --method RCIL \(this "
+                                                                 r"run: --method SSUL\)"}
+    for flags, message in refused.items():
+        with pytest.raises(UserError, match="^" + message):
+            parse_config(["--method", "SSUL", *flags])
 
 
 # ------------------------------------------------------------------------------------------------ data

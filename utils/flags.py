@@ -16,6 +16,46 @@ _SECTIONS = (("(ignored", "reference flags accepted and ignored (they did nothin
              ("(not implemented", "reference flags not implemented here (an error unless left at the default)"))
 
 
+# Requirement tags a flag may declare (``declare(..., requires=...)``); methods.options resolves them for a run.
+DEFAULT_PARAM_GROUPS = "default_param_groups"  # read only by the default parameter groups (Method.param_groups)
+CLASS_INCREMENTAL = "class_incremental"  # acts on the classes a step adds: meaningless when steps add domains
+TRANSFER_INIT = "transfer_init"  # MiB's initialisation of the new classifier (methods that do not own the init)
+
+
+def declare(action: argparse.Action, *, requires: str | tuple[str, ...] = (),
+            resume_free: bool = False) -> argparse.Action:
+    """Attach what the framework needs to know about a flag where it is defined: the requirement tags under which it
+    means something (refused otherwise, see ``methods.options``) and whether it leaves the trained weights unchanged
+    (``resume_free``: paths, logging, workers; an interrupted step may be resumed with another value)."""
+    action.ciss_requires = (requires,) if isinstance(requires, str) else tuple(requires)
+    action.ciss_resume_free = bool(resume_free)
+    return action
+
+
+def mark(group: argparse._ActionsContainer, *, resume_free: tuple[str, ...] = (),
+         requires: dict[str, str] | None = None) -> None:
+    """:func:`declare` for flags of ``group`` named by destination (right after the group's definitions)."""
+    actions = {a.dest: a for a in getattr(group, "_group_actions", None) or group._actions}
+    for dest in resume_free:
+        declare(actions[dest], requires=requirements(actions[dest]), resume_free=True)
+    for dest, tag in (requires or {}).items():
+        declare(actions[dest], requires=tag, resume_free=getattr(actions[dest], "ciss_resume_free", False))
+
+
+def requirements(action: argparse.Action) -> tuple[str, ...]:
+    return getattr(action, "ciss_requires", ())
+
+
+def resume_free_dests(parser: argparse.ArgumentParser) -> frozenset[str]:
+    """The destinations of the flags declared ``resume_free``."""
+    return frozenset(a.dest for a in parser._actions if getattr(a, "ciss_resume_free", False))
+
+
+def flag_name(action: argparse.Action) -> str:
+    """The flag as users write it: the first long option string."""
+    return next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Defaults shown after each help text (unless the text already gives one); wide enough for the long names."""
 

@@ -1,4 +1,5 @@
-"""Pure loss functions (no state, no config). Shapes: B batch, C classes, H x W pixels.
+"""Pure loss functions (no state, no config): the one home of the framework's loss math; loss terms in methods/
+compose them. Shapes: B batch, C classes, H x W pixels.
 
 Every per-pixel function returns a (B, H, W) map with ignored pixels set to 0; callers take the mean over all
 pixels (ignored ones included in the denominator), as the reference does (behaviour.md 2.1).
@@ -6,6 +7,9 @@ Notation: ``n_old`` = classes of previous steps including background; logits of 
 channels, old-model logits have exactly n_old channels.
 """
 from __future__ import annotations
+
+import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +70,13 @@ def bce_with_ignore(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_I
     target, valid = _one_hot_ignore(labels, x.shape[1], ignore_index, x.dtype)
     loss = F.binary_cross_entropy_with_logits(x, target, reduction="none").sum(dim=1)
     return loss * valid
+
+
+def bce_mean_over_valid(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """SSUL's ``BCEWithLogitsLossWithIgnoreIndex``: :func:`bce_with_ignore` (one-hot BCE summed over channels)
+    averaged over the non-ignored pixels only (scalar)."""
+    valid = labels != ignore_index
+    return bce_with_ignore(logits, labels, ignore_index).sum() / valid.sum().clamp(min=1)
 
 
 def icarl_distillation(logits: Tensor, logits_old: Tensor) -> Tensor:
@@ -173,3 +184,109 @@ def normalized_entropy(probs: Tensor) -> Tensor:
     """Shannon entropy divided by ``log C``, in [0, 1].  probs (B, C, H, W) -> (B, H, W)."""
     c = probs.shape[1]
     return -(probs * torch.log(probs + ENTROPY_EPS)).sum(dim=1) / torch.log(torch.tensor(float(c)))
+
+
+def collapse_new_classes(logits: Tensor, n_old: int) -> Tensor:
+    """The new model's logits in the old label space: background + every new class summed (logits, not
+    probabilities, as PLOP's POD and RCIL's PCKD do), old classes kept.  (B, C, h, w) -> (B, n_old, h, w)."""
+    return torch.cat([logits[:, :1] + logits[:, n_old:].sum(dim=1, keepdim=True), logits[:, 1:n_old]], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------- PLOP's POD
+def pod_preprocess(x: Tensor, prepro: str) -> Tensor:
+    """Elementwise map applied before pooling. ``abs`` is |x| (the reference's ``abs`` crashed)."""
+    if prepro == "pow":
+        return x.pow(2)
+    if prepro == "abs":
+        return x.abs()
+    if prepro == "relu":
+        return F.relu(x)
+    return x
+
+
+def _local_embed(x: Tensor, scales: Sequence[int]) -> Tensor:
+    b, _, _, w = x.shape
+    parts = []
+    for scale in scales:
+        k = w // scale  # the reference uses the width for both axes
+        for i in range(scale):
+            for j in range(scale):
+                region = x[..., i * k:(i + 1) * k, j * k:(j + 1) * k]
+                parts.append(region.mean(dim=3).reshape(b, -1))  # pooled over width: (B, C*k)
+                parts.append(region.mean(dim=2).reshape(b, -1))  # pooled over height: (B, C*k)
+    return torch.cat(parts, dim=1)
+
+
+def _global_embed(x: Tensor, scales: Sequence[int]) -> Tensor:
+    b, w = x.shape[0], x.shape[-1]
+    parts = []
+    for scale in scales:
+        pooled = F.avg_pool2d(x, kernel_size=w // scale)  # (B, C, s, s) for square maps
+        parts.append(pooled.sum(dim=2).reshape(b, -1))
+        parts.append(pooled.sum(dim=3).reshape(b, -1))
+    return torch.cat(parts, dim=1)
+
+
+def pod_embed(x: Tensor, collapse: str = "local", scales: Sequence[int] = (1, 2, 4)) -> Tensor:
+    """Pooled embedding of an already pre-processed map.  x (B, C, H, W) -> (B, D).
+
+    ``spatial``: sums over H and over W of the whole map; ``local``: for each scale s, the s x s regions of side
+    ``W // s`` pooled (mean) along width and along height; ``global``: average-pool pyramid summed along each axis.
+    """
+    if collapse == "spatial":
+        b = x.shape[0]
+        return torch.cat([x.sum(dim=3).reshape(b, -1), x.sum(dim=2).reshape(b, -1)], dim=1)
+    if collapse == "local":
+        return _local_embed(x, scales)
+    if collapse == "global":
+        return _global_embed(x, scales)
+    raise ValueError(f"unknown POD collapse {collapse!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- RCIL's PCKD
+PCKD_SPATIAL_KERNELS = (4, 8, 12, 16, 20, 24)
+
+
+def _pckd_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Mean over images of the L2 norm of the flattened per-image difference."""
+    return (a - b).flatten(1).norm(dim=1).mean()
+
+
+def pckd_spatial(old: Tensor, new: Tensor) -> Tensor:
+    """Mean over the six window sizes of the distance between stride-1 average pools of the squared maps."""
+    a, b = old.float() ** 2, new.float() ** 2
+    return sum(_pckd_distance(F.avg_pool2d(a, k, stride=1, padding=k // 2),
+                              F.avg_pool2d(b, k, stride=1, padding=k // 2))
+               for k in PCKD_SPATIAL_KERNELS) / len(PCKD_SPATIAL_KERNELS)
+
+
+def pckd_channel(old: Tensor, new: Tensor) -> Tensor:
+    """Distance between the squared maps averaged over three neighbouring channels (zero-padded, stride 1)."""
+    a, b = old.float() ** 2, new.float() ** 2
+
+    def pool(x):
+        return F.avg_pool2d(x.permute(0, 2, 1, 3), (3, 1), stride=1, padding=(1, 0)).permute(0, 2, 1, 3)
+    return _pckd_distance(pool(a), pool(b))
+
+
+def pckd_loss(old_maps: Sequence[Tensor], new_maps: Sequence[Tensor], old_logits: Tensor, new_logits: Tensor, *,
+              n_old: int, n_classes: int, n_new: int, weights: Sequence[float]) -> Tensor:
+    """RCIL's L_PCKD. ``*_maps``: the four backbone stages and the ASPP output; ``*_logits``: the logits before
+    upsampling. ``weights``: (spatial of the maps, spatial of the logits, channel of the stages, channel of the last
+    map); the class ratio ``sqrt(n_classes / n_new)`` scales both."""
+    w_spa, w_spa_last, w_ch, w_ch_last = weights
+    scale = math.sqrt(n_classes / n_new)
+    if new_logits.shape[1] != old_logits.shape[1]:  # domain-incremental steps keep the classes
+        new_logits = collapse_new_classes(new_logits, n_old)
+    spatial_pairs = list(zip(old_maps, new_maps)) + [(old_logits, new_logits)]
+    spatial = sum(pckd_spatial(a, b) * scale * (w_spa_last if i == len(spatial_pairs) - 1 else w_spa)
+                  for i, (a, b) in enumerate(spatial_pairs)) / len(spatial_pairs)
+    channel = sum(pckd_channel(a, b) * scale * (w_ch_last if i == len(old_maps) - 1 else w_ch)
+                  for i, (a, b) in enumerate(zip(old_maps, new_maps))) / len(old_maps)
+    return spatial + channel
+
+
+# ---------------------------------------------------------------------------------------------------- DropClass
+def suppression(drop_logits_small: Tensor, z: int) -> Tensor:
+    """DropClass's L_sup: mean over images and pixels (feature resolution) of the dropped class's probability."""
+    return F.softmax(drop_logits_small.float(), dim=1)[:, z].mean()
