@@ -22,7 +22,7 @@ import torch
 from dataset.readers import READERS
 from dataset.tasks import order
 from experiment.builders import (build_model, build_step_datasets, classes_for_step, data_kind, log_folder,
-                                 norm_fallback_note, resolve_precision, select_device)
+                                 norm_fallback_note, norm_layers_used, resolve_precision, select_device)
 from experiment.checkpoints import (checkpoint_content, ckpt_path, load_previous_into, load_previous_step,
                                     load_weights, restored_selection, resume_if_possible)
 from experiment.config import parse_config, step_lrs, to_dict
@@ -227,7 +227,7 @@ def sample_collector(cfg, step: int) -> SampleCollector:
                            index_to_class_lut(order(cfg.dataset, cfg.task, step)))
 
 
-def run_record(cfg, step: int, lr: float, recipe: Recipe | None) -> dict:
+def run_record(cfg, step: int, lr: float, recipe: Recipe | None, norm_layers: str) -> dict:
     """How this step was trained, stored next to the results CSV (the reproduction ledger compares it with the
     recipe of the published number) and in the final checkpoint. ``train_id`` names this training: a later test
     of the same checkpoint carries it, so that report.py counts the result once."""
@@ -235,6 +235,7 @@ def run_record(cfg, step: int, lr: float, recipe: Recipe | None) -> dict:
             "effective_batch": effective_batch(cfg), "batch_size": cfg.batch_size, "processes": get_world_size(),
             "grad_accum": cfg.grad_accum, "overlap": bool(cfg.overlap), "random_seed": cfg.random_seed,
             "recipe": recipe.id if recipe else None, "data": data_kind(cfg.data_root),
+            "norm_act": cfg.norm_act, "norm_layers": norm_layers,
             "train_id": uuid.uuid4().hex[:16], "command": command_line()}
 
 
@@ -306,7 +307,7 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
                          tested_record(ckpt, cfg.ckpt or final_path))
     log.info("== step %d (%s): %d epochs of %d iterations, lr %g, %s", step, position, cfg.epochs,
              len(loaders[0]), lr, describe_batch(cfg))
-    record = run_record(cfg, step, lr, recipe)
+    record = run_record(cfg, step, lr, recipe, norm_layers_used(cfg, method))
     ctx = StepContext(step=step, classes=classes_for_step(cfg, step), model=None, device=device,
                       train_loader=loaders[0], world_size=get_world_size(), autocast=precision.autocast,
                       train_dataset=train_dataset, method=method)

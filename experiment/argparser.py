@@ -52,7 +52,8 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--strict_weights", action="store_false", default=True,
                    help=INVERTED + "passing it loads the previous step / --ckpt NON-strictly (missing and "
-                        "unexpected keys allowed); default: strict")
+                        "unexpected keys allowed); default: strict, except BatchNorm's num_batches_tracked, which is "
+                        "never required")
     g.add_argument("--base_weights", action="store_true", help="build only the step-0 classifier")
     g.add_argument("--epochs", type=positive_int, default=30, help="epochs per step")
     g.add_argument("--fix_bn", action="store_true", help="freeze batch-norm statistics and affine parameters")

@@ -76,16 +76,29 @@ def check_model_flags(ckpt, cfg, path: str, what: str) -> None:
                             f"--{flag} {getattr(cfg, flag)}: pass --{flag} {saved[flag]} or another checkpoint")
 
 
+def is_bn_counter(key: str) -> bool:
+    """BatchNorm's ``num_batches_tracked``: a step counter that no forward reads (momentum is set). inplace-abn >= 1.1
+    writes it for its ABN layers and our pure-PyTorch ABN has none, so a key check ignores it either way."""
+    return key.endswith("num_batches_tracked")
+
+
+def load_checked_state(model, state: dict) -> None:
+    """Load a state that :func:`check_compatible` accepted: BatchNorm counters the model lacks are dropped, those
+    the checkpoint lacks keep the model's value."""
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if k in own or not is_bn_counter(k)}, strict=False)
+
+
 def check_compatible(ckpt, state: dict, model, cfg, path: str, what: str, strict: bool = True) -> None:
     """One line naming what differs between a checkpoint and the model this run builds, before loading it: the
-    model flags the checkpoint records, the classes per step, then keys and shapes."""
+    model flags the checkpoint records, the classes per step, then keys (BatchNorm counters aside) and shapes."""
     if cfg is not None:
         check_model_flags(ckpt, cfg, path, what)
     check_class_layout(state, [int(final_layer(m).weight.shape[0]) for m in model.cls], path)
     own = model.state_dict()
     shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    missing = [k for k in own if k not in state] if strict else []
-    unexpected = [k for k in state if k not in own] if strict else []
+    missing = [k for k in own if k not in state and not is_bn_counter(k)] if strict else []
+    unexpected = [k for k in state if k not in own and not is_bn_counter(k)] if strict else []
     if shapes or missing or unexpected:
         parts = [f"{name} {len(keys)} (first {keys[0]})" for name, keys in
                  (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected)) if keys]
@@ -104,7 +117,7 @@ def load_weights(model, path: str, *, strict: bool = True, what: str = "checkpoi
     if bad is not None:
         advice = _NONFINITE_ADVICE.get(what, "retrain it")
         raise UserError(f"{what} {path} holds NaN or inf ({bad}), written before this check existed: {advice}")
-    model.load_state_dict(state, strict=False)
+    load_checked_state(model, state)
     return ckpt if isinstance(ckpt, dict) else {"model_state": state}
 
 
@@ -281,7 +294,7 @@ def resume_if_possible(cfg, model, setup, final_path: str, method: MethodStack |
     bad = nonfinite_entry(state)
     if bad is not None:
         raise UserError(f"resume checkpoint {path} holds NaN or inf ({bad}): it cannot be continued; {restart}")
-    model.load_state_dict(state, strict=cfg.strict_weights)
+    load_checked_state(model, state)
     setup.optimizer.load_state_dict(ckpt["optimizer_state"])
     setup.scheduler.load_state_dict(ckpt["scheduler_state"])
     if lr is not None:

@@ -197,6 +197,18 @@ def plain_fallback(name: str) -> str | None:
     return {"iabn": "ABN(abs_weight=True)", "iabn_sync": "ABNSync(abs_weight=True)"}.get(name)
 
 
+def norm_implementation(name: str) -> str:
+    """Which code computes ``--norm_act name`` in this process, for the run record: the compiled package (with its
+    version) or this file's pure-PyTorch layers, which match it to float32 rounding but not bit for bit."""
+    fallback = plain_fallback(name)
+    if fallback is not None:
+        return f"pure-PyTorch {fallback} (inplace_abn not importable)"
+    if name in ("iabn", "iabn_sync") and _inplace_abn is not None:
+        version = getattr(_inplace_abn, "__version__", "unknown version")
+        return f"inplace_abn {version} {'InPlaceABNSync' if name == 'iabn_sync' else 'InPlaceABN'}"
+    return {"abn": "pure-PyTorch ABN", "std": "torch.nn.BatchNorm2d + leaky ReLU"}.get(name, name)
+
+
 def is_norm_layer(module: nn.Module) -> bool:
     """True for every normalisation layer this framework can build (ours, torch BN, In-Place ABN)."""
     return isinstance(module, NORM_TYPES)

@@ -408,3 +408,18 @@ def test_abn_sync_matches_full_batch(tmp_path):
     for r in res:
         torch.testing.assert_close(r["rm"], ref.running_mean)
         torch.testing.assert_close(r["rv"], ref.running_var)
+
+
+def test_norm_implementation_names_the_code_that_runs():
+    """The run record says which code computed the norm layers (docs/deviations.md: the pure-PyTorch ABN matches
+    inplace_abn to float32 rounding, not bit for bit)."""
+    from modules import norm
+
+    if norm.HAS_INPLACE_ABN:
+        assert norm.norm_implementation("iabn_sync").startswith("inplace_abn ")
+        assert norm.norm_implementation("iabn_sync").endswith(" InPlaceABNSync")
+    else:
+        assert norm.norm_implementation("iabn_sync") == "pure-PyTorch ABNSync(abs_weight=True) (inplace_abn not " \
+                                                        "importable)"
+        assert norm.norm_implementation("iabn") == "pure-PyTorch ABN(abs_weight=True) (inplace_abn not importable)"
+    assert norm.norm_implementation("abn") == "pure-PyTorch ABN"

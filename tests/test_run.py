@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import socket
@@ -40,6 +41,8 @@ def test_two_steps_write_checkpoints_csv_and_summary(synthetic_voc, tmp_path, me
     assert all(c not in ("x",) for c in rows[1][1:22])
     summary = (tmp_path / "results" / f"test_voc_15-5_{method}_summary.md").read_text()
     assert "| step | old | new | all | hIoU |" in summary and "| 1 |" in summary
+    record = json.loads((tmp_path / "results" / f"test_voc_15-5_{method}.run.json").read_text())["steps"]["1"]
+    assert record["norm_act"] == "abn" and record["norm_layers"] == "pure-PyTorch ABN"
     assert re.search(r"\| 0 \| \d+\.\d\d \| - \| \d+\.\d\d \| - \|", summary)  # no new class, no hIoU at step 0
 
 

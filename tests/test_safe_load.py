@@ -166,3 +166,35 @@ def test_run_refuses_a_malicious_previous_step_checkpoint(tiny_voc, tmp_path, ca
     err = capsys.readouterr().err
     assert "error: previous-step checkpoint" in err and "allow-list" in err and "Traceback" not in err
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_reference_checkpoint_with_batchnorm_counters_loads_without_strict_weights(tmp_path):
+    """inplace-abn >= 1.1 writes ``num_batches_tracked`` for every ABN layer; our ABN has none. Such a checkpoint loads
+    by default (counters ignored), while any other unexpected key is still refused."""
+    from experiment.checkpoints import load_weights
+    from segmentation_module import make_model
+    from utils.errors import UserError
+
+    torch.manual_seed(0)
+    trained = make_model(backbone="resnet18", norm_act="iabn_sync", output_stride=16, classes=[16])
+    state = trained.state_dict()
+    norms = [k[: -len("running_mean")] for k in state if k.endswith("running_mean")]
+    assert norms and not any(k.endswith("num_batches_tracked") for k in state)
+    ckpt = _reference_checkpoint(trained)
+    for prefix in norms:
+        ckpt["model_state"][f"module.{prefix}num_batches_tracked"] = torch.tensor(9000)
+    path = str(tmp_path / "15-5-voc_reference_0.pth")
+    torch.save(ckpt, path)
+    fresh = make_model(backbone="resnet18", norm_act="iabn_sync", output_stride=16, classes=[16])
+    load_weights(fresh, path, what="previous-step checkpoint")
+    assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
+    ckpt["model_state"]["module.body.extra.weight"] = torch.ones(1)
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match=r"unexpected 1 \(first body.extra.weight\)"):
+        load_weights(make_model(backbone="resnet18", norm_act="iabn_sync", output_stride=16, classes=[16]), path,
+                     what="previous-step checkpoint")
+    # and the other way: a model with counters (--norm_act std) loads a checkpoint without them
+    std = make_model(backbone="resnet18", norm_act="std", output_stride=16, classes=[16])
+    torch.save({"model_state": {k: v for k, v in std.state_dict().items() if not k.endswith("num_batches_tracked")}},
+               path)
+    load_weights(make_model(backbone="resnet18", norm_act="std", output_stride=16, classes=[16]), path)
