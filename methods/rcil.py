@@ -7,9 +7,9 @@ its official code (zhangchbin/RCIL b9aad58) as docs/rcil.md describes.
 * each step > 0 (``prepare_model``): every pair is folded into its main conv (frozen, norm made the identity) while
   the twin keeps training.
 * losses (``terms``): MiB's unbiased CE and unbiased KD (``--loss_kd 100``, RCIL's preset) and Pooled Cube
-  Knowledge Distillation on the four backbone stages, the ASPP output and the small logits; PLOP's POD flags, which
-  RCIL's scripts pass, have no effect there (dead code upstream) and none here (``ignored_flags``: a warning says
-  so).
+  Knowledge Distillation on the four backbone stage outputs (after their LeakyReLU), the ASPP output and the small
+  logits; PLOP's POD flags, which RCIL's scripts pass, have no effect there (dead code upstream) and none here
+  (``ignored_flags``: a warning says so).
 * new classifier (``init_new_classifier``): its weights copied from the background classifier, its bias left at the
   default initialisation (RCIL's ``init_balanced``; not MiB's bias correction).
 """
@@ -46,6 +46,15 @@ PCKD_WEIGHTS = {
     "cityscapes_domain": (5e-4, 1e-4, 1e-4, 0.0),
 }
 TWIN_BLOCK = "twin"  # the residual block kind of modules/rcil.py
+# What PCKD distils from the backbone: each stage's output *after* its last LeakyReLU (RCIL's last block returns the
+# tensor it has just activated in place, zhangchbin/RCIL modules/residual.py L170-171), not the pre-activation maps
+# that PLOP's POD reads (``stage_features``). Names of the In-Place ABN ResNets, the only backbones RCIL twins.
+STAGE_OUTPUTS = ("res2", "res3", "res4", "res5")
+
+
+def pckd_maps(extras: dict) -> list[Tensor]:
+    """The maps PCKD compares: the four post-activation stage outputs, then the ASPP output."""
+    return [extras["features"][name] for name in STAGE_OUTPUTS] + [extras["pre_logits"]]
 
 
 # ------------------------------------------------------------------------------------------------ PCKD
@@ -60,7 +69,7 @@ class PCKD(LossTerm):
         self.n_old, self.n_classes, self.n_new, self.weights = n_old, n_classes, n_new, tuple(weights)
 
     def __call__(self, batch: Batch) -> dict[str, Tensor]:
-        loss = pckd_loss(batch.extras_old["attentions"], batch.extras["attentions"],
+        loss = pckd_loss(pckd_maps(batch.extras_old), pckd_maps(batch.extras),
                          batch.extras_old["sem_logits_small"], batch.extras["sem_logits_small"], n_old=self.n_old,
                          n_classes=self.n_classes, n_new=self.n_new, weights=self.weights)
         return {"loss_pckd": loss}

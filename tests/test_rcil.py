@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import ROOT, smoke_args
 from methods.rcil import PCKD_WEIGHTS, pckd_loss
@@ -133,6 +134,42 @@ def test_pckd_equals_the_spec_formula():
                                                                                       weights[2])
     assert float(got) == pytest.approx(spatial / 6 + channel / 5, rel=1e-5)
     assert torch.equal(collapse_new_classes(new_logits, n_old), torch.from_numpy(collapsed).float())
+
+
+def test_pckd_receives_the_stage_outputs_after_their_leaky_relu(monkeypatch):
+    """RCIL's last block of a stage returns the tensor it has just activated in place (zhangchbin/RCIL
+    modules/residual.py L170-171): PCKD distils post-activation maps (slope 0.01), unlike PLOP's POD, which keeps
+    the pre-activation ones. Built from RCIL's real blocks; what reaches pckd_loss is checked."""
+    import methods.rcil as rcil
+    from methods.base import Batch
+    from segmentation_module import ModelSpec, build_model_from_spec
+
+    spec = ModelSpec(backbone="resnet18", norm_act="iabn", head="twin_deeplabv3").with_backbone_options(block="twin")
+    model = build_model_from_spec(spec, [6, 2])
+    _randomise(model, 7)
+    model.eval()
+    with torch.no_grad():
+        logits, extras = model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8)),
+                               ret_intermediate=True)
+    seen = {}
+
+    def spy(maps_old, maps_new, *args, **kwargs):
+        seen["old"], seen["new"] = maps_old, maps_new
+        return torch.zeros(())
+
+    monkeypatch.setattr(rcil, "pckd_loss", spy)
+    term = rcil.PCKD(n_old=6, n_classes=8, n_new=2, weights=(1, 1, 1, 1))
+    term(Batch(images=None, labels=None, logits=logits, extras=extras, logits_old=logits, extras_old=extras, n_old=6,
+               n_new=2, aux={}))
+    assert len(seen["new"]) == 5 and seen["new"][-1] is extras["pre_logits"]
+    for got, name in zip(seen["new"][:4], ("res2", "res3", "res4", "res5")):
+        pre = extras["features"][f"{name}_pre"]
+        assert (pre < 0).any()  # the two readings differ here
+        assert torch.equal(got, F.leaky_relu(pre, 0.01))  # after the stage's last LeakyReLU
+        assert not torch.allclose(got, pre)
+    # PLOP's POD reads the stage features, which stay the pre-activation maps
+    assert all(torch.equal(a, extras["features"][f"{n}_pre"]) for a, n in
+               zip(extras["attentions"][:4], ("res2", "res3", "res4", "res5")))
 
 
 # ------------------------------------------------------------------------------------------------ model and method
