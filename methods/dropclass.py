@@ -89,7 +89,10 @@ class DropClassLoss(LossTerm):
         out["loss_ce"] = lam * out["loss_ce"]
         labels = batch.labels if z is None else batch.labels.masked_fill(batch.labels == z, IGNORE)
         drop_batch = dataclasses.replace(batch, logits=batch.extras["drop_logits"], labels=labels)
-        out["loss_ce_drop"] = (1.0 - lam) * self.inner(drop_batch)["loss_ce"]
+        # DropClass's cross-entropy ignores 255 and the dropped class in its mean (valid pixels only); the inner term
+        # averages over every pixel (MiB/PLOP), so rescale by all / valid. Tensor maths only: no host sync.
+        valid = (labels != IGNORE).sum().clamp(min=1)
+        out["loss_ce_drop"] = (1.0 - lam) * self.inner(drop_batch)["loss_ce"] * (labels.numel() / valid)
         if z is not None:
             out["loss_sup"] = self.alpha * suppression(batch.extras["drop_logits_small"], z)
         return out

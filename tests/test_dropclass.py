@@ -118,7 +118,10 @@ def test_loss_is_lambda_ce_plus_dropped_ce_plus_suppression():
         out = term(batch)
         dropped = labels if z is None else labels.masked_fill(labels == z, 255)
         assert float(out["loss_ce"]) == pytest.approx(lam * float(L.cross_entropy(logits, labels).mean()))
-        assert float(out["loss_ce_drop"]) == pytest.approx((1 - lam) * float(L.cross_entropy(drop, dropped).mean()))
+        # the drop path's CE is DropClass's: mean over the valid pixels (255 and the dropped class left out)
+        assert float(out["loss_ce_drop"]) == pytest.approx((1 - lam) * float(F.cross_entropy(drop, dropped,
+                                                                                              ignore_index=255)))
+        assert float(out["loss_ce_drop"]) != pytest.approx((1 - lam) * float(L.cross_entropy(drop, dropped).mean()))
         if z is None:
             assert "loss_sup" not in out
         else:
