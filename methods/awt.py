@@ -419,6 +419,7 @@ class AWT(Extension):
 
     name = "AWT"
     switches = ("att", "init_balanced", "orig_init", "random_channels", "no_att")
+    transfer_hint = "--att 25 --mask_att, or --random_channels"
 
     @staticmethod
     def add_args(group: argparse._ActionsContainer) -> None:

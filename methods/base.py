@@ -334,6 +334,7 @@ class Extension(Method):
 
     switches: ClassVar[tuple[str, ...]] = ()
     needs_classifier: ClassVar[str | None] = None  # the classifier kind it works on (None: any)
+    transfer_hint: ClassVar[str] = ""  # flags that make it transfer into the new classifier (for messages)
 
     @classmethod
     def enabled(cls, cfg: Any, method: type[Method]) -> bool:

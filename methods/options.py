@@ -9,8 +9,9 @@ parser's default. Its owner is recorded where it is declared (``methods.criterio
 * a loss term's flags need a method that builds the registered terms (``Capabilities.builds_terms``).
 
 Flags may also declare requirement tags (``utils.flags.declare``): ``default_param_groups`` (the method trains with
-the default parameter groups), ``class_incremental`` (the dataset's steps add classes) and ``transfer_init`` (the
-method lets MiB's/AWT's transfer initialise the new classifier). A method's ``ignored_flags`` (reference flags its
+the default parameter groups), ``class_incremental`` (the dataset's steps add classes), ``transfer_init`` (the
+method lets MiB's/AWT's transfer initialise the new classifier) and ``with_transfer`` (an extension transfers into
+the new classifier: AWT with --att). A method's ``ignored_flags`` (reference flags its
 published scripts pass without effect) are accepted with a warning.
 """
 from __future__ import annotations
@@ -21,10 +22,11 @@ from typing import Any, Callable, Iterable
 
 from dataset.tasks import is_domain_incremental
 from methods.base import INIT_BY_TRANSFER, Extension, LossTerm, Method
-from methods.registry import METHODS
-from methods.stack import resolve_plugins
+from methods.registry import EXTENSIONS, METHODS
+from methods.stack import resolve_init_plan, resolve_plugins
 from utils.errors import UserError
-from utils.flags import CLASS_INCREMENTAL, DEFAULT_PARAM_GROUPS, TRANSFER_INIT, flag_name, requirements
+from utils.flags import (CLASS_INCREMENTAL, DEFAULT_PARAM_GROUPS, TRANSFER_INIT, WITH_TRANSFER, flag_name,
+                         requirements)
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +56,25 @@ def _owner_problem(action: argparse.Action, method: type[Method], extensions: li
     return f"{flag} belongs to --method {_method_names(owner)} (this run: --method {method.name})"
 
 
-REQUIREMENTS: dict[str, Callable[[Any, type[Method]], str | None]] = {
-    DEFAULT_PARAM_GROUPS: lambda cfg, m: None if m.capabilities.default_param_groups else (
+def _transfer_missing(cfg: Any, method: type[Method], extensions: list[type[Extension]]) -> str | None:
+    if resolve_init_plan(cfg, method, extensions).transfer is not None:
+        return None
+    makers = [e for e in EXTENSIONS.values() if e.transfer_hint]
+    names = " or ".join(e.name for e in makers) or "an extension"
+    hints = "; ".join(e.transfer_hint for e in makers)
+    return f"acts on {names}'s transfer into the new classifier, which this run does not make (add {hints})"
+
+
+# requirement tag -> (cfg, method class, extension classes) -> why the run does not meet it, or None
+REQUIREMENTS: dict[str, Callable[[Any, type[Method], list[type[Extension]]], str | None]] = {
+    DEFAULT_PARAM_GROUPS: lambda cfg, m, exts: None if m.capabilities.default_param_groups else (
         f"acts on the default parameter groups, which --method {m.name} replaces with its own"),
-    TRANSFER_INIT: lambda cfg, m: None if m.capabilities.classifier_init == INIT_BY_TRANSFER else (
+    TRANSFER_INIT: lambda cfg, m, exts: None if m.capabilities.classifier_init == INIT_BY_TRANSFER else (
         f"asks for MiB's initialisation of the new classifier, but --method {m.name} initialises it itself"),
-    CLASS_INCREMENTAL: lambda cfg, m: None if not is_domain_incremental(cfg.dataset) else (
+    CLASS_INCREMENTAL: lambda cfg, m, exts: None if not is_domain_incremental(cfg.dataset) else (
         f"works on the classes a step adds, but {cfg.dataset} adds cities and keeps its 19 classes; use --method FT "
         "with --pod/--loss_kd as the published domain-incremental scripts do (scripts/cityscapes_domain/)"),
+    WITH_TRANSFER: _transfer_missing,
 }
 
 
@@ -77,7 +90,7 @@ def check_flag_owners(parser: argparse.ArgumentParser, cfg: Any, used: Iterable[
             continue
         origin = f" (set by --method {method.name})" if action.dest in preset_set else ""
         problems = [_owner_problem(action, method, extensions)]
-        problems += [REQUIREMENTS[tag](cfg, method) for tag in requirements(action)]
+        problems += [REQUIREMENTS[tag](cfg, method, extensions) for tag in requirements(action)]
         problems = [p for p in problems if p]
         if not problems:
             continue

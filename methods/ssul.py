@@ -57,7 +57,7 @@ from utils.constants import IGNORE_INDEX
 from utils.data import build_loader
 from utils.dist import barrier, is_main_process
 from utils.errors import UserError
-from utils.flags import nonnegative_int
+from utils.flags import WITH_TRANSFER, declare, nonnegative_int
 from utils.loss import bce_mean_over_valid
 from utils.progress import track
 
@@ -137,13 +137,15 @@ class SSUL(Method):
         group.add_argument("--mem_size", type=nonnegative_int, default=None,
                            help="SSUL-M: images in the exemplar memory over all old classes (default: 0 for SSUL; "
                                 "for SSUL-M 100, ADE 300)")
-        group.add_argument("--ssul_awt_variant", default="replace", choices=["replace", "add"],
-                           help="with --att: replace = SSUL copies the unknown head's 3x3 conv, BN and bias and AWT "
-                                "adds its weights on the attributed channels to a random 1x1 conv; add = SSUL's full "
-                                "copy, then AWT adds (docs/ssul.md)")
-        group.add_argument("--ssul_awt_logit", default="unknown", choices=["unknown", "background"],
-                           help="with --att: the logit attributed and the head transferred from (background: the "
-                                "ablation)")
+        declare(group.add_argument("--ssul_awt_variant", default="replace", choices=["replace", "add"],
+                                   help="with --att: replace = SSUL copies the unknown head's 3x3 conv, BN and bias "
+                                        "and AWT adds its weights on the attributed channels to a random 1x1 conv; "
+                                        "add = SSUL's full copy, then AWT adds (docs/ssul.md)"),
+                requires=WITH_TRANSFER)
+        declare(group.add_argument("--ssul_awt_logit", default="unknown", choices=["unknown", "background"],
+                                   help="with --att: the logit attributed and the head transferred from, SSUL's own "
+                                        "copy included (background: the ablation); refused without AWT"),
+                requires=WITH_TRANSFER)
         group.add_argument("--ssul_memory_unshifted", action="store_true",
                            help="SSUL-M: reproduce the upstream bug that leaves memory labels unshifted (background "
                                 "trained as unknown, class c on channel c); default: relabelled like the rest")

@@ -258,6 +258,23 @@ def test_other_methods_flags_are_refused_with_ssul():
             parse_config(["--method", "SSUL", *flags])
 
 
+def test_awt_options_of_ssul_act_only_with_awt():
+    """--ssul_awt_logit background used to switch SSUL's own transfer to the background head without AWT; the AWT
+    options are refused unless AWT transfers (and then the source head is the chosen one)."""
+    from experiment.config import parse_config
+    from methods import build_method
+    from utils.errors import UserError
+
+    for flags in (["--ssul_awt_logit", "background"], ["--ssul_awt_variant", "add"]):
+        with pytest.raises(UserError, match=f"^{flags[0]} acts on AWT's transfer into the new classifier, which this "
+                                            "run does not make"):
+            parse_config(["--method", "SSUL", *flags])
+    stack = build_method(parse_config(["--method", "SSUL", "--ssul_awt_logit", "background", "--att", "25",
+                                       "--mask_att"]))
+    assert stack.names == ["SSUL", "AWT"] and stack.method.source_head == 1  # the background head
+    assert build_method(parse_config(["--method", "SSUL"])).method.source_head == 0  # unknown
+
+
 # ------------------------------------------------------------------------------------------------ data
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):

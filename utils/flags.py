@@ -20,6 +20,7 @@ _SECTIONS = (("(ignored", "reference flags accepted and ignored (they did nothin
 DEFAULT_PARAM_GROUPS = "default_param_groups"  # read only by the default parameter groups (Method.param_groups)
 CLASS_INCREMENTAL = "class_incremental"  # acts on the classes a step adds: meaningless when steps add domains
 TRANSFER_INIT = "transfer_init"  # MiB's initialisation of the new classifier (methods that do not own the init)
+WITH_TRANSFER = "with_transfer"  # acts on an extension's transfer into the new classifier (AWT's): refused without
 
 
 def declare(action: argparse.Action, *, requires: str | tuple[str, ...] = (),
