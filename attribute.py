@@ -9,6 +9,7 @@ run.py computes the same file itself when it is missing; see docs/awt.md.
 """
 from __future__ import annotations
 
+import logging
 import sys
 
 from experiment.argparser import get_argparser
@@ -19,6 +20,8 @@ from methods import awt, build_method
 from methods.channel_masks import write_mask
 from utils.errors import UserError, one_line
 from utils.logger import setup_logging
+
+log = logging.getLogger("attribute")
 
 
 USAGE = "%(prog)s --dataset D --data_root PATH --task T --step N [N ...] --name NAME --att 25 [--mask_att] [...]"
@@ -41,9 +44,12 @@ def run_attribution(argv=None, *, per_class: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
+        notes: list[str] = []
         cfg = parse_config(argv, parser=get_argparser(usage=USAGE, description=CLASS_DESCRIPTION if per_class
-                                                      else DESCRIPTION))
+                                                      else DESCRIPTION), notes=notes)
         setup_logging(cfg.debug)
+        for note in notes:
+            log.warning("%s", note)
         awt.validate_awt_args(cfg)
         if cfg.no_att or cfg.random_channels:
             raise UserError("nothing to attribute with --no_att or --random_channels (run.py needs no mask then)")

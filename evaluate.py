@@ -143,8 +143,11 @@ def evaluate_checkpoint(cfg, method) -> dict:
 def main(argv=None) -> int:
     cfg = None
     try:
-        cfg = parse_config(argv, parser=get_parser())
+        notes: list[str] = []
+        cfg = parse_config(argv, parser=get_parser(), notes=notes)
         setup_logging(cfg.debug)
+        for note in notes:
+            log.warning("%s", note)
         if len(cfg.step) != 1:
             raise UserError("evaluate.py takes one --step")
         if cfg.out_dir:

@@ -140,12 +140,39 @@ def build_setup(cfg, step: int, lr: float, model, model_old, train_loader, train
 
 def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, board, start_epoch: int,
         final_path: str, method: MethodStack, lr: float | None = None, record: dict | None = None) -> float:
-    """The epoch loop: train, validate every ``--val_interval``, checkpoint every ``--ckpt_interval``."""
+    """The epoch loop: train, validate every ``--val_interval`` (and every ``--val_every_iters`` updates for the
+    model selection), checkpoint every ``--ckpt_interval``."""
     train_loader, val_loader, _ = loaders
     score = 0.0
     t_fit = time.perf_counter()
     selection = restored_selection(cfg, final_path)
+    per_epoch = -(-len(train_loader) // cfg.grad_accum)
+    interval = selection_interval(cfg, per_epoch)
+    state = {"updates": start_epoch * per_epoch, "epoch": start_epoch}
+
+    def validate(where: str, samples=None) -> dict:
+        cm = train.evaluate(model, val_loader, n_classes=sum(model.classes), device=device, precision=setup.precision,
+                            show_progress=not cfg.no_progress, sample_hook=samples, predict=method.predict,
+                            what=f"{where} validation")
+        res = cm.results()
+        log.info("%s validation mIoU %.2f %%", where, 100 * res["Mean IoU"])
+        return res
+
+    def after_update() -> None:  # SSUL's selection: validate every `interval` optimiser updates
+        nonlocal selection
+        state["updates"] += 1
+        if state["updates"] % interval == 0:
+            res = validate(f"step {step} update {state['updates']}")
+            selection = select_best(selection, model, res["Class IoU"], setup.n_old, state["epoch"],
+                                    update=state["updates"])
+            model.train()
+
+    if interval:
+        setup.after_update = after_update
+        log.info("step %d: --select_best_on_val validates every %d optimiser updates (of %d)", step, interval,
+                 cfg.epochs * per_epoch)
     for epoch in range(start_epoch, cfg.epochs):
+        state["epoch"] = epoch
         train_loader.sampler.set_epoch(epoch)
         method.begin_epoch(epoch, cfg.epochs)
         t0 = time.perf_counter()
@@ -160,17 +187,13 @@ def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, b
             board.scalar(f"E-{k}/{step}", v, epoch)
         if (epoch + 1) % cfg.val_interval == 0:  # the reference validates at multiples only
             samples = sample_collector(cfg, step) if cfg.sample_num > 0 and board.writer else None
-            cm = train.evaluate(model, val_loader, n_classes=sum(model.classes), device=device,
-                                precision=setup.precision, show_progress=not cfg.no_progress, sample_hook=samples,
-                                predict=method.predict, what=f"step {step} validation")
-            res = cm.results()
+            res = validate(train.epoch_label(step, epoch, cfg.epochs), samples)
             score = res["Mean IoU"]
-            log.info("%s validation mIoU %.2f %%", train.epoch_label(step, epoch, cfg.epochs), 100 * score)
             if step > 0 and logger.once("masked validation"):
                 log.info("note: validation at step > 0 scores the step's own labels (old classes masked to "
                          "background, --data_masking %s, as in the reference), so its mIoU is not the test "
                          "mIoU over all classes seen so far printed after the step", cfg.data_masking)
-            if cfg.select_best_on_val:
+            if cfg.select_best_on_val and not interval:
                 selection = select_best(selection, model, res["Class IoU"], setup.n_old, epoch)
             board.scalar(f"Val_MeanIoU/{step}", score, epoch)
             board.scalar(f"Val_Overall_Acc/{step}", res["Overall Acc"], epoch)
@@ -184,13 +207,25 @@ def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, b
                             **({"selection": selection} if selection else {}))
     if selection:
         model.load_state_dict(selection["state"])
-        log.info("step %d: keeping the weights of epoch %d/%d, the best validation mIoU of the step's new classes "
-                 "(%.2f %%; --select_best_on_val: on VOC and ADE20K the validation images are the test images)",
-                 step, selection["epoch"] + 1, cfg.epochs, 100 * selection["score"])
+        at = f"update {selection['update']}" if selection.get("update") else f"epoch {selection['epoch'] + 1}"
+        log.info("step %d: keeping the weights of %s (epoch %d/%d), the best validation mIoU of the step's new "
+                 "classes (%.2f %%; --select_best_on_val: on VOC and ADE20K the validation images are the test images)",
+                 step, at, selection["epoch"] + 1, cfg.epochs, 100 * selection["score"])
     return score
 
 
-def select_best(selection: dict | None, model, class_iou: dict, n_old: int, epoch: int) -> dict | None:
+def selection_interval(cfg, updates_per_epoch: int) -> int:
+    """Optimiser updates between the validations of ``--val_every_iters`` (0: none); ``auto`` is SSUL's
+    ``max(100, total // 100)`` (clovaai/SSUL main.py L362-363)."""
+    if not cfg.select_best_on_val or not cfg.val_every_iters:
+        return 0
+    if cfg.val_every_iters == "auto":
+        return max(100, cfg.epochs * updates_per_epoch // 100)
+    return int(cfg.val_every_iters)
+
+
+def select_best(selection: dict | None, model, class_iou: dict, n_old: int, epoch: int,
+                update: int | None = None) -> dict | None:
     """SSUL's model selection: the weights with the best validation mIoU of the step's new classes (every class at
     step 0), kept in memory and in the in-step checkpoint."""
     values = [v for k, v in class_iou.items() if k >= n_old and isinstance(v, float)]
@@ -198,7 +233,7 @@ def select_best(selection: dict | None, model, class_iou: dict, n_old: int, epoc
         return selection
     new_score = sum(values) / len(values)
     if selection is None or new_score > selection["score"]:
-        return {"score": new_score, "epoch": epoch,
+        return {"score": new_score, "epoch": epoch, "update": update,
                 "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     return selection
 
@@ -236,7 +271,17 @@ def run_record(cfg, step: int, lr: float, recipe: Recipe | None, norm_layers: st
             "grad_accum": cfg.grad_accum, "overlap": bool(cfg.overlap), "random_seed": cfg.random_seed,
             "recipe": recipe.id if recipe else None, "data": data_kind(cfg.data_root),
             "norm_act": cfg.norm_act, "norm_layers": norm_layers,
+            "selected_on": selected_on(cfg),
             "train_id": uuid.uuid4().hex[:16], "command": command_line()}
+
+
+def selected_on(cfg) -> str | None:
+    """Where ``--select_best_on_val`` picks the step's weights: the validation images are the test images unless
+    validation comes from the training set (``--cross_val``) or the test set does (``--val_on_trainset``). The ledger
+    flags results selected on the test images."""
+    if not cfg.select_best_on_val:
+        return None
+    return "held-out images" if cfg.cross_val or cfg.val_on_trainset else "the test images"
 
 
 def command_line() -> str:
@@ -412,7 +457,8 @@ def main(argv=None) -> int:
     cfg = None
     logger.reset_once()
     try:
-        cfg = parse_config(argv)
+        notes: list[str] = []
+        cfg = parse_config(argv, notes=notes)
         logger.setup_logging(cfg.debug)
         method = build_method(cfg)  # once per call: every step and check below uses this stack
         with experiment_lock(cfg):
@@ -421,6 +467,8 @@ def main(argv=None) -> int:
             init_distributed(device.type)
             logger.setup_logging(cfg.debug)  # again: the rank (log prefix, rank-0-only INFO) is known only now
             start_run_files(cfg)
+            for note in notes:  # the command line's warnings, now that run.log records them too
+                log.warning("%s", note)
             if note := norm_fallback_note(cfg, method):
                 log.info(note)
             recipe = find_recipe(cfg)

@@ -61,6 +61,8 @@ class EpochSetup:
     show_progress: bool = False
     epochs: int = 0  # epochs of the step, for "epoch e/E" in the log (0: unknown)
     hooks: object = None  # the method's per-batch hook (``compose_batch(TrainInputs) -> TrainInputs``); None = none
+    after_update: Callable[[], None] | None = None  # after every optimiser update (e.g. SSUL's validation); must
+    # leave the model in training mode
 
 
 def split_item(batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -172,6 +174,8 @@ def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, e
             setup.scaler.update()
             setup.optimizer.zero_grad(set_to_none=True)
             setup.scheduler.step()
+            if setup.after_update is not None:  # it leaves the model in training mode
+                setup.after_update()
         last = {k: v.detach() for k, v in losses.items()}
         window.append((it, last))
         for k, v in last.items():

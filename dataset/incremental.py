@@ -26,7 +26,7 @@ from dataset.base import Reader, _decode, _label_array
 from dataset.cityscapes_domain import DomainIncremental
 from dataset.readers import READERS
 from dataset.tasks import canonical_task, get_task_labels
-from dataset.transform import ToTensor, eval_preset, train_preset
+from dataset.transform import TRAIN_PRESETS, ToTensor, eval_preset
 from utils.constants import BACKGROUND, IGNORE_INDEX
 from utils.errors import UserError
 from utils.io import atomic_save_numpy, atomic_write_text
@@ -288,11 +288,13 @@ def step_cache_dir(cache_root: str, dataset: str, task: str, overlap: bool) -> s
 
 def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bool, data_masking: str = "current",
                    crop_size: int, crop_val: bool = True, cache_root: str = "data", test_on_val: bool = False,
-                   val_on_trainset: bool = False, cross_val: bool = False, seed: int = 42):
+                   val_on_trainset: bool = False, cross_val: bool = False, seed: int = 42, augment: str = "reference",
+                   test_unseen: str = "background"):
     """``(train, val, test)`` for one step, as the reference ``get_dataset``.
 
     train: train split, ``overlap`` filtering, masked; val: val split, overlap filtering, masked the same way
-    (old classes -> 0); test: val split (train split with ``val_on_trainset``), cumulative labels, unseen -> 0.
+    (old classes -> 0); test: val split (train split with ``val_on_trainset``), cumulative labels, unseen -> 0
+    (``test_unseen="ignore"``: unseen -> 255, SSUL's metric). ``augment``: a key of ``TRAIN_PRESETS``.
     ``cross_val``: the reference's ``random_split`` of the train dataset, 80 % train / 20 % val, drawn from a
     generator seeded with ``seed`` (= the reference's global RNG right after ``torch.manual_seed(random_seed)``);
     the val part keeps the train transform and masking, as in the reference."""
@@ -313,11 +315,11 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
     if getattr(reader_cls, "DOMAIN_INCREMENTAL", False):
         return _domain_datasets(train_reader, labels=labels, labels_old=labels_old, step=step, folder=folder,
                                 crop_size=crop_size, crop_val=crop_val, val_on_trainset=val_on_trainset,
-                                cross_val=cross_val, seed=seed, describe=describe)
+                                cross_val=cross_val, seed=seed, describe=describe, augment=augment)
 
     train = IncrementalSegmentation(
         train_reader, labels=labels, labels_old=labels_old, overlap=overlap, masking=data_masking, train=True,
-        transform=train_preset(crop_size), idxs_path=os.path.join(folder, f"train-{step}.npy"),
+        transform=TRAIN_PRESETS[augment](crop_size), idxs_path=os.path.join(folder, f"train-{step}.npy"),
         presence_dir=presence_dir, test_on_val=test_on_val, description=describe("train"))
     if cross_val:
         val = _cross_val_split(train, seed, describe("cross-validation"))
@@ -329,18 +331,19 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
     test_split = "train" if val_on_trainset else "val"
     test = IncrementalSegmentation(
         train_reader if val_on_trainset else val_reader, labels=labels_old + labels, labels_old=(), overlap=True,
-        masking="current", train=val_on_trainset, transform=eval_preset(crop_size, crop_val),
+        masking="new" if test_unseen == "ignore" else "current", train=val_on_trainset,
+        transform=eval_preset(crop_size, crop_val),
         idxs_path=os.path.join(folder, f"test_on_{test_split}-{step}.npy"), presence_dir=presence_dir,
         test_on_val=test_on_val, description=describe(f"test ({test_split})"))
     return train, val, test
 
 
 def _domain_datasets(reader, *, labels, labels_old, step, folder, crop_size, crop_val, val_on_trainset, cross_val,
-                     seed, describe):
+                     seed, describe, augment="reference"):
     """PLOP's cityscapes_domain ``get_dataset``: train and validation split the step's cities 80/20, the test set is
     the 20 % of every city seen so far (the 80 % with ``--val_on_trainset``)."""
     eval_transform = eval_preset(crop_size, crop_val)
-    train = DomainIncremental(reader, cities=labels, train=True, transform=train_preset(crop_size),
+    train = DomainIncremental(reader, cities=labels, train=True, transform=TRAIN_PRESETS[augment](crop_size),
                               idxs_path=os.path.join(folder, f"train-{step}.npy"), description=describe("train"))
     if cross_val:
         val = _cross_val_split(train, seed, describe("cross-validation"))
@@ -359,4 +362,5 @@ def build_step_datasets(cfg, step: int):
     return build_datasets(dataset=cfg.dataset, root=cfg.data_root, task=cfg.task, step=step, overlap=cfg.overlap,
                           data_masking=cfg.data_masking, crop_size=cfg.crop_size, crop_val=cfg.crop_val,
                           cache_root=cfg.cache_root, test_on_val=cfg.test_on_val,
-                          val_on_trainset=cfg.val_on_trainset, cross_val=cfg.cross_val, seed=cfg.random_seed)
+                          val_on_trainset=cfg.val_on_trainset, cross_val=cfg.cross_val, seed=cfg.random_seed,
+                          augment=cfg.train_augment, test_unseen=cfg.test_unseen)

@@ -104,6 +104,55 @@ class RandomHorizontalFlip:
         return f"RandomHorizontalFlip(p={self.p})"
 
 
+class RandomScale:
+    """Resize by a factor drawn uniformly from ``scale`` (SSUL's ExtRandomScale): size ``int(side * factor)``."""
+
+    def __init__(self, scale=(0.5, 2.0)):
+        self.scale = scale
+
+    def __call__(self, image, label):
+        factor = _uniform(*self.scale)
+        w, h = image.size
+        new = (int(w * factor), int(h * factor))
+        return image.resize(new, Image.BILINEAR), _each(label, lambda m: m.resize(new, Image.NEAREST))
+
+    def __repr__(self) -> str:
+        return f"RandomScale({self.scale})"
+
+
+def _pad_all_sides(image: Image.Image, pad: int, fill: int = 0) -> Image.Image:
+    canvas = Image.new(image.mode, (image.width + 2 * pad, image.height + 2 * pad), fill)
+    if image.mode == "P":
+        canvas.putpalette(image.getpalette())
+    canvas.paste(image, (pad, pad))
+    return canvas
+
+
+class PaddedRandomCrop:
+    """A random ``size`` x ``size`` crop after padding a side shorter than ``size`` (SSUL's ExtRandomCrop with
+    ``pad_if_needed``): a short width pads *every* side by ``(1 + size - width) // 2``, then a short height likewise,
+    with 0 in the image, the label (background, not 255) and any extra map (saliency)."""
+
+    def __init__(self, size: int, fill: int = 0):
+        self.size = size
+        self.fill = fill
+
+    def __call__(self, image, label):
+        for side in (0, 1):  # width, then height (of the image as padded so far)
+            if image.size[side] < self.size:
+                pad = (1 + self.size - image.size[side]) // 2
+                image = _pad_all_sides(image, pad, self.fill)
+                label = _each(label, lambda m, p=pad: _pad_all_sides(m, p, self.fill))
+        w, h = image.size
+        top = int(torch.randint(0, h - self.size + 1, (1,)).item())
+        left = int(torch.randint(0, w - self.size + 1, (1,)).item())
+        box = (left, top, left + self.size, top + self.size)
+        return image.crop(box), _each(label, lambda m: m.crop(box))
+
+    def __repr__(self) -> str:
+        return f"PaddedRandomCrop({self.size}, fill={self.fill})"
+
+
 class Resize:
     """Resize so that the short side is ``size`` (long side ``int(size * long / short)``, as torchvision)."""
 
@@ -189,6 +238,17 @@ def labels_to_device(labels: torch.Tensor, device=None) -> torch.Tensor:
 def train_preset(crop_size: int) -> Compose:
     """RandomResizedCrop(crop_size, area fraction 0.5..2.0) + horizontal flip + ToTensor (normalised on the device)."""
     return Compose([RandomResizedCrop(crop_size, scale=(0.5, 2.0)), RandomHorizontalFlip(0.5), ToTensor()])
+
+
+def ssul_train_preset(crop_size: int) -> Compose:
+    """SSUL's training augmentation (clovaai/SSUL main.py L105-113): scale by 0.5..2, padded random crop (label and
+    saliency padded with 0), horizontal flip, ToTensor."""
+    return Compose([RandomScale((0.5, 2.0)), PaddedRandomCrop(crop_size, fill=0), RandomHorizontalFlip(0.5),
+                    ToTensor()])
+
+
+# --train_augment: the training transform of each published code base
+TRAIN_PRESETS = {"reference": train_preset, "ssul": ssul_train_preset}
 
 
 def eval_preset(crop_size: int, crop_val: bool = True) -> Compose:

@@ -9,8 +9,9 @@ import argparse
 
 from methods import add_extension_args, add_method_args
 from models import BACKBONES
-from utils.flags import (DEFAULT_PARAM_GROUPS, IGNORED, INVERTED, NOT_IMPLEMENTED, ArgumentParser, mark,
-                         momentum_value, nonnegative_float, nonnegative_int, plain_name, positive_float, positive_int)
+from utils.flags import (DEFAULT_PARAM_GROUPS, IGNORED, INVERTED, NOT_IMPLEMENTED, ArgumentParser,
+                         iterations_or_auto, mark, momentum_value, nonnegative_float, nonnegative_int, plain_name,
+                         positive_float, positive_int)
 
 __all__ = ["ArgumentParser", "IGNORED", "get_argparser"]
 
@@ -45,7 +46,13 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
                    help="folder of the index caches {cache_root}/{dataset}/{task}[-ov]/*.npy (default: "
                         "$CISS_CACHE_DIR, else $XDG_CACHE_HOME/ciss or ~/.cache/ciss, one sub-folder per --data_root; "
                         "the reference used data/)")
-    mark(g, resume_free=("data_root", "cache_root"))
+    g.add_argument("--train_augment", default="reference", choices=["reference", "ssul"],
+                   help="training augmentation: reference = random-resized crop (area 0.5-2) + flip (MiB/PLOP/AWT); "
+                        "ssul = SSUL's scale 0.5-2, random crop padded with 0 (label: background) + flip")
+    g.add_argument("--test_unseen", default="background", choices=["background", "ignore"],
+                   help="test pixels of classes not seen yet at an intermediate step: background = counted as "
+                        "background (MiB/PLOP/AWT), ignore = left out of the metrics (SSUL); the last step has none")
+    mark(g, resume_free=("data_root", "cache_root", "test_unseen"))
 
 
 def _add_training(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +98,9 @@ def _add_validation(parser: argparse.ArgumentParser) -> None:
                    help="keep the weights of the validation with the best mIoU of the step's new classes instead of "
                         "the last ones (SSUL's model selection; on VOC and ADE20K the validation images ARE the test "
                         "images, so this selects on the test set)")
+    g.add_argument("--val_every_iters", type=iterations_or_auto, default=0,
+                   help="with --select_best_on_val, also validate every N optimiser updates (auto: SSUL's "
+                        "max(100, updates of the step // 100)); 0: at the --val_interval epochs only")
     g.add_argument("--crop_val", action="store_false", default=True,
                    help=INVERTED + "passing it turns cropping OFF: evaluation on full images (batch 1); default: "
                         "centre crops of --crop_size")

@@ -117,10 +117,12 @@ def _resolve_outputs(ns: argparse.Namespace, parser: argparse.ArgumentParser, ar
 
 
 def parse_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None, *,
-                 warn: bool = True):
+                 warn: bool = True, notes: list[str] | None = None):
     """Parse the command line; ``--method`` presets become parser defaults, so explicit flags win. Derived
-    defaults: output folders under ``--output_dir``, the cache folder, ``--name``. ``warn=False``: no log lines
-    (parsing a published recipe's flags to compare them)."""
+    defaults: output folders under ``--output_dir``, the cache folder, ``--name``. Warnings (a flag the method
+    ignores, an explicit flag overriding the preset) go to ``notes`` when given, for an entry point to log once its
+    logging is set up, else to the log now; ``warn=False``: none (parsing a published recipe's flags to compare
+    them)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = parser or get_argparser()
     method, dataset = _method_from_argv(parser, argv)
@@ -130,12 +132,16 @@ def parse_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentPar
     given = given_dests(parser, argv)
     preset_set = {k for k, v in preset.items() if k not in given and v != defaults.get(k)}
     # flags of plugins that are off are refused before the strict parse, so that their values cannot hide the reason
-    check_flag_owners(parser, parser.parse_known_args(argv)[0], given | preset_set, preset_set=preset_set, warn=warn)
+    said = check_flag_owners(parser, parser.parse_known_args(argv)[0], given | preset_set, preset_set=preset_set)
     ns = parser.parse_args(argv)
-    if method is not None and warn:
-        for key, value in preset.items():
-            if key in given and getattr(ns, key) != value:
-                log.warning("--%s %s overrides the %s preset value %s", key, getattr(ns, key), method, value)
+    if method is not None:
+        said += [f"--{key} {getattr(ns, key)} overrides the {method} preset value {value}"
+                 for key, value in preset.items() if key in given and getattr(ns, key) != value]
+    if warn and notes is not None:
+        notes.extend(said)
+    elif warn:
+        for line in said:
+            log.warning("%s", line)
     _resolve_outputs(ns, parser, argv)
     cfg = config_from_namespace(ns)
     if getattr(cfg, "name", "") is None:

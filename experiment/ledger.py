@@ -6,7 +6,8 @@ runs it, and ours next to it once a result CSV exists.
 
 A row's result is the newest CSV ``{date}_{dataset}_{task}_{name}.csv`` of its setting, protocol and run name. It is
 flagged when its run record (``.run.json``, written by run.py) shows another lr, epoch count or effective batch than
-the recipe of the row's wrapper, another class order, missing steps, or no record at all.
+the recipe of the row's wrapper, another class order, weights selected on the test images (``--select_best_on_val``
+on VOC and ADE20K, as SSUL did), missing steps, or no record at all.
 """
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ def flags(row: Row, run: report.Run) -> list[str]:
             out.append(f"epochs {rec.get('epochs')}≠{recipe.epochs_at(step)} (step {step})")
         if rec.get("task") and canonical_task(row.dataset, rec["task"]) != recipe.task:
             out.append(f"class order {rec['task']}≠{recipe.task}")
+        if rec.get("selected_on") == "the test images":
+            out.append("selected on the test images")
     return list(dict.fromkeys(out))  # each difference once, in step order
 
 

@@ -17,7 +17,6 @@ published scripts pass without effect) are accepted with a warning.
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import Any, Callable, Iterable
 
 from dataset.tasks import is_domain_incremental
@@ -27,9 +26,6 @@ from methods.stack import resolve_init_plan, resolve_plugins
 from utils.errors import UserError
 from utils.flags import (CLASS_INCREMENTAL, DEFAULT_PARAM_GROUPS, TRANSFER_INIT, WITH_TRANSFER, flag_name,
                          requirements)
-
-log = logging.getLogger(__name__)
-
 
 def _method_names(owner: type[Method]) -> str:
     names = [name for name, cls in METHODS.items() if issubclass(cls, owner)]
@@ -79,14 +75,20 @@ REQUIREMENTS: dict[str, Callable[[Any, type[Method], list[type[Extension]]], str
 
 
 def check_flag_owners(parser: argparse.ArgumentParser, cfg: Any, used: Iterable[str], *,
-                      preset_set: Iterable[str] = (), warn: bool = True) -> None:
+                      preset_set: Iterable[str] = ()) -> list[str]:
     """Refuse (``UserError``, one line) the first used flag whose owner is off or whose requirement the run does not
-    meet, naming the other flags refused for the same reason; warn about the method's ``ignored_flags``. ``preset_set``: the used flags that only the preset set."""
+    meet, naming the other flags refused for the same reason. Returns the warnings about the method's
+    ``ignored_flags`` for the caller to log. ``preset_set``: the used flags that only the preset set."""
     method, extensions = resolve_plugins(cfg)
     used, preset_set = set(used), set(preset_set)
     refused: list[tuple[str, str, str]] = []  # (flag, origin, problem)
+    warnings: list[str] = []
     for action in parser._actions:
         if action.dest not in used or not action.option_strings:
+            continue
+        if action.dest in method.ignored_flags:  # accepted whatever its owner, as the published scripts pass it
+            warnings.append(f"{flag_name(action)} has no effect with --method {method.name}: "
+                            f"{method.ignored_flags[action.dest]}")
             continue
         origin = f" (set by --method {method.name})" if action.dest in preset_set else ""
         problems = [_owner_problem(action, method, extensions)]
@@ -94,14 +96,9 @@ def check_flag_owners(parser: argparse.ArgumentParser, cfg: Any, used: Iterable[
         problems = [p for p in problems if p]
         if not problems:
             continue
-        if action.dest in method.ignored_flags:
-            if warn:
-                log.warning("%s has no effect with --method %s: %s", flag_name(action), method.name,
-                            method.ignored_flags[action.dest])
-            continue
         refused.append((flag_name(action), origin, problems[0]))
     if not refused:
-        return
+        return warnings
     flag, origin, problem = refused[0]
     also = [f for f, _, p in refused[1:] if p.replace(f, flag, 1) == problem]
     suffix = f" (the same for {', '.join(also)})" if also else ""

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 
 from dataset.incremental import IncrementalSegmentation, build_step_datasets
 from dataset.tasks import classes_per_step, get_task_labels
-from dataset.transform import eval_preset, images_to_device, labels_to_device, train_preset
+from dataset.transform import TRAIN_PRESETS, eval_preset, images_to_device, labels_to_device
 from methods.base import INIT_OWN_THEN_TRANSFER, Batch, Capabilities, LossTerm, Method, StepContext, TrainInputs, \
     TransferSource
 from methods.memory import MemoryFeeder, memory_path, mix_rows, read_memory, select_balanced, write_memory_step
@@ -320,9 +320,9 @@ class SSUL(Method):
         idxs = [index[img] for img in images]
         while len(idxs) < self.cfg.batch_size:
             idxs = idxs * 2
+        transform = TRAIN_PRESETS[self.cfg.train_augment](self.cfg.crop_size)
         memory = IncrementalSegmentation(train.reader, labels=labels, labels_old=labels_old, masking="current+old",
-                                         transform=train_preset(self.cfg.crop_size), idxs=idxs,
-                                         description=f"SSUL-M memory of step {ctx.step}")
+                                         transform=transform, idxs=idxs, description=f"SSUL-M memory of step {ctx.step}")
         if "saliency" in train.reader.AUX and not self.options.ssul_memory_unshifted:
             memory = memory.with_aux(("saliency",))
         return build_loader(memory, batch_size=self.cfg.batch_size, train=True, num_workers=self.cfg.num_workers,

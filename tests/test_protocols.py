@@ -433,7 +433,8 @@ def test_ledger_fills_ours_and_flags_what_differs(tmp_path, capsys):
     path = _order_csv(tmp_path, "15-1", 0.6, 0.2)  # MiB_AWT on VOC 15-1: the AWT Table 8 default row
     for step in range(6):
         update_run_record(path, step, {"task": "15-1", "lr": 0.02 if step == 0 else 0.001, "epochs": 30,
-                                       "effective_batch": 24 if step else 8})
+                                       "effective_batch": 24 if step else 8,
+                                       "selected_on": "the test images" if step == 5 else None})
     plop = _order_csv(tmp_path, "15-1", 0.7, 0.3, name="PLOP")  # no run record
     assert os.path.exists(plop)
     assert report.main(["--ledger", str(tmp_path)]) == 0
@@ -442,7 +443,8 @@ def test_ledger_fills_ours_and_flags_what_differs(tmp_path, capsys):
     cells = [c.strip() for c in awt.split("|")]
     assert cells[4] == "59.1 / 17.2 / 49.1" and cells[5] == "60.0 / 20.0 / 50.5" and cells[6] == "+1.4"
     assert cells[7] == "26.6 / 30.0"  # hIoU: 2 * 59.1 * 17.2 / (59.1 + 17.2), derived; ours 2 * 60 * 20 / 80
-    assert cells[8] == "steps 2/6; batch 8≠24 (step 0)"  # only steps 0 and 5 have rows
+    # only steps 0 and 5 have rows; step 5 kept the weights of its best validation on the test images
+    assert cells[8] == "steps 2/6; batch 8≠24 (step 0); selected on the test images"
     plop_row = next(ln for ln in out.splitlines() if ln.startswith("| plop-t1-plop-15-1 "))
     assert "no run record" in plop_row
     assert f"2 of {len(load_ledger())} rows have a result" in out
@@ -457,7 +459,8 @@ def test_reproduction_doc_is_the_generated_ledger():
     for row in load_ledger():  # every row names a wrapper that exists and a command that runs it
         recipe = recipe_of(row)
         assert os.path.isfile(os.path.join(ROOT, "scripts", row.wrapper + ".sh"))
-        assert recipe.batch == (32 if recipe.id in ("ssul-voc", "ssul-awt-voc") else 24)  # SSUL's README: 32 on VOC
+        ssul_voc = ("ssul-voc", "ssul-m-voc", "ssul-awt-voc", "ssul-m-awt-voc")
+        assert recipe.batch == (32 if recipe.id in ssul_voc else 24)  # SSUL's README: 32 on VOC
         assert f"scripts/{row.wrapper}.sh" in row.command
         # a number, or a row that says it awaits one (DropClass: the paper's tables were not retrieved)
         assert row.published or (row.src == "" and "no published number" in row.note), row.id

@@ -321,3 +321,23 @@ def test_three_steps_survive_a_kill(voc, tmp_path, awt):
     assert [r.split(",")[0] for r in rows] == ["0", "1", "2"]
     if awt:
         assert list((tmp_path / "out" / "channels").rglob("step2_*.pt"))
+
+
+def test_the_pod_flags_rcil_scripts_pass_are_accepted_with_one_warning():
+    from experiment.config import parse_config
+
+    notes: list[str] = []
+    cfg = parse_config(["--method", "RCIL", "--pod", "local", "--pod_logits"], notes=notes)
+    assert cfg.pod == "local" and len(notes) == 2
+    assert notes[0].startswith("--pod has no effect with --method RCIL: PCKD replaces PLOP's POD")
+    assert notes[1].startswith("--pod_logits has no effect with --method RCIL")
+
+
+@pytest.mark.slow
+def test_a_run_warns_about_an_ignored_flag_once(voc, tmp_path, caplog):
+    import run
+
+    with caplog.at_level("WARNING"):
+        assert run.main(smoke_args(voc, tmp_path, extra=["--method", "RCIL", "--pod", "local"])) == 0
+    said = [r.getMessage() for r in caplog.records if "has no effect" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("--pod has no effect with --method RCIL")

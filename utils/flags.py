@@ -178,6 +178,11 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+def iterations_or_auto(text: str) -> int | str:
+    """argparse type: ``auto`` or an iteration count >= 0."""
+    return "auto" if text == "auto" else nonnegative_int(text)
+
+
 def plain_name(text: str) -> str:
     """argparse type: a name used in file names (no path separator, no '..', not empty)."""
     if not text or text in (".", "..") or "/" in text or "\\" in text or ".." in text or "\0" in text:
