@@ -22,13 +22,14 @@ import torch
 from dataset.readers import READERS
 from dataset.tasks import order
 from experiment.builders import (build_model, build_step_datasets, classes_for_step, data_kind, log_folder,
-                                 norm_fallback_note, norm_layers_used, resolve_precision, select_device)
+                                 norm_fallback_note, resolve_precision, select_device)
 from experiment.checkpoints import (checkpoint_content, ckpt_path, load_previous_into, load_previous_step,
                                     load_weights, restored_selection, resume_if_possible)
 from experiment.config import parse_config, step_lrs, to_dict
 from experiment.recipes import Recipe, match
 from experiment.validate import check_writable, validate_run
 from methods import MethodStack, StepContext, build_method
+from modules.norm import describe_norm_layers
 from metrics.report import read_run, step_scores
 from metrics.results import (csv_row, format_summary, read_rows, results_csv_path, summary_path, update_run_record,
                              upsert_row)
@@ -150,10 +151,10 @@ def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, b
     interval = selection_interval(cfg, per_epoch)
     state = {"updates": start_epoch * per_epoch, "epoch": start_epoch}
 
-    def validate(where: str, samples=None) -> dict:
+    def validate(where: str, what: str, samples=None) -> dict:
         cm = train.evaluate(model, val_loader, n_classes=sum(model.classes), device=device, precision=setup.precision,
                             show_progress=not cfg.no_progress, sample_hook=samples, predict=method.predict,
-                            what=f"{where} validation")
+                            what=what)
         res = cm.results()
         log.info("%s validation mIoU %.2f %%", where, 100 * res["Mean IoU"])
         return res
@@ -162,7 +163,8 @@ def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, b
         nonlocal selection
         state["updates"] += 1
         if state["updates"] % interval == 0:
-            res = validate(f"step {step} update {state['updates']}")
+            where = f"step {step} update {state['updates']}"
+            res = validate(where, f"{where} validation")
             selection = select_best(selection, model, res["Class IoU"], setup.n_old, state["epoch"],
                                     update=state["updates"])
             model.train()
@@ -187,7 +189,7 @@ def fit(cfg, step: int, model, train_model, model_old, loaders, setup, device, b
             board.scalar(f"E-{k}/{step}", v, epoch)
         if (epoch + 1) % cfg.val_interval == 0:  # the reference validates at multiples only
             samples = sample_collector(cfg, step) if cfg.sample_num > 0 and board.writer else None
-            res = validate(train.epoch_label(step, epoch, cfg.epochs), samples)
+            res = validate(train.epoch_label(step, epoch, cfg.epochs), f"step {step} validation", samples)
             score = res["Mean IoU"]
             if step > 0 and logger.once("masked validation"):
                 log.info("note: validation at step > 0 scores the step's own labels (old classes masked to "
@@ -352,11 +354,11 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
                          tested_record(ckpt, cfg.ckpt or final_path))
     log.info("== step %d (%s): %d epochs of %d iterations, lr %g, %s", step, position, cfg.epochs,
              len(loaders[0]), lr, describe_batch(cfg))
-    record = run_record(cfg, step, lr, recipe, norm_layers_used(cfg, method))
     ctx = StepContext(step=step, classes=classes_for_step(cfg, step), model=None, device=device,
                       train_loader=loaders[0], world_size=get_world_size(), autocast=precision.autocast,
                       train_dataset=train_dataset, method=method)
     model, model_old, trainer_state = prepare_models(cfg, step, device, first_step_of_call, method=method, ctx=ctx)
+    record = run_record(cfg, step, lr, recipe, describe_norm_layers(model))
     setup, ctx = build_setup(cfg, step, lr, model, model_old, loaders[0], trainer_state, precision, device,
                              method=method, ctx=ctx)
     start_epoch = resume_if_possible(cfg, model, setup, final_path, method, lr, record)

@@ -138,7 +138,13 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--backbone", default="resnet101", choices=[n for n, f in BACKBONES.items() if f.selectable],
                    help="backbone family: resnet* in the In-Place ABN layout of the reference code, tv_resnet* in "
-                        "torchvision's layout with BatchNorm")
+                        "torchvision's layout with BatchNorm; mit_b0-b5, swin_t/s/b, convnext_t/s/b from Hugging "
+                        "Face transformers (four stages, stride 32; weights: pretrained/README.md)")
+    g.add_argument("--head", default=None,
+                   help="the head on the backbone's features: deeplabv3 (the reference's, on the deepest stage), "
+                        "segformer (SegFormer's all-MLP decoder over every stage), aspp (torchvision/SSUL's); "
+                        "default: the backbone family's (deeplabv3 for the ResNets, segformer for the transformer "
+                        "backbones); methods that build their own head (SSUL, RCIL) refuse another")
     g.add_argument("--output_stride", type=positive_int, default=None,
                    help="output stride of the backbone's deepest feature, one its family supports (ResNets: 8, 16 "
                         "or 32; default: the family's, 16 for the ResNets)")

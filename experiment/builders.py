@@ -12,7 +12,7 @@ from dataset.synthetic import is_synthetic
 from dataset.tasks import classes_per_step
 from methods import MethodStack
 from models import BACKBONES
-from modules.norm import norm_implementation, plain_fallback
+from modules.norm import plain_fallback
 from segmentation_module import HEAD_LAYOUTS, IncrementalSegmentationModule, ModelSpec, build_model_from_spec, \
     check_spec
 from train import Precision
@@ -29,9 +29,12 @@ def classes_for_step(cfg, step: int) -> list[int]:
 
 def model_spec(cfg, step: int, method: MethodStack) -> ModelSpec:
     """The model parts of ``step``: the model flags, adjusted by the method's plugins."""
-    spec = ModelSpec(backbone=cfg.backbone, norm_act=cfg.norm_act, output_stride=cfg.output_stride,
-                     pooling=cfg.pooling, head=BACKBONES.get_entry(cfg.backbone, "--backbone").default_head)
-    return method.model_spec(spec, step)
+    head = cfg.head or BACKBONES.get_entry(cfg.backbone, "--backbone").default_head
+    spec = method.model_spec(ModelSpec(backbone=cfg.backbone, norm_act=cfg.norm_act, output_stride=cfg.output_stride,
+                                       pooling=cfg.pooling, head=head), step)
+    if cfg.head and spec.head != cfg.head:
+        raise UserError(f"--method {cfg.method} builds its own head ({spec.head}); drop --head {cfg.head}")
+    return spec
 
 
 def heads_for_step(cfg, step: int, method: MethodStack) -> list[int]:
@@ -78,14 +81,6 @@ def _uses_norm_act(cfg, method: MethodStack) -> bool:
     """Whether the model's layers come from ``--norm_act`` (torchvision-layout backbones with the ASPP head do not)."""
     spec = model_spec(cfg, 0, method)
     return BACKBONES[spec.backbone].uses_norm_act or spec.head == "deeplabv3"
-
-
-def norm_layers_used(cfg, method: MethodStack) -> str:
-    """What computes the model's norm layers in this process (the run record says it: a pure-PyTorch ABN matches
-    inplace_abn to float32 rounding, not bit for bit)."""
-    if not _uses_norm_act(cfg, method):
-        return "torch.nn.BatchNorm2d (the backbone family's own layers)"
-    return norm_implementation(cfg.norm_act)
 
 
 def norm_fallback_note(cfg, method: MethodStack) -> str | None:

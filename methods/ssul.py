@@ -50,7 +50,7 @@ from methods.base import INIT_OWN_THEN_TRANSFER, Batch, Capabilities, LossTerm, 
     TransferSource
 from methods.memory import MemoryFeeder, memory_path, mix_rows, read_memory, select_balanced, write_memory_step
 from methods.registry import register_method
-from models import family_in_layout
+from models import BACKBONES, family_in_layout
 from modules import ssul as _parts  # noqa: F401  (registers the conv_head classifier and the unknown_first layout)
 from modules.heads import final_layer
 from utils.constants import IGNORE_INDEX
@@ -170,7 +170,11 @@ class SSUL(Method):
 
     # ---- model -------------------------------------------------------------------------------------------------
     def model_spec(self, spec: Any, step: int) -> Any:
-        return spec.replace(backbone=family_in_layout(spec.backbone, "torchvision"), head="aspp",
+        # SSUL's ResNets are torchvision's (its ImageNet weights); other families (transformers) stay as they are
+        backbone = spec.backbone
+        if BACKBONES.get_entry(backbone, "--backbone").layout == "inplace_abn":
+            backbone = family_in_layout(backbone, "torchvision")
+        return spec.replace(backbone=backbone, head="aspp",
                             classifier=self.capabilities.classifier, head_layout="unknown_first",
                             backbone_bn_momentum=0.01)
 

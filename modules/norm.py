@@ -197,16 +197,23 @@ def plain_fallback(name: str) -> str | None:
     return {"iabn": "ABN(abs_weight=True)", "iabn_sync": "ABNSync(abs_weight=True)"}.get(name)
 
 
-def norm_implementation(name: str) -> str:
-    """Which code computes ``--norm_act name`` in this process, for the run record: the compiled package (with its
-    version) or this file's pure-PyTorch layers, which match it to float32 rounding but not bit for bit."""
-    fallback = plain_fallback(name)
-    if fallback is not None:
-        return f"pure-PyTorch {fallback} (inplace_abn not importable)"
-    if name in ("iabn", "iabn_sync") and _inplace_abn is not None:
-        version = getattr(_inplace_abn, "__version__", "unknown version")
-        return f"inplace_abn {version} {'InPlaceABNSync' if name == 'iabn_sync' else 'InPlaceABN'}"
-    return {"abn": "pure-PyTorch ABN", "std": "torch.nn.BatchNorm2d + leaky ReLU"}.get(name, name)
+def describe_norm_layers(model: nn.Module) -> str:
+    """Which code computes the model's norm layers in this process, for the run record: the compiled inplace_abn
+    package (with its version) or this file's pure-PyTorch layers, which match it to float32 rounding but not bit for
+    bit, or torch's BatchNorm."""
+    kinds = set()
+    for module in model.modules():
+        if not is_norm_layer(module):
+            continue
+        cls = type(module)
+        if cls.__module__.split(".")[0] == "inplace_abn":
+            kinds.add(f"inplace_abn {getattr(_inplace_abn, '__version__', '(unknown version)')} {cls.__name__}")
+        elif isinstance(module, ABN):
+            kinds.add(f"pure-PyTorch {cls.__name__}" + (" (|weight| + eps scale, as InPlaceABN)"
+                                                          if module.abs_weight else ""))
+        else:
+            kinds.add(f"torch {cls.__name__}")
+    return ", ".join(sorted(kinds)) or "none"
 
 
 def is_norm_layer(module: nn.Module) -> bool:

@@ -28,18 +28,17 @@ def _awt_args(data_root, out, step0, *extra):
 
 def test_run_computes_writes_and_uses_the_mask(synthetic_voc, tmp_path, step0, monkeypatch):
     import run
-    import segmentation_module
     from methods import awt
     from experiment.config import parse_config
 
     seen = {}
-    original = segmentation_module.IncrementalSegmentationModule.init_new_classifier
+    original = awt.init_new_classifier
 
-    def spy(self, **kwargs):
+    def spy(model, **kwargs):
         seen.update(kwargs)
-        return original(self, **kwargs)
+        return original(model, **kwargs)
 
-    monkeypatch.setattr(segmentation_module.IncrementalSegmentationModule, "init_new_classifier", spy)
+    monkeypatch.setattr(awt, "init_new_classifier", spy)
     args = _awt_args(synthetic_voc, tmp_path, step0)
     assert run.main(args) == 0
     path = awt.channels_path(parse_config(args), 1)

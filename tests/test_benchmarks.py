@@ -91,3 +91,15 @@ def test_methods_benchmark_runs(capsys):
     assert rcil["parameters"] > plop["parameters"] and rcil["forward_flops"] > plop["forward_flops"]
     assert rcil["activation_bytes"] > plop["activation_bytes"]
     assert "| method | time per step vs PLOP |" in capsys.readouterr().out
+
+
+def test_backbones_benchmark_runs(capsys):
+    pytest.importorskip("transformers")
+    from benchmarks import backbones
+
+    assert backbones.main(["--device", "cpu", "--backbones", "mit_b0", "--size", "32", "--batch", "2",
+                           "--repeats", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "| backbone | head | parameters | step time / resnet101 |" in text
+    assert "| resnet101 | deeplabv3 |" in text and "| 1.00 |" in text and "| mit_b0 | segformer |" in text
+    assert "peak memory" not in text  # CPU: ratios only

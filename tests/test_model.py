@@ -410,16 +410,17 @@ def test_abn_sync_matches_full_batch(tmp_path):
         torch.testing.assert_close(r["rv"], ref.running_var)
 
 
-def test_norm_implementation_names_the_code_that_runs():
-    """The run record says which code computed the norm layers (docs/deviations.md: the pure-PyTorch ABN matches
-    inplace_abn to float32 rounding, not bit for bit)."""
+def test_the_run_record_names_the_norm_layer_code_that_runs():
+    """docs/deviations.md: the pure-PyTorch ABN matches inplace_abn to float32 rounding, not bit for bit, so the
+    run record says which code computed the norm layers."""
     from modules import norm
 
+    abn = make_model(backbone="resnet18", norm_act="abn", output_stride=16, classes=[3])
+    assert norm.describe_norm_layers(abn) == "pure-PyTorch ABN"
+    std = make_model(backbone="resnet18", norm_act="std", output_stride=16, classes=[3])
+    assert norm.describe_norm_layers(std) == "torch BatchNormAct"
+    sync = make_model(backbone="resnet18", norm_act="iabn_sync", output_stride=16, classes=[3])
     if norm.HAS_INPLACE_ABN:
-        assert norm.norm_implementation("iabn_sync").startswith("inplace_abn ")
-        assert norm.norm_implementation("iabn_sync").endswith(" InPlaceABNSync")
+        assert norm.describe_norm_layers(sync).startswith("inplace_abn ")
     else:
-        assert norm.norm_implementation("iabn_sync") == "pure-PyTorch ABNSync(abs_weight=True) (inplace_abn not " \
-                                                        "importable)"
-        assert norm.norm_implementation("iabn") == "pure-PyTorch ABN(abs_weight=True) (inplace_abn not importable)"
-    assert norm.norm_implementation("abn") == "pure-PyTorch ABN"
+        assert norm.describe_norm_layers(sync) == "pure-PyTorch ABNSync (|weight| + eps scale, as InPlaceABN)"
