@@ -68,6 +68,9 @@ def _check_protocol(cfg) -> None:
     bad = [s for s in cfg.step if not 0 <= s < n]
     if bad:
         raise UserError(f"--step {bad[0]} is outside task {cfg.task} of {cfg.dataset}, which has steps 0..{n - 1}")
+    if cfg.val_every_iters and not cfg.select_best_on_val:
+        raise UserError(f"--val_every_iters {cfg.val_every_iters} validates for the model selection only; add "
+                        "--select_best_on_val (or drop --val_every_iters)")
     if cfg.no_mask:
         raise UserError("--no_mask is not supported (the reference hit 'assert False' for VOC and Cityscapes); "
                         "use --data_masking current+old to keep old-class labels")

@@ -170,6 +170,12 @@ def test_att_outside_range(tiny_voc, tmp_path, capsys, att):
     _check(args, capsys, [tmp_path, tiny_voc], f"--att {att}", "outside (0, 100]")
 
 
+def test_val_every_iters_without_the_selection_is_refused(tiny_voc, tmp_path, capsys):
+    args = smoke_args(tiny_voc, tmp_path / "out", extra=["--val_every_iters", "auto"])
+    _check(args, capsys, [tmp_path], "--val_every_iters auto validates for the model selection only",
+           "--select_best_on_val")
+
+
 @pytest.mark.parametrize("flags, fragments", [
     (["--method", "MiB", "--pckd_weights", "1", "1", "1", "1", "1", "1"],
      ["error: --pckd_weights belongs to --method RCIL (this run: --method MiB)"]),
