@@ -190,12 +190,13 @@ def test_two_steps_through_run_py(synthetic_voc, tmp_path, run_id, caplog):
 
 
 @pytest.mark.slow
-def test_a_killed_mit_run_resumes_to_the_same_bytes(synthetic_voc, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backbone", ["mit_b0", "swin_t", "convnext_t"])
+def test_a_killed_run_resumes_to_the_same_bytes(synthetic_voc, tmp_path, monkeypatch, backbone):
     import run
     import train
 
     def args(out):
-        return smoke_args(synthetic_voc, out, extra=["--backbone", "mit_b0", "--method", "FT", "--epochs", "2",
+        return smoke_args(synthetic_voc, out, extra=["--backbone", backbone, "--method", "FT", "--epochs", "2",
                                                      "--crop_size", "64", "--lr", "0.01"])
 
     assert run.main(args(tmp_path / "whole")) == 0
