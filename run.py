@@ -358,6 +358,8 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
                       train_loader=loaders[0], world_size=get_world_size(), autocast=precision.autocast,
                       train_dataset=train_dataset, method=method)
     model, model_old, trainer_state = prepare_models(cfg, step, device, first_step_of_call, method=method, ctx=ctx)
+    if logger.once("norm fallback") and (note := norm_fallback_note(cfg, model)):
+        log.info(note)
     record = run_record(cfg, step, lr, recipe, describe_norm_layers(model))
     setup, ctx = build_setup(cfg, step, lr, model, model_old, loaders[0], trainer_state, precision, device,
                              method=method, ctx=ctx)
@@ -471,8 +473,6 @@ def main(argv=None) -> int:
             start_run_files(cfg)
             for note in notes:  # the command line's warnings, now that run.log records them too
                 log.warning("%s", note)
-            if note := norm_fallback_note(cfg, method):
-                log.info(note)
             recipe = find_recipe(cfg)
             compare_with_recipe(cfg, recipe)
             run_steps(cfg, device, recipe, method)

@@ -12,7 +12,7 @@ from dataset.synthetic import is_synthetic
 from dataset.tasks import classes_per_step
 from methods import MethodStack
 from models import BACKBONES
-from modules.norm import plain_fallback
+from modules.norm import ABN, plain_fallback
 from segmentation_module import HEAD_LAYOUTS, IncrementalSegmentationModule, ModelSpec, build_model_from_spec, \
     check_spec
 from train import Precision
@@ -77,20 +77,14 @@ def data_kind(data_root: str) -> str | None:
     return "synthetic" if is_synthetic(data_root) else None
 
 
-def _uses_norm_act(cfg, method: MethodStack) -> bool:
-    """Whether the model's layers come from ``--norm_act`` (torchvision-layout backbones with the ASPP head do not)."""
-    spec = model_spec(cfg, 0, method)
-    return BACKBONES[spec.backbone].uses_norm_act or spec.head == "deeplabv3"
-
-
-def norm_fallback_note(cfg, method: MethodStack) -> str | None:
-    """A log line when ``--norm_act`` is served by the plain implementation instead of In-Place ABN (and the model
-    uses --norm_act at all)."""
-    norm_act = cfg.norm_act
-    plain = plain_fallback(norm_act)
-    if plain is None or not _uses_norm_act(cfg, method):
+def norm_fallback_note(cfg, model) -> str | None:
+    """A log line when ``--norm_act`` is served by the plain implementation instead of In-Place ABN, read from the
+    built model (one whose norm layers do not come from ``--norm_act``, e.g. SSUL's torchvision ResNet with its
+    ASPP head, gets none)."""
+    plain = plain_fallback(cfg.norm_act)
+    if plain is None or not any(isinstance(m, ABN) for m in model.modules()):
         return None
-    return (f"--norm_act {norm_act}: the inplace_abn package is not installed, so {plain} is used (same forward "
+    return (f"--norm_act {cfg.norm_act}: the inplace_abn package is not installed, so {plain} is used (same forward "
             "and backward, interchangeable weights; more memory than In-Place ABN)")
 
 

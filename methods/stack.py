@@ -2,8 +2,9 @@
 whose flags ask for it (registration order). The step flow talks to this object only; it is built once per call
 (:func:`build_method`) and passed down.
 
-The stack resolves once what the plugins declare: the capabilities of the run (:class:`StackCapabilities`) and who
-initialises the new classifier at a step > 0 (:class:`InitPlan`, the one place that answers it).
+The stack resolves once what the plugins declare (``Capabilities``: checked against the run by
+:func:`check_capabilities`) and who initialises the new classifier at a step > 0 (:class:`InitPlan`, the one place
+that answers it).
 """
 from __future__ import annotations
 
@@ -35,21 +36,6 @@ class InitPlan:
     transfer: Any = None
     by: str | None = None
 
-    def describe(self) -> str:
-        parts = (["the method"] if self.method else []) + ([self.by] if self.transfer is not None else [])
-        return " then ".join(parts) or "nobody (random initialisation)"
-
-
-@dataclass(frozen=True)
-class StackCapabilities:
-    """The run's answers: whether every plugin supports domain-incremental steps, whether the registered loss terms'
-    flags apply, whether the default parameter groups train, and the classifier kind of the method's models."""
-
-    domain_incremental: bool
-    builds_terms: bool
-    default_param_groups: bool
-    classifier: str
-
 
 def resolve_plugins(cfg: Any) -> tuple[type[Method], list[type[Extension]]]:
     """The ``--method`` plugin class and the extension classes its flags enable, without building them."""
@@ -76,11 +62,6 @@ class MethodStack:
         self.plugins = list(plugins)
         self.init_plan = init_plan or InitPlan(method=type(plugins[0]).capabilities.classifier_init
                                                != INIT_BY_TRANSFER)
-        caps = [type(p).capabilities for p in self.plugins]
-        self.capabilities = StackCapabilities(domain_incremental=all(c.domain_incremental for c in caps),
-                                              builds_terms=self.method.capabilities.builds_terms,
-                                              default_param_groups=self.method.capabilities.default_param_groups,
-                                              classifier=self.method.capabilities.classifier)
 
     @property
     def method(self) -> Method:

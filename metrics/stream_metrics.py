@@ -57,15 +57,3 @@ def metrics_from_matrix(hist: np.ndarray) -> dict:
         "Class Acc": {i: (float(acc_cls[i]) if present[i] else "X") for i in range(len(diag))},
         "Confusion Matrix": hist,
     }
-
-
-def old_new_all(class_iou: dict, n_base: int, n_seen: int) -> dict:
-    """Mean IoU of the step-0 classes (background included), of the classes added later, and of all seen classes.
-
-    Classes absent from the test ground truth ("X") are left out of every denominator.
-    """
-    def mean(ids):
-        vals = [class_iou[i] for i in ids if i in class_iou and class_iou[i] != "X"]
-        return float(np.mean(vals)) if vals else float("nan")
-
-    return {"old": mean(range(n_base)), "new": mean(range(n_base, n_seen)), "all": mean(range(n_seen))}
