@@ -24,7 +24,8 @@ from dataset.tasks import order
 from experiment.builders import (build_model, build_step_datasets, classes_for_step, data_kind, log_folder,
                                  norm_fallback_note, resolve_precision, select_device)
 from experiment.checkpoints import (checkpoint_content, ckpt_path, load_previous_into, load_previous_step,
-                                    load_weights, restored_selection, resume_if_possible)
+                                    load_weights, restored_selection, resume_if_possible,
+                                    resume_source)
 from experiment.config import parse_config, step_lrs, to_dict
 from experiment.recipes import Recipe, match
 from experiment.validate import check_writable, validate_run
@@ -356,7 +357,8 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
              len(loaders[0]), lr, describe_batch(cfg))
     ctx = StepContext(step=step, classes=classes_for_step(cfg, step), model=None, device=device,
                       train_loader=loaders[0], world_size=get_world_size(), autocast=precision.autocast,
-                      train_dataset=train_dataset, method=method)
+                      train_dataset=train_dataset, method=method, lr=lr, checkpoint_path=final_path,
+                      resume_from=resume_source(cfg, final_path), no_auto_resume=bool(cfg.no_auto_resume))
     model, model_old, trainer_state = prepare_models(cfg, step, device, first_step_of_call, method=method, ctx=ctx)
     if logger.once("norm fallback") and (note := norm_fallback_note(cfg, model)):
         log.info(note)

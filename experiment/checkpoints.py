@@ -275,15 +275,25 @@ def apply_new_lr(setup, old: float | None, new: float, path: str) -> None:
                 setup.optimizer.param_groups[0]["lr"], new)
 
 
+def resume_source(cfg, final_path: str) -> str | None:
+    """The in-step checkpoint the step will continue from (``--ckpt``, else its ``.partial.pth``), or None when it
+    starts over. A plugin phase before training (NeST's pre-tuning) is skipped when there is one: that checkpoint
+    holds the model after it."""
+    path = cfg.ckpt or partial_ckpt_path(final_path)
+    if not os.path.isfile(path) or (cfg.no_auto_resume and not cfg.ckpt):
+        return None
+    return path
+
+
 def resume_if_possible(cfg, model, setup, final_path: str, method: MethodStack | None = None,
                        lr: float | None = None, record: dict | None = None) -> int:
     """Restore an interrupted step (``.partial.pth`` or ``--ckpt``); returns the epoch to start from. A changed
     ``lr`` is applied from there (``apply_new_lr``); any other changed training flag is refused. ``record`` (the
     run record of this step) takes over the interrupted training's ``train_id``: it is the same training."""
-    path = cfg.ckpt or partial_ckpt_path(final_path)
-    if not os.path.isfile(path) or (cfg.no_auto_resume and not cfg.ckpt):
+    path = resume_source(cfg, final_path)
+    if path is None:
         if cfg.ckpt:  # --resume without an in-step checkpoint is refused up front (experiment/validate.py)
-            raise UserError(f"nothing to resume: --ckpt {path} does not exist")
+            raise UserError(f"nothing to resume: --ckpt {cfg.ckpt} does not exist")
         return 0
     restart = "pass --no_auto_resume to start the step over" if not cfg.ckpt else "give another --ckpt"
     ckpt = safe_load(path, "resume checkpoint", hint=f"; {restart}")

@@ -91,7 +91,8 @@ def default_cache_root(data_root: str) -> str:
 def default_name(cfg) -> str:
     """``--name`` when not given: the method and its extensions, e.g. ``MiB+AWT`` (``FT`` without --method)."""
     method, extensions = resolve_plugins(cfg)
-    labels = [method.name] + [ext.label(cfg, method) for ext in extensions]
+    superseded = {name for ext in extensions if ext.transfer_plan(cfg, method) is not None for name in ext.supersedes}
+    labels = [method.name] + [ext.label(cfg, method) for ext in extensions if ext.name not in superseded]
     return "+".join(label for label in labels if label)
 
 

@@ -236,13 +236,46 @@ class CaptumAttributor:
         return torch.cat(outs, 0)
 
 
+class SimilarityAttributor:
+    """NeST's similarity as a channel score, no gradient (docs/nest.md, combination c): at every position of the
+    target layer's input ``z``, ``1[z_c * w_c > 0] * p`` where ``w`` is the transferred row and ``p`` the softmax
+    probability of its logit among all the model's logits. With ``--mean_after_avg`` and ``--mask_att`` the union
+    score of a channel is the mean, over the new classes' pixels of each image and then over images, of NeST's
+    ``M[c, 0]`` indicator: the background row's importance NeST would start from."""
+
+    def __init__(self, model, *, source: TransferSource | None = None):
+        self.model = unwrap(model)
+        self.target = resolve_target(self.model, source)
+        if not any(c is self.target.layer for c in self.model.cls):
+            raise UserError("--attribution similarity needs plain 1x1 classifiers on the head's output (a softmax "
+                            f"over the classes); {self.target.name} is part of a larger head: use exact")
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        seen = {}
+        hook = self.target.layer.register_forward_pre_hook(lambda _m, inp: seen.__setitem__("z", inp[0]))
+        try:
+            _, extras = self.model(images, ret_intermediate=True)
+        finally:
+            hook.remove()
+        z = seen["z"].float()
+        probs = extras["sem_logits_small"].float().softmax(dim=1)[:, self.target.index]
+        w = self.target.layer.weight[self.target.row, :, 0, 0].float()
+        return (z * w[None, :, None, None] > 0).float() * probs[:, None]
+
+
+ATTRIBUTION_METHODS = ("exact", "captum", "similarity")
+
+
 def build_attributor(model, cfg=None, *, method: str = "exact", n_steps: int = 50, internal_batch_size: int = 8,
                      source: TransferSource | None = None):
     if method == "exact":
         return ExactAttributor(model, cfg, source=source)
     if method == "captum":
         return CaptumAttributor(model, n_steps=n_steps, internal_batch_size=internal_batch_size, source=source)
-    raise UserError(f"unknown --attribution {method!r}; choose exact or captum")
+    if method == "similarity":
+        return SimilarityAttributor(model, source=source)
+    raise UserError(f"unknown --attribution {method!r}; choose one of {', '.join(ATTRIBUTION_METHODS)}")
 
 
 @dataclass

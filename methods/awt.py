@@ -57,9 +57,10 @@ def add_awt_args(g: argparse._ActionsContainer) -> None:
     g.add_argument("--random_channels", action="store_true", default=False,
                    help="ablation: transfer the bg weight on --rand random channels instead of attributed ones")
     g.add_argument("--rand", type=int, default=0, help="number of random channels for --random_channels (a count)")
-    g.add_argument("--attribution", default="exact", choices=["exact", "captum"],
+    g.add_argument("--attribution", default="exact", choices=["exact", "captum", "similarity"],
                    help="exact: closed-form Integrated Gradients (the attributed function is affine in the "
-                        "classifier input); captum: Captum LayerIntegratedGradients as in the reference")
+                        "classifier input); captum: Captum LayerIntegratedGradients as in the reference; "
+                        "similarity: NeST's sign-agreement x probability score, no gradient (docs/nest.md)")
     g.add_argument("--ig_steps", type=int, default=None,
                    help="Integrated-Gradients steps for --attribution captum (default: 30 on ADE, 50 elsewhere)")
     g.add_argument("--ig_batch_size", type=int, default=8,
@@ -204,12 +205,14 @@ def _data_key(cfg) -> str:
 def channels_path(cfg, step: int, *, per_class: bool = False) -> str:
     """Where the channel mask of ``step`` lives; a function of the configuration only.
 
-    ``{channels_dir}/{task}-{dataset}_{name}/step{t}_{union|class}_att{att}_{aggregation}[_nomask][_cum]_{key}.pt``
-    where ``_nomask`` marks attributions over whole images (no ``--mask_att``), ``_cum`` per-class masks with
+    ``{channels_dir}/{task}-{dataset}_{name}/step{t}_{union|class}_att{att}_{aggregation}[_sim][_nomask][_cum]_{key}.pt``
+    where ``_sim`` marks NeST's similarity scores (``--attribution similarity``), ``_nomask`` marks attributions over whole images (no ``--mask_att``), ``_cum`` per-class masks with
     ``--att_accumulate_classes`` and ``key`` is an 8-hex hash of the data settings (seed, crop, image cap, overlap,
     label masking, data root)."""
     kind = "class" if per_class else "union"
     parts = [f"step{int(step)}", kind, f"att{float(cfg.att):g}", aggregation_name(cfg)]
+    if cfg.attribution == "similarity":  # other channels than the attribution's: another file
+        parts.append("sim")
     if not cfg.mask_att:
         parts.append("nomask")
     if per_class and cfg.att_accumulate_classes:
@@ -263,7 +266,7 @@ def compute_mask(cfg, step: int, model_old, device, *, per_class: bool = False, 
     aggregation = aggregation_name(cfg)
     kind = "per class" if per_class else "union"
     log.info("AWT step %d: %s attribution (%s%s) of the step-%d model, %s of new classes %s, aggregation %s, "
-             "%s images", step, method, "closed form" if method == "exact" else f"Captum, {ig_steps} steps",
+             "%s images", step, method, {"exact": "closed form", "similarity": "no gradient"}.get(method, f"Captum, {ig_steps} steps"),
              "" if cfg.mask_att else ", whole images", step - 1, kind, new_classes, aggregation,
              "all" if max_images is None else f"capped at position {max_images - 1}")
     t0 = time.time()
@@ -272,7 +275,7 @@ def compute_mask(cfg, step: int, model_old, device, *, per_class: bool = False, 
     model_old.eval()
     try:
         with seeded_rng(int(cfg.random_seed)):  # same mask in attribute.py and run.py; training RNG untouched
-            batches = attribution_batches(dataset, batch_size=cfg.batch_size if method == "exact" else 1,
+            batches = attribution_batches(dataset, batch_size=1 if method == "captum" else cfg.batch_size,
                                           seed=cfg.random_seed)
             result = channel_importance(model_old, batches, new_classes, aggregation=aggregation,
                                         mask_att=bool(cfg.mask_att), per_class=per_class,

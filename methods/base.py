@@ -73,6 +73,12 @@ class StepContext:
     autocast: Callable[[], contextlib.AbstractContextManager] = _null_autocast
     train_dataset: Any = None  # the step's training dataset as built from the task (before Method.wrap_dataset)
     method: Any = None  # the run's MethodStack (extensions ask it, e.g. for the method's transfer_source)
+    lr: float | None = None  # the step's learning rate (--lr of this step)
+    checkpoint_path: str | None = None  # the step's final checkpoint; a plugin phase keeps its own in-step file
+    # next to it (``{checkpoint_path}.<phase>.partial.pth``), written by rank 0 and removed when the step is done
+    resume_from: str | None = None  # the in-step checkpoint the step continues from (None: it starts over); it
+    # holds the model after every plugin phase, which is then skipped
+    no_auto_resume: bool = False  # --no_auto_resume: a plugin phase starts over too
 
     @property
     def n_old(self) -> int:
@@ -221,7 +227,7 @@ class Method:
     """A continual-learning method: a plugin whose hooks the step flow calls in this order (each is optional)::
 
         model_spec -> wrap_dataset -> [step > 0: prepare_old_model, previous weights loaded] -> prepare_model
-        -> init_new_classifier (as the stack's init plan says)
+        -> init_new_classifier (as the stack's init plan says) -> after_init
         -> param_groups -> terms -> wrap_terms -> (resume: load_state_dict) -> before_step
         -> per epoch: begin_epoch -> per iteration: compose_batch, losses (terms), backward, after_backward (terms)
         -> after_step -> state_dict (checkpoint) ; evaluation and test: predict
@@ -272,6 +278,10 @@ class Method:
         """Initialise the new classifier at step > 0 (called when the stack's init plan gives it the job); True
         when it did."""
         return False
+
+    def after_init(self, ctx: StepContext) -> None:
+        """After the new classifier is initialised (step > 0, every plugin, before the optimiser exists): e.g.
+        NeST's pre-tuning of the new classifier with everything else frozen."""
 
     def transfer_source(self, model: nn.Module) -> TransferSource:
         """The classifier AWT transfers from and the logit it attributes: by default the background row of the
@@ -335,6 +345,8 @@ class Extension(Method):
     switches: ClassVar[tuple[str, ...]] = ()
     needs_classifier: ClassVar[str | None] = None  # the classifier kind it works on (None: any)
     transfer_hint: ClassVar[str] = ""  # flags that make it transfer into the new classifier (for messages)
+    supersedes: ClassVar[tuple[str, ...]] = ()  # extensions whose transfer plan its own replaces when both have one
+    conflicts: ClassVar[tuple[str, ...]] = ()  # extensions it cannot run with (refused, one line)
 
     @classmethod
     def enabled(cls, cfg: Any, method: type[Method]) -> bool:

@@ -44,7 +44,9 @@ def resolve_plugins(cfg: Any) -> tuple[type[Method], list[type[Extension]]]:
 
 
 def resolve_init_plan(cfg: Any, method_cls: type[Method], extensions: list[type[Extension]]) -> InitPlan:
-    transfers = [(ext.name, plan) for ext in extensions if (plan := ext.transfer_plan(cfg, method_cls)) is not None]
+    transfers = [(ext, plan) for ext in extensions if (plan := ext.transfer_plan(cfg, method_cls)) is not None]
+    superseded = {name for ext, _ in transfers for name in ext.supersedes}
+    transfers = [(ext.name, plan) for ext, plan in transfers if ext.name not in superseded]
     if len(transfers) > 1:
         raise UserError(f"{' and '.join(n for n, _ in transfers)} both initialise the new classifier: keep one")
     by, transfer = transfers[0] if transfers else (None, None)
@@ -95,10 +97,13 @@ class MethodStack:
             self.method.init_new_classifier(ctx)
         if plan.transfer is not None:
             for plugin in self.plugins[1:]:
-                plugin.init_new_classifier(ctx)
+                if plugin.name == plan.by:
+                    plugin.init_new_classifier(ctx)
         if not plan.method and plan.transfer is None:
             log.info("step %d: new classifier keeps its random initialisation (no --att, --orig_init, "
                      "--init_balanced or method-specific initialisation)", ctx.step)
+        for plugin in self.plugins:
+            plugin.after_init(ctx)
 
     # ---- optimisation and losses -----------------------------------------------------------------------------------
     def param_groups(self, model: nn.Module, lr: float, step: int) -> list[dict]:
@@ -154,7 +159,11 @@ class MethodStack:
 def check_capabilities(cfg: Any, method_cls: type[Method], extensions: list[type[Extension]]) -> None:
     """What the plugins declare against the run: a plugin that cannot train domain-incremental steps on such a
     dataset, or an extension that needs another classifier kind than the method's, is refused (one line)."""
+    names = {ext.name for ext in extensions}
     for ext in extensions:
+        clash = [name for name in ext.conflicts if name in names]
+        if clash:
+            raise UserError(f"{ext.switch_hint()} ({ext.name}) does not compose with {clash[0]}: use one of them")
         kind = method_cls.capabilities.classifier
         if ext.needs_classifier is not None and kind != ext.needs_classifier:
             raise UserError(f"{ext.switch_hint()} needs {ext.needs_classifier} classifiers; --method "
