@@ -164,13 +164,15 @@ def old_rows_and_biases(model, n_heads: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def similarity_init(model_old, batches, n_old: int, n_new: int, device, *, size: int = SELECT_SIZE) -> dict:
+def similarity_init(model_old, batches, n_old: int, n_new: int, device, *,
+                    size: int | tuple[int, int] = SELECT_SIZE) -> dict:
     """NeST's similarity pass (spec §3.2): for every new class ``c`` (label ``n_old + c``), ``M[c]`` is the mean
     over its pixels of ``1[f_u * W > 0] * softmax(z_u)`` (K x D) with ``f`` the old model's classifier input and ``z``
     its logits (bias included), both at ``size`` x ``size``; ``P = softmax(sum_d M)``. Sums are added over ranks.
 
     Returns ``{"importance": (n, K, D), "mixing": (n, K), "pixels": (n,) counts}``; a class without a pixel gets the
     background row alone (``M[c, 0] = 1``, ``P[c] = one-hot(0)``: MiB's copy of the background weight)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
     rows, biases = old_rows_and_biases(model_old, len(model_old.cls))
     rows, biases = rows.to(device).float(), biases.to(device).float()
     k, d = rows.shape
@@ -178,8 +180,8 @@ def similarity_init(model_old, batches, n_old: int, n_new: int, device, *, size:
     counts = torch.zeros(n_new, dtype=torch.float64, device=device)
     for images, labels in batches:
         _, extras = model_old(images)
-        feats = F.interpolate(extras["pre_logits"].float(), size=(size, size), mode="bilinear", align_corners=False)
-        lab = F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+        feats = F.interpolate(extras["pre_logits"].float(), size=size, mode="bilinear", align_corners=False)
+        lab = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
         feats = feats.permute(0, 2, 3, 1).reshape(-1, d)
         lab = lab.reshape(-1)
         for c in range(n_new):
@@ -201,6 +203,17 @@ def similarity_init(model_old, batches, n_old: int, n_new: int, device, *, size:
     return {"importance": importance.float(), "mixing": mixing.float(), "pixels": counts.cpu()}
 
 
+def unparametrize(layer: nn.Module) -> None:
+    """Remove the weight's parametrisation, leaving the original Parameter, in its original place among the
+    layer's parameters: the optimiser and a resumed step (built without the phase) see the same parameter order."""
+    if not parametrize.is_parametrized(layer, "weight"):
+        return
+    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+    params = layer._parameters
+    layer._parameters = type(params)([("weight", params["weight"]), *((k, v) for k, v in params.items()
+                                                                         if k != "weight")])
+
+
 @torch.no_grad()
 def fold(model) -> dict:
     """Replace the pre-tuning parametrisations of ``cls[-1]`` and ``cls[0]`` by plain weights (spec §3.5): the
@@ -210,8 +223,8 @@ def fold(model) -> dict:
     new_layer, bg_layer = final_layer(model.cls[-1]), final_layer(model.cls[0])
     w_new = new_layer.weight.detach().clone()
     w_bg = bg_layer.weight.detach().clone()
-    parametrize.remove_parametrizations(new_layer, "weight", leave_parametrized=False)
-    parametrize.remove_parametrizations(bg_layer, "weight", leave_parametrized=False)
+    unparametrize(new_layer)
+    unparametrize(bg_layer)
     new_layer.weight.copy_(w_new)
     old_norm0 = bg_layer.weight[0].norm()
     learnt0 = w_bg[0].norm()
@@ -349,6 +362,8 @@ class NeST(Extension):
         check_plain_classifiers(model)
         full = full_nest(self.cfg)
         flags = {p: p.requires_grad for p in model.parameters()}
+        sampler = getattr(ctx.train_loader, "sampler", None)
+        sampler_epoch = getattr(sampler, "epoch", None)
         extras = self._prepare(ctx) if full else []
         try:
             trainable = extras + ([model.cls[-1].bias] if full else list(model.cls[-1].parameters()))
@@ -359,10 +374,11 @@ class NeST(Extension):
                          "new rows x%.4g)", ctx.step, factors["background"], factors["bias"], factors["align"])
         finally:
             for layer in (model.cls[-1], model.cls[0]):
-                if parametrize.is_parametrized(layer):
-                    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+                unparametrize(layer)
             for p, flag in flags.items():
                 p.requires_grad_(flag)
+            if sampler_epoch is not None:  # what the host's passes before training see (e.g. PLOP's thresholds)
+                sampler.set_epoch(sampler_epoch)
         if self.options.fix_pre_cls:
             for p in model.old_classifier_params():
                 p.requires_grad_(False)
@@ -415,8 +431,9 @@ class NeST(Extension):
     def _batches(self, ctx: StepContext, epoch: int):
         """The step's training batches (its sampler, augmentation and sharding) of a phase epoch, on the device."""
         loader = ctx.train_loader
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         for item in loader:
             yield images_to_device(item[0], ctx.device), labels_to_device(item[1], ctx.device)
 
@@ -476,7 +493,7 @@ class NeST(Extension):
                 if (it + 1) % cfg.print_interval == 0 or it + 1 == n_iter:
                     elapsed = time.perf_counter() - t0
                     log.info("step %d %s epoch %d/%d iter %d/%d loss %.4f (%s elapsed, epoch ETA %s)", step, what,
-                             epoch + 1, epochs, it + 1, n_iter, float(loss), duration(elapsed),
+                             epoch + 1, epochs, it + 1, n_iter, float(loss.detach()), duration(elapsed),
                              eta(elapsed, it + 1, n_iter), extra={"file_only": bar is not None and it + 1 < n_iter})
             if bar is not None:
                 bar.close()

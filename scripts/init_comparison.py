@@ -1,0 +1,239 @@
+"""Head-to-head of new-classifier initialisations on one code base: random, MiB, AWT (exact), NeST and the three
+combinations (NeST with AWT's mask as prior, AWT then pre-tuning, NeST's similarity as AWT's mask), on the MiB and
+PLOP hosts, every one from the same step-0 model, several seeds each (docs/nest.md, "Head-to-head").
+
+    python scripts/init_comparison.py --out runs/init_comparison                  # synthetic VOC, CPU (minutes)
+    python scripts/init_comparison.py --out runs/init_voc --data_root /data/PascalVOC12 --real   # the real setting
+
+Writes ``{out}/table.md`` (old / new / all / hIoU after the last step, mean ± std over the seeds, and the time and
+peak-memory increase of the initialisation summed over the steps), ``{out}/results.json`` (every run, every step)
+and ``{out}/miou_per_step.png`` (mean all-class mIoU after each step). Runs already finished are read back, not
+retrained (delete ``{out}`` to start over).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+INITS = {  # name -> run.py flags on top of the host's preset (MiB and PLOP both preset --init_balanced)
+    "random": ["--no_att"],
+    "MiB": [],
+    "AWT": ["--att", "25", "--mask_att"],
+    "NeST": ["--nest"],
+    "NeST (AWT prior)": ["--nest", "--nest_init", "awt", "--att", "25", "--mask_att"],
+    "AWT + pre-tuning": ["--two_stage", "--att", "25", "--mask_att"],
+    "AWT (similarity mask)": ["--att", "25", "--mask_att", "--attribution", "similarity", "--mean_after_avg"],
+}
+HOSTS = ("MiB", "PLOP")
+# the synthetic setting: a small ResNet-18 from scratch on 64 px images (CPU); --real uses the published recipe
+SYNTHETIC = {"backbone": ["--backbone", "resnet18", "--no_pretrained", "--norm_act", "abn", "--crop_size", "64",
+                          "--batch_size", "8", "--num_workers", "0"],
+             "step0": ["--epochs", "20", "--lr", "0.01"], "later": ["--epochs", "4", "--lr", "0.001"]}
+REAL = {"backbone": ["--backbone", "resnet101", "--crop_size", "512", "--batch_size", "24", "--opt_level", "O1"],
+        "step0": ["--epochs", "30", "--lr", "0.02"], "later": ["--epochs", "30", "--lr", "0.001"]}
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for checkpoints, results, the table and the plot")
+    p.add_argument("--data_root", default=None, help="Pascal-VOC root (default: a synthetic VOC made in --out)")
+    p.add_argument("--real", action="store_true", help="the published recipe (ResNet-101, 512 crops, 30 epochs)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the incremental steps")
+    p.add_argument("--hosts", nargs="+", default=list(HOSTS), choices=HOSTS)
+    p.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS), metavar="INIT",
+                   help=f"initialisations to compare (default: all of {', '.join(INITS)})")
+    p.add_argument("--task", default="15-1", help="VOC task (default 15-1)")
+    return p.parse_args(argv)
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+
+
+class InitProbe:
+    """Time and peak resident memory of every new-classifier initialisation (the init plan and after_init, i.e.
+    attribution, similarity pass, pre-tuning) of a run, summed over its steps."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.peak_mib = 0.0
+
+    @staticmethod
+    def _rss_mib(field: str) -> float | None:
+        try:
+            with open("/proc/self/status") as handle:
+                for line in handle:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def wrap(self, original):
+        probe = self
+
+        def timed(stack, ctx):
+            try:  # reset the peak-RSS mark (Linux); without it the peak is the process's so far
+                with open("/proc/self/clear_refs", "w") as handle:
+                    handle.write("5")
+            except OSError:
+                pass
+            before = probe._rss_mib("VmRSS")
+            t0 = time.perf_counter()
+            try:
+                return original(stack, ctx)
+            finally:
+                probe.seconds += time.perf_counter() - t0
+                peak = probe._rss_mib("VmHWM")
+                if before is not None and peak is not None:
+                    probe.peak_mib = max(probe.peak_mib, peak - before)
+
+        return timed
+
+
+def run_one(argv: list[str]) -> InitProbe:
+    import run
+    from methods.stack import MethodStack
+
+    probe = InitProbe()
+    original = MethodStack.init_new_classifier
+    MethodStack.init_new_classifier = probe.wrap(original)
+    try:
+        code = run.main(argv)
+    finally:
+        MethodStack.init_new_classifier = original
+    if code != 0:
+        raise SystemExit(f"run.py failed ({code}): {' '.join(argv)}")
+    return probe
+
+
+def scores(results_csv: str) -> dict:
+    from metrics.report import read_run, step_scores
+
+    run = read_run(results_csv)
+    return {int(s): {k: (None if v is None else 100 * v) for k, v in step_scores(run, s).items()}
+            for s in sorted(run.values)}
+
+
+def mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def plot(path: str, curves: dict[str, list[float]], title: str) -> None:
+    """A line plot of mean mIoU per step with pillow (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    width, height, left, bottom, top, right = 900, 520, 60, 40, 30, 260
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    steps = max(len(v) for v in curves.values())
+    top_value = max(max(v) for v in curves.values()) * 1.1 or 1.0
+    x = lambda s: left + (width - left - right) * s / max(steps - 1, 1)  # noqa: E731
+    y = lambda v: height - bottom - (height - bottom - top) * v / top_value  # noqa: E731
+    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black")
+    for s in range(steps):
+        draw.text((x(s) - 3, height - bottom + 5), str(s), fill="black")
+    for k in range(5):
+        v = top_value * k / 4
+        draw.text((5, y(v) - 6), f"{v:.1f}", fill="black")
+    draw.text((left, 8), title, fill="black")
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39"]
+    for i, (name, values) in enumerate(curves.items()):
+        colour = palette[i % len(palette)]
+        points = [(x(s), y(v)) for s, v in enumerate(values)]
+        draw.line(points, fill=colour, width=2)
+        draw.text((width - right + 10, top + 16 * i), name, fill=colour)
+    img.save(path)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    recipe = REAL if args.real else SYNTHETIC
+    data_root = args.data_root
+    if data_root is None:
+        from dataset.synthetic import generate
+
+        data_root = os.path.join(out, "data", "PascalVOC12")
+        if not os.path.isdir(data_root):
+            generate(data_root, "voc", size=64, n_train=300, n_val=60, seed=0)
+    common = ["--dataset", "voc", "--task", args.task, "--data_root", data_root, "--overlap", "--no_progress",
+              "--checkpoint", os.path.join(out, "ckpt"), "--results_dir", os.path.join(out, "results"),
+              "--logdir", os.path.join(out, "logs"), "--channels_dir", os.path.join(out, "channels"),
+              "--date", "cmp", *recipe["backbone"]]
+    from dataset.tasks import num_steps
+    from metrics.results import results_csv_path
+
+    n_steps = num_steps("voc", args.task)
+    step0_name = "step0"
+    step0 = os.path.join(out, "ckpt", f"{args.task}-voc_{step0_name}_0.pth")
+    t0 = time.perf_counter()
+    run_one([*common, "--step", "0", "--method", "FT", "--name", step0_name, "--random_seed", "0",
+             *recipe["step0"]])
+    step0_seconds = time.perf_counter() - t0
+    records = []
+    probes_file = os.path.join(out, "init_costs.json")
+    costs = json.load(open(probes_file)) if os.path.isfile(probes_file) else {}
+    for host in args.hosts:
+        for init in args.inits:
+            for seed in args.seeds:
+                name = f"{host}_{_safe(init)}_s{seed}"
+                csv = results_csv_path(os.path.join(out, "results"), "cmp", "voc", args.task, name)
+                argv = [*common, "--step", *map(str, range(1, n_steps)), "--step_ckpt", step0, "--method", host,
+                        "--name", name, "--random_seed", str(seed), *recipe["later"], *INITS[init]]
+                done = os.path.isfile(csv) and len(scores(csv)) == n_steps - 1 and name in costs
+                if not done:
+                    probe = run_one(argv)
+                    costs[name] = {"init_seconds": probe.seconds, "init_peak_mib": probe.peak_mib}
+                    with open(probes_file, "w") as handle:
+                        json.dump(costs, handle, indent=1)
+                records.append({"host": host, "init": init, "seed": seed, "name": name, "command": argv,
+                                "steps": scores(csv), **costs[name]})
+    last = n_steps - 1
+    lines = [f"VOC {args.task}, {'real data' if args.real else 'synthetic VOC (64 px, 300 training images)'}, "
+             f"one step-0 model (FT, seed 0, {step0_seconds:.0f} s here), seeds {' '.join(map(str, args.seeds))} "
+             "for the incremental steps; mIoU % after the last step, mean ± std over the seeds; init time and peak "
+             "memory increase (resident, CPU) summed / maxed over the steps.", "",
+             "| host | initialisation | old | new | all | hIoU | init time (s) | init peak memory (MiB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    curves = {}
+    for host in args.hosts:
+        for init in args.inits:
+            rows = [r for r in records if r["host"] == host and r["init"] == init]
+            final = [r["steps"][last] for r in rows]
+            lines.append(f"| {host} | {init} | " + " | ".join(mean_std([f[k] for f in final])
+                                                              for k in ("old", "new", "all", "hiou"))
+                         + f" | {mean_std([r['init_seconds'] for r in rows])}"
+                         + f" | {mean_std([r['init_peak_mib'] for r in rows])} |")
+            curves[f"{host} {init}"] = [statistics.mean(r["steps"][s]["all"] for r in rows)
+                                        for s in range(1, n_steps)]
+    step0_all = scores(results_csv_path(os.path.join(out, "results"), "cmp", "voc", args.task, step0_name))[0]["all"]
+    curves = {k: [step0_all, *v] for k, v in curves.items()}
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "table.md"), "w") as handle:
+        handle.write(table)
+    with open(os.path.join(out, "results.json"), "w") as handle:
+        json.dump({"step0_all": step0_all, "runs": records}, handle, indent=1)
+    plot(os.path.join(out, "miou_per_step.png"), curves, f"VOC {args.task}: mean all-class mIoU % after each step")
+    print(table)
+    print(f"written: {out}/table.md, results.json, miou_per_step.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
