@@ -358,7 +358,8 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
     ctx = StepContext(step=step, classes=classes_for_step(cfg, step), model=None, device=device,
                       train_loader=loaders[0], world_size=get_world_size(), autocast=precision.autocast,
                       train_dataset=train_dataset, method=method, lr=lr, checkpoint_path=final_path,
-                      resume_from=resume_source(cfg, final_path), no_auto_resume=bool(cfg.no_auto_resume))
+                      resume_from=resume_source(cfg, final_path), no_auto_resume=bool(cfg.no_auto_resume),
+                      amp_dtype=precision.dtype)
     model, model_old, trainer_state = prepare_models(cfg, step, device, first_step_of_call, method=method, ctx=ctx)
     if logger.once("norm fallback") and (note := norm_fallback_note(cfg, model)):
         log.info(note)

@@ -172,6 +172,7 @@ class ModelSpec:
     head_in_feature: str | None = None  # the backbone feature the head reads (None: the backbone's out_feature)
     classifier_wrapper: str = ""  # a key of CLASSIFIER_WRAPPERS ("" none)
     wrapper_options: Options = ()  # keyword options of the wrapper's build
+    aspp_rates: tuple[int, ...] | None = None  # dilations of a deeplabv3 head (None: from its feature's stride)
 
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)

@@ -6,19 +6,20 @@
 #   bash benchmarks/gpu_suite.sh OUTDIR train
 #   bash benchmarks/gpu_suite.sh OUTDIR train0 eval
 #   bash benchmarks/gpu_suite.sh OUTDIR data attr          # data needs a 512 px dataset: made here if DATA is unset
-#   bash benchmarks/gpu_suite.sh OUTDIR methods
+#   bash benchmarks/gpu_suite.sh OUTDIR methods backbones
 #
 # (How long each part takes on an H200 is not measured yet; LIMIT caps each command.) Parts: env, tests
 # (tests/test_gpu.py), train (training step, batch 24, step 1: fp32, bf16, fp16, bf16+cl, bf16+cl+compile), train0
 # (step 0), data (loader, 0-16 workers), eval (confusion matrix + evaluation forward), attr (AWT exact vs Captum; needs
-# captum importable), methods (PLOP, RCIL and MiB at VOC 15-5 step 1, batch 12, bf16). Each part writes OUTDIR/<part>.txt; a part that fails is reported and the next one still runs;
+# captum importable), methods (PLOP, RCIL and MiB at VOC 15-5 step 1, batch 12, bf16), backbones (ResNet-101 against
+# MiT-B2, Swin-T and ConvNeXt-T: step time and peak memory per image at 512 px, batch 8). Each part writes OUTDIR/<part>.txt; a part that fails is reported and the next one still runs;
 # exit status 1 if any failed.
 # Environment: PYTHON (default python3), DATA (a VOC root for the data part), LIMIT (seconds per command, default 540).
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [env tests train train0 data eval attr methods]}
+out=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [env tests train train0 data eval attr methods backbones]}
 shift
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(env tests train train0 data eval attr methods)
+[ ${#parts[@]} -eq 0 ] && parts=(env tests train train0 data eval attr methods backbones)
 cd "$(dirname "$0")/.." || exit 2
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -58,6 +59,8 @@ torch.version.cuda, 'cudnn', torch.backends.cudnn.version()); print(torch.cuda.g
       step eval "$py" -m benchmarks.evaluation --batch 8 --batches 20 ;;
     methods)
       step methods "$py" -m benchmarks.methods --batch 12 --methods PLOP,RCIL,MiB ;;
+    backbones)
+      step backbones "$py" -m benchmarks.backbones --device cuda --size 512 --batch 8 ;;
     attr)
       if ! "$py" -c "import captum" 2>/dev/null; then
         echo "captum is not importable: carry its wheel (README of the device tool) or pip install captum" \
@@ -66,7 +69,7 @@ torch.version.cuda, 'cudnn', torch.backends.cudnn.version()); print(torch.cuda.g
       fi
       step attr "$py" benchmarks/attribution.py ;;
     *)
-      echo "unknown part '$1' (env tests train train0 data eval attr methods)" >&2
+      echo "unknown part '$1' (env tests train train0 data eval attr methods backbones)" >&2
       return 2 ;;
   esac
 }

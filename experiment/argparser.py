@@ -138,7 +138,7 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--backbone", default="resnet101", choices=[n for n, f in BACKBONES.items() if f.selectable],
                    help="backbone family: resnet* in the In-Place ABN layout of the reference code, tv_resnet* in "
-                        "torchvision's layout with BatchNorm; mit_b0-b5, swin_t/s/b, convnext_t/s/b from Hugging "
+                        "torchvision's layout with BatchNorm; mit_b0-b5, swin_t/s/b, swin_b_w12, convnext_t/s/b from Hugging "
                         "Face transformers (four stages, stride 32; weights: pretrained/README.md)")
     g.add_argument("--head", default=None,
                    help="the head on the backbone's features: deeplabv3 (the reference's, on the deepest stage), "
@@ -148,6 +148,10 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output_stride", type=positive_int, default=None,
                    help="output stride of the backbone's deepest feature, one its family supports (ResNets: 8, 16 "
                         "or 32; default: the family's, 16 for the ResNets)")
+    g.add_argument("--aspp_rates", type=positive_int, nargs=3, default=None, metavar="RATE",
+                   help="dilation rates of the deeplabv3 head's three 3x3 branches (default: from the stride of the "
+                        "feature it reads: 6 12 18 at 16, 12 24 32 at 8, 3 6 9 at 32); NeST's Swin-B passes 6 12 18 "
+                        "on stride-32 features")
     g.add_argument("--no_pretrained", action="store_true", help="do not load ImageNet weights from pretrained/")
     g.add_argument("--norm_act", default="iabn_sync", choices=["iabn_sync", "iabn", "abn", "std"],
                    help="normalisation + activation of the resnet* backbones and the deeplabv3 head (tv_resnet* "

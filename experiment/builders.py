@@ -30,10 +30,14 @@ def classes_for_step(cfg, step: int) -> list[int]:
 def model_spec(cfg, step: int, method: MethodStack) -> ModelSpec:
     """The model parts of ``step``: the model flags, adjusted by the method's plugins."""
     head = cfg.head or BACKBONES.get_entry(cfg.backbone, "--backbone").default_head
+    rates = tuple(cfg.aspp_rates) if getattr(cfg, "aspp_rates", None) else None
     spec = method.model_spec(ModelSpec(backbone=cfg.backbone, norm_act=cfg.norm_act, output_stride=cfg.output_stride,
-                                       pooling=cfg.pooling, head=head), step)
+                                       pooling=cfg.pooling, head=head, aspp_rates=rates), step)
     if cfg.head and spec.head != cfg.head:
         raise UserError(f"--method {cfg.method} builds its own head ({spec.head}); drop --head {cfg.head}")
+    if rates is not None and spec.head != "deeplabv3":
+        raise UserError(f"--aspp_rates sets the dilations of the deeplabv3 head; this run's head is {spec.head}: "
+                        "add --head deeplabv3 or drop --aspp_rates")
     return spec
 
 

@@ -39,7 +39,7 @@ def previous_ckpt_path(cfg, step: int, *, first_step_of_call: bool) -> str:
 
 
 # Flags that change the model's layout; a checkpoint that records other values does not fit (named before loading).
-MODEL_FLAGS = ("backbone", "norm_act", "output_stride")
+MODEL_FLAGS = ("backbone", "norm_act", "output_stride", "aspp_rates")
 _NONFINITE_ADVICE = {
     "previous-step checkpoint": "retrain the previous step (--overwrite) or give another --step_ckpt",
     "step checkpoint": "no result is computed from it; retrain the step (--overwrite)",
@@ -71,9 +71,19 @@ def check_model_flags(ckpt, cfg, path: str, what: str) -> None:
     """The model flags the checkpoint's stored configuration records must be this run's (no model needed)."""
     saved = _saved_config(ckpt)
     for flag in MODEL_FLAGS:
-        if flag in saved and saved[flag] != getattr(cfg, flag):
-            raise UserError(f"{what} {path} was trained with --{flag} {saved[flag]}, this run builds "
-                            f"--{flag} {getattr(cfg, flag)}: pass --{flag} {saved[flag]} or another checkpoint")
+        ours = getattr(cfg, flag, None)
+        ours = list(ours) if isinstance(ours, tuple) else ours
+        if flag in saved and saved[flag] != ours:
+            theirs, mine = _flag_text(saved[flag]), _flag_text(ours)
+            hint = f"pass --{flag} {theirs}" if saved[flag] is not None else f"drop --{flag}"
+            raise UserError(f"{what} {path} was trained with --{flag} {theirs}, this run builds "
+                            f"--{flag} {mine}: {hint} or give another checkpoint")
+
+
+def _flag_text(value) -> str:
+    if value is None:
+        return "(default)"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def is_bn_counter(key: str) -> bool:

@@ -79,6 +79,7 @@ class StepContext:
     resume_from: str | None = None  # the in-step checkpoint the step continues from (None: it starts over); it
     # holds the model after every plugin phase, which is then skipped
     no_auto_resume: bool = False  # --no_auto_resume: a plugin phase starts over too
+    amp_dtype: Any = None  # the autocast dtype of the run (None: fp32); fp16 needs a gradient scaler
 
     @property
     def n_old(self) -> int:

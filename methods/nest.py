@@ -180,18 +180,20 @@ def similarity_init(model_old, batches, n_old: int, n_new: int, device, *,
     counts = torch.zeros(n_new, dtype=torch.float64, device=device)
     for images, labels in batches:
         _, extras = model_old(images)
-        feats = F.interpolate(extras["pre_logits"].float(), size=size, mode="bilinear", align_corners=False)
         lab = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
-        feats = feats.permute(0, 2, 3, 1).reshape(-1, d)
-        lab = lab.reshape(-1)
-        for c in range(n_new):
-            sel = lab == n_old + c
-            if not bool(sel.any()):
-                continue
-            f = feats[sel].double()
-            probs = (f @ rows.double().t() + biases.double()).softmax(dim=1)
-            sums[c] += indicator_sums(f, probs, rows.double())
-            counts[c] += f.shape[0]
+        for i in range(images.shape[0]):  # one image at a time: the 128 x 128 x D features of a batch are large
+            feats = F.interpolate(extras["pre_logits"][i:i + 1].float(), size=size, mode="bilinear",
+                                  align_corners=False)
+            feats = feats[0].permute(1, 2, 0).reshape(-1, d)
+            lab_i = lab[i].reshape(-1)
+            for c in range(n_new):
+                sel = lab_i == n_old + c
+                if not bool(sel.any()):
+                    continue
+                f = feats[sel]
+                probs = (f @ rows.t() + biases).softmax(dim=1)
+                sums[c] += indicator_sums(f, probs, rows).double()
+                counts[c] += f.shape[0]
     all_reduce_sum(sums)
     all_reduce_sum(counts)
     importance = torch.zeros(n_new, k, d, dtype=torch.float64, device=device)
@@ -379,9 +381,6 @@ class NeST(Extension):
                 p.requires_grad_(flag)
             if sampler_epoch is not None:  # what the host's passes before training see (e.g. PLOP's thresholds)
                 sampler.set_epoch(sampler_epoch)
-        if self.options.fix_pre_cls:
-            for p in model.old_classifier_params():
-                p.requires_grad_(False)
 
     def after_step(self, ctx: StepContext) -> None:
         path = phase_path(ctx)
@@ -449,8 +448,9 @@ class NeST(Extension):
                                     nesterov=True)
         iters = max(1, epochs * len(ctx.train_loader))
         scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=iters, power=cfg.lr_power)
+        scaler = torch.amp.GradScaler(torch.device(ctx.device).type, enabled=ctx.amp_dtype is torch.float16)
         named = self._phase_tensors(model)
-        start = self._resume(ctx, full, named, optimizer, scheduler)
+        start = self._resume(ctx, full, named, optimizer, scheduler, scaler)
         what = "NeST pre-tuning" if full else "direct pre-tuning of the new classifier"
         if epochs == 0:
             log.info("step %d: %s: 0 epochs (--warm_epochs 0), the prior alone", step, what)
@@ -480,12 +480,13 @@ class NeST(Extension):
                     loss = warm_loss(logits, labels, ctx.n_old, unbiased=unbiased, logits_old=logits_old,
                                      kd_factor=float(self.options.unkd_in_warm_factor))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if get_world_size() > 1:  # the frozen model is not wrapped in DDP: average NeST's gradients
                     for p in trainable:
                         if p.grad is not None:
                             all_reduce_sum(p.grad).div_(get_world_size())
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 total += loss.detach()
                 if bar is not None:
@@ -503,7 +504,7 @@ class NeST(Extension):
                                 "lower --warm_lr_scale or --lr; rerun to restart the pre-tuning from its last epoch")
             log.info("step %d %s epoch %d/%d done (mean loss %.4f; phase ETA %s)", step, what, epoch + 1, epochs,
                      mean, eta(time.perf_counter() - t_phase, epoch + 1 - start, epochs - start))
-            self._save(ctx, full, epoch + 1, named, optimizer, scheduler)
+            self._save(ctx, full, epoch + 1, named, optimizer, scheduler, scaler)
 
     # ---- the phase's own in-step checkpoint -----------------------------------------------------------------------
     @staticmethod
@@ -513,16 +514,16 @@ class NeST(Extension):
         named.update(dict(model.named_buffers()))
         return named
 
-    def _save(self, ctx, full, epoch, named, optimizer, scheduler) -> None:
+    def _save(self, ctx, full, epoch, named, optimizer, scheduler, scaler) -> None:
         path = phase_path(ctx)
         if path and is_main_process():
             save_checkpoint(path, phase="nest", epoch=epoch, key=_phase_key(self.cfg, full),
                             state={n: t.detach().cpu().clone() for n, t in named.items()},
                             optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
-                            rng_state={"torch": torch.get_rng_state()})
+                            scaler_state=scaler.state_dict(), rng_state={"torch": torch.get_rng_state()})
         barrier()
 
-    def _resume(self, ctx, full, named, optimizer, scheduler) -> int:
+    def _resume(self, ctx, full, named, optimizer, scheduler, scaler) -> int:
         path = phase_path(ctx)
         if not path or not os.path.isfile(path):
             return 0
@@ -545,6 +546,8 @@ class NeST(Extension):
                 t.copy_(state[n])
         optimizer.load_state_dict(ckpt["optimizer_state"])
         scheduler.load_state_dict(ckpt["scheduler_state"])
+        if ckpt.get("scaler_state"):
+            scaler.load_state_dict(ckpt["scaler_state"])
         torch.set_rng_state(ckpt["rng_state"]["torch"])
         log.info("step %d: resuming NeST's pre-tuning from %s after epoch %d/%d", ctx.step, path, ckpt["epoch"],
                  warm_epochs(self.cfg))

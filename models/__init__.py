@@ -1,7 +1,8 @@
 """Backbone families, registered by name from their own files (``models.registry.BACKBONES``): the In-Place ABN
 layout ResNets of the reference code (``resnet18``, ``resnet50``, ``resnet101``) and torchvision-layout ResNets with
 plain BatchNorm (``tv_resnet18`` ... ``tv_resnet101``), and the hierarchical transformer / ConvNeXt backbones of
-Hugging Face ``transformers`` (``mit_b0`` ... ``mit_b5``, ``swin_t/s/b``, ``convnext_t/s/b``; ``models/hierarchical.py``).
+Hugging Face ``transformers`` (``mit_b0`` ... ``mit_b5``, ``swin_t/s/b``, ``swin_b_w12``, ``convnext_t/s/b``;
+``models/hierarchical.py``).
 
 The backbone contract (named features with their channels and strides) is in ``models/registry.py``.
 """

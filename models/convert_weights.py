@@ -2,11 +2,15 @@
 
     python -m models.convert_weights --backbone mit_b2 mit_b2.pth pretrained/mit_b2.pth
     python -m models.convert_weights --backbone swin_t path/to/hf-checkpoint-folder pretrained/swin_t.pth
+    python -m models.convert_weights --backbone swin_b_w12 swin_base_patch4_window12_384.pth pretrained/swin_b_w12.pth
 
 Sources (pretrained/README.md says where to get them):
 
 * MiT: the official ``mit_b*.pth`` of NVlabs' SegFormer (keys ``patch_embed1.proj.weight``, ``block1.0.attn.kv.weight``,
   ...; its ImageNet ``head.*`` is dropped), mapped key by key here.
+* Swin: the official ``swin_*.pth`` of microsoft/Swin-Transformer (e.g. ``swin_base_patch4_window12_384.pth`` for
+  ``swin_b_w12``, NeST's), mapped key by key (``qkv`` split; ``head.*`` and the recomputed
+  ``relative_position_index`` / ``attn_mask`` buffers dropped; the per-stage norms keep weight 1, bias 0).
 * any of them as a ``transformers`` checkpoint folder (``config.json`` and ``model.safetensors`` or
   ``pytorch_model.bin``, e.g. a local copy of ``nvidia/mit-b2``, ``microsoft/swin-tiny-patch4-window7-224`` or
   ``facebook/convnext-tiny-224``): loaded offline by ``transformers`` itself (``from_pretrained`` with
@@ -95,6 +99,49 @@ def mit_from_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+# official Swin block keys (microsoft/Swin-Transformer models/swin_transformer.py) -> transformers (>= 5) SwinBackbone
+# keys inside swin.encoder.layers.{stage}.blocks.{index}.
+_SWIN_BLOCK = {"norm1.": "layernorm_before.", "norm2.": "layernorm_after.",
+               "attn.relative_position_bias_table": "attention.relative_position_bias.relative_position_bias_table",
+               "attn.proj.": "attention.o_proj.", "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2."}
+# the ImageNet classifier and the buffers the model recomputes
+_SWIN_SKIPPED = re.compile(r"(head\..*|.*relative_position_index|.*attn_mask)")
+
+
+def swin_from_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Microsoft's Swin keys (``patch_embed.proj.weight``, ``layers.0.blocks.0.attn.qkv.weight``, ...) ->
+    ``SwinBackbone`` keys (``qkv`` split into q, k and v). The classification model's final ``norm`` goes to the
+    backbone's ``swin.layernorm``, which its stage outputs do not use (they pass through the per-stage norms)."""
+    out = {}
+    for key, value in state.items():
+        if _SWIN_SKIPPED.fullmatch(key):
+            continue
+        if m := re.fullmatch(r"patch_embed\.(proj|norm)\.(weight|bias)", key):
+            part = "patch_embeddings.projection" if m[1] == "proj" else "norm"
+            out[f"swin.embeddings.{part}.{m[2]}"] = value
+        elif m := re.fullmatch(r"norm\.(weight|bias)", key):
+            out[f"swin.layernorm.{m[1]}"] = value
+        elif m := re.fullmatch(r"layers\.(\d)\.downsample\.(reduction|norm)\.(weight|bias)", key):
+            out[f"swin.encoder.layers.{m[1]}.downsample.{m[2]}.{m[3]}"] = value
+        elif m := re.fullmatch(r"layers\.(\d)\.blocks\.(\d+)\.(.+)", key):
+            prefix, rest = f"swin.encoder.layers.{m[1]}.blocks.{m[2]}.", m[3]
+            if rest.startswith("attn.qkv."):
+                third = value.shape[0] // 3
+                for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
+                    out[f"{prefix}attention.{part}.{rest[len('attn.qkv.'):]}"] = value[i * third:(i + 1) * third]
+                continue
+            old = next((o for o in _SWIN_BLOCK if rest.startswith(o)), None)
+            if old is None:
+                raise UserError(f"unknown key {key} in an official Swin file")
+            out[prefix + _SWIN_BLOCK[old] + rest[len(old):]] = value
+        else:
+            raise UserError(f"unknown key {key} in an official Swin file")
+    return out
+
+
+OFFICIAL = {"segformer": mit_from_official, "swin": swin_from_official}
+
+
 def convert(name: str, source: str) -> dict[str, torch.Tensor]:
     """``source`` (an official MiT file or a transformers checkpoint folder) -> this framework's ``net.*`` state of
     ``--backbone name``, checked against a freshly built backbone (keys and shapes)."""
@@ -102,8 +149,8 @@ def convert(name: str, source: str) -> dict[str, torch.Tensor]:
         raise UserError(f"--backbone {name} is not a transformer backbone; choose one of {', '.join(VARIANTS)}")
     if os.path.isdir(source):
         net_state = load_transformers_folder(name, source)
-    elif VARIANTS[name][0] == "segformer":
-        net_state = mit_from_official(read_state_file(source))
+    elif VARIANTS[name][0] in OFFICIAL:
+        net_state = OFFICIAL[VARIANTS[name][0]](read_state_file(source))
     else:
         raise UserError(f"--backbone {name} converts from a transformers checkpoint folder (config.json + weights), "
                         f"not the file {source}")

@@ -1,5 +1,6 @@
 """Hierarchical backbones from Hugging Face ``transformers``: SegFormer's Mix Transformer (``mit_b0`` ... ``mit_b5``),
-Swin (``swin_t``, ``swin_s``, ``swin_b``) and ConvNeXt (``convnext_t``, ``convnext_s``, ``convnext_b``).
+Swin (``swin_t``, ``swin_s``, ``swin_b``; ``swin_b_w12``: window 12, NeST's) and ConvNeXt (``convnext_t``,
+``convnext_s``, ``convnext_b``).
 
 Each returns four named stage features ``stage1`` ... ``stage4`` at strides 4, 8, 16 and 32, channels first (Swin's
 and ConvNeXt's through ``transformers``' backbone classes, which apply their per-stage norms and move the channels
@@ -43,6 +44,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                         "drop_path_rate": 0.3}),
     "swin_b": ("swin", {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32], "window_size": 7,
                         "drop_path_rate": 0.3}),
+    # NeST's Swin-B (zhengyuan-xie/ECCV24_NeST models/swin.py _swin_b): window 12, pre-trained at 384 px
+    # (the official swin_base_patch4_window12_384.pth), drop path 0.3
+    "swin_b_w12": ("swin", {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32], "window_size": 12,
+                            "image_size": 384, "drop_path_rate": 0.3}),
     "convnext_t": ("convnext", {"hidden_sizes": [96, 192, 384, 768], "depths": [3, 3, 9, 3], "drop_path_rate": 0.1}),
     "convnext_s": ("convnext", {"hidden_sizes": [96, 192, 384, 768], "depths": [3, 3, 27, 3],
                                 "drop_path_rate": 0.4}),

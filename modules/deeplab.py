@@ -26,15 +26,17 @@ class DeeplabV3(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 256, out_stride: int = 16,
                  norm_act: Callable[..., nn.Module] | None = None, pooling_size: int | tuple | None = None,
-                 in_feature: str | None = None):
+                 in_feature: str | None = None, rates: tuple[int, int, int] | None = None):
         super().__init__()
-        if out_stride not in ASPP_DILATIONS:
+        if rates is None and out_stride not in ASPP_DILATIONS:
             raise ValueError(f"out_stride must be one of {sorted(ASPP_DILATIONS)}, got {out_stride}")
+        if rates is not None and (len(rates) != 3 or any(int(r) < 1 for r in rates)):
+            raise ValueError(f"rates must be three positive dilations, got {rates}")
         self.in_feature = in_feature
         if norm_act is None:
             norm_act = NORM_ACT["abn"]
         self.pooling_size = pooling_size
-        d = ASPP_DILATIONS[out_stride]
+        d = tuple(int(r) for r in rates) if rates is not None else ASPP_DILATIONS[out_stride]
         self.map_convs = nn.ModuleList([
             nn.Conv2d(in_channels, hidden_channels, 1, bias=False),
             nn.Conv2d(in_channels, hidden_channels, 3, bias=False, dilation=d[0], padding=d[0]),
@@ -83,7 +85,8 @@ class DeeplabV3(nn.Module):
 
 @HEADS.register("deeplabv3")
 def build_deeplabv3(spec, shapes: dict[str, ShapeSpec], in_feature: str) -> DeeplabV3:
-    """The reference head on ``in_feature``, its ASPP rates from that feature's stride."""
+    """The reference head on ``in_feature``, its ASPP rates from that feature's stride (or ``spec.aspp_rates``)."""
     shape = shapes[in_feature]
     return DeeplabV3(shape.channels, spec.head_channels, spec.head_channels, out_stride=shape.stride,
-                     norm_act=NORM_ACT[spec.norm_act], pooling_size=spec.pooling, in_feature=in_feature)
+                     norm_act=NORM_ACT[spec.norm_act], pooling_size=spec.pooling, in_feature=in_feature,
+                     rates=spec.aspp_rates)

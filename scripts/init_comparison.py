@@ -20,7 +20,17 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from PIL import Image, ImageDraw  # noqa: E402
+
+import run  # noqa: E402
+from dataset.synthetic import generate  # noqa: E402
+from dataset.tasks import num_steps  # noqa: E402
+from methods.stack import MethodStack  # noqa: E402
+from metrics.report import read_run, step_scores  # noqa: E402
+from metrics.results import results_csv_path  # noqa: E402
 
 INITS = {  # name -> run.py flags on top of the host's preset (MiB and PLOP both preset --init_balanced)
     "random": ["--no_att"],
@@ -32,10 +42,12 @@ INITS = {  # name -> run.py flags on top of the host's preset (MiB and PLOP both
     "AWT (similarity mask)": ["--att", "25", "--mask_att", "--attribution", "similarity", "--mean_after_avg"],
 }
 HOSTS = ("MiB", "PLOP")
-# the synthetic setting: a small ResNet-18 from scratch on 64 px images (CPU); --real uses the published recipe
+# the synthetic setting: a small ResNet-18 from scratch on 64 px images (CPU); a step > 0 has 4 iterations per
+# epoch, so its lr is 10x the published 0.001 (with 0.001 and 4 epochs no initialisation learnt any new class);
+# --real uses the published recipe
 SYNTHETIC = {"backbone": ["--backbone", "resnet18", "--no_pretrained", "--norm_act", "abn", "--crop_size", "64",
                           "--batch_size", "8", "--num_workers", "0"],
-             "step0": ["--epochs", "20", "--lr", "0.01"], "later": ["--epochs", "4", "--lr", "0.001"]}
+             "step0": ["--epochs", "20", "--lr", "0.01"], "later": ["--epochs", "8", "--lr", "0.01"]}
 REAL = {"backbone": ["--backbone", "resnet101", "--crop_size", "512", "--batch_size", "24", "--opt_level", "O1"],
         "step0": ["--epochs", "30", "--lr", "0.02"], "later": ["--epochs", "30", "--lr", "0.001"]}
 
@@ -100,9 +112,6 @@ class InitProbe:
 
 
 def run_one(argv: list[str]) -> InitProbe:
-    import run
-    from methods.stack import MethodStack
-
     probe = InitProbe()
     original = MethodStack.init_new_classifier
     MethodStack.init_new_classifier = probe.wrap(original)
@@ -116,8 +125,6 @@ def run_one(argv: list[str]) -> InitProbe:
 
 
 def scores(results_csv: str) -> dict:
-    from metrics.report import read_run, step_scores
-
     run = read_run(results_csv)
     return {int(s): {k: (None if v is None else 100 * v) for k, v in step_scores(run, s).items()}
             for s in sorted(run.values)}
@@ -134,8 +141,6 @@ def mean_std(values) -> str:
 
 def plot(path: str, curves: dict[str, list[float]], title: str) -> None:
     """A line plot of mean mIoU per step with pillow (no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
     width, height, left, bottom, top, right = 900, 520, 60, 40, 30, 260
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
@@ -167,8 +172,6 @@ def main(argv=None) -> int:
     recipe = REAL if args.real else SYNTHETIC
     data_root = args.data_root
     if data_root is None:
-        from dataset.synthetic import generate
-
         data_root = os.path.join(out, "data", "PascalVOC12")
         if not os.path.isdir(data_root):
             generate(data_root, "voc", size=64, n_train=300, n_val=60, seed=0)
@@ -176,16 +179,11 @@ def main(argv=None) -> int:
               "--checkpoint", os.path.join(out, "ckpt"), "--results_dir", os.path.join(out, "results"),
               "--logdir", os.path.join(out, "logs"), "--channels_dir", os.path.join(out, "channels"),
               "--date", "cmp", *recipe["backbone"]]
-    from dataset.tasks import num_steps
-    from metrics.results import results_csv_path
-
     n_steps = num_steps("voc", args.task)
     step0_name = "step0"
     step0 = os.path.join(out, "ckpt", f"{args.task}-voc_{step0_name}_0.pth")
-    t0 = time.perf_counter()
     run_one([*common, "--step", "0", "--method", "FT", "--name", step0_name, "--random_seed", "0",
              *recipe["step0"]])
-    step0_seconds = time.perf_counter() - t0
     records = []
     probes_file = os.path.join(out, "init_costs.json")
     costs = json.load(open(probes_file)) if os.path.isfile(probes_file) else {}
@@ -205,18 +203,24 @@ def main(argv=None) -> int:
                 records.append({"host": host, "init": init, "seed": seed, "name": name, "command": argv,
                                 "steps": scores(csv), **costs[name]})
     last = n_steps - 1
+    shown = " ".join(a for a in (argv or sys.argv[1:]))
     lines = [f"VOC {args.task}, {'real data' if args.real else 'synthetic VOC (64 px, 300 training images)'}, "
-             f"one step-0 model (FT, seed 0, {step0_seconds:.0f} s here), seeds {' '.join(map(str, args.seeds))} "
-             "for the incremental steps; mIoU % after the last step, mean ± std over the seeds; init time and peak "
-             "memory increase (resident, CPU) summed / maxed over the steps.", "",
-             "| host | initialisation | old | new | all | hIoU | init time (s) | init peak memory (MiB) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"one step-0 model (`--method FT`, seed 0), seeds {' '.join(map(str, args.seeds))} for the "
+             "incremental steps; mIoU % after the last step, mean ± std over the seeds; init time (s) and peak "
+             "resident-memory increase (MiB) of the initialisation, summed / maxed over the steps.",
+             f"Produced by `python scripts/init_comparison.py {shown}`; every run is `run.py "
+             f"--dataset voc --task {args.task} --overlap {' '.join(recipe['backbone'])} --step 1 ... {n_steps - 1} "
+             "--step_ckpt STEP0 --method HOST --random_seed "
+             f"SEED {' '.join(recipe['later'])}` plus the flags below (`{out}/results.json` has each command).", "",
+             "| host | initialisation | flags | old | new | all | hIoU | init time | init memory |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     curves = {}
     for host in args.hosts:
         for init in args.inits:
             rows = [r for r in records if r["host"] == host and r["init"] == init]
             final = [r["steps"][last] for r in rows]
-            lines.append(f"| {host} | {init} | " + " | ".join(mean_std([f[k] for f in final])
+            lines.append(f"| {host} | {init} | `{' '.join(INITS[init]) or '(preset)'}` | "
+                         + " | ".join(mean_std([f[k] for f in final])
                                                               for k in ("old", "new", "all", "hiou"))
                          + f" | {mean_std([r['init_seconds'] for r in rows])}"
                          + f" | {mean_std([r['init_peak_mib'] for r in rows])} |")

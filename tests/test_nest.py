@@ -371,3 +371,57 @@ def test_a_run_killed_in_the_pretuning_resumes_to_the_same_bytes(voc, tmp_path, 
     for key in a["model_state"]:
         assert torch.equal(a["model_state"][key], b["model_state"][key]), key
     assert _csv(tmp_path) == _csv(uninterrupted[host])
+
+
+@pytest.mark.slow
+def test_sigkill_inside_the_pretuning_then_rerun_gives_the_uninterrupted_bytes(voc, tmp_path):
+    """A real kill (SIGKILL of the process group) once the phase's first in-step checkpoint of step 1 exists."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    def cmd(out):
+        args = smoke_args(voc, out, task="15-1", steps=(0, 1),
+                          extra=["--method", "MiB", "--nest", "--overlap", "--lr", "0.01", "0.001", "--batch_size", "4",
+                                 "--epochs", "1", "--warm_epochs", "40", "--crop_size", "48"])
+        return [sys.executable, os.path.join(ROOT, "run.py"), *args]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert subprocess.run(cmd(full), cwd=tmp_path, env=env, capture_output=True, timeout=600).returncode == 0
+    phase = killed / "ckpt" / "15-1-voc_Experiment_1.pth.nest.partial.pth"
+    proc = subprocess.Popen(cmd(killed), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not phase.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None and phase.exists(), "the pre-tuning ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (killed / "ckpt" / "15-1-voc_Experiment_1.pth").exists()
+    rerun = subprocess.run(cmd(killed), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming NeST's pre-tuning from" in rerun.stdout + rerun.stderr
+    a = torch.load(killed / "ckpt" / "15-1-voc_Experiment_1.pth", weights_only=True)["model_state"]
+    b = torch.load(full / "ckpt" / "15-1-voc_Experiment_1.pth", weights_only=True)["model_state"]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_rcil_hosts_nest_instead_of_its_own_initialisation(voc, tmp_path, caplog):
+    import run
+
+    args = smoke_args(voc, tmp_path, task="15-1", steps=(0, 1),
+                      extra=["--method", "RCIL", "--nest", "--overlap", "--lr", "0.01", "0.001", "--batch_size", "4",
+                             "--warm_epochs", "1", "--crop_size", "48", "--name", "RCIL_NeST"])
+    with caplog.at_level("INFO"):
+        assert run.main(args) == 0
+    assert "NeST folded into the new classifier" in caplog.text
+    assert "loss_pckd=" in caplog.text  # RCIL's own losses train after the phase

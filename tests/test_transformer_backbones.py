@@ -158,6 +158,7 @@ RUNS = {"mit_b0 MiB+AWT": ["--backbone", "mit_b0", "--method", "MiB", "--att", "
         "mit_b0 PLOP deeplabv3": ["--backbone", "mit_b0", "--head", "deeplabv3", "--method", "PLOP"],
         "mit_b0 SSUL": ["--backbone", "mit_b0", "--method", "SSUL"],
         "mit_b0 MiB+DropClass": ["--backbone", "mit_b0", "--method", "MiB", "--dropclass"],
+        "mit_b0 MiB+NeST": ["--backbone", "mit_b0", "--method", "MiB", "--nest", "--warm_epochs", "1"],
         "swin_t MiB+AWT": ["--backbone", "swin_t", "--method", "MiB", "--att", "25", "--mask_att"],
         "swin_t PLOP deeplabv3": ["--backbone", "swin_t", "--head", "deeplabv3", "--method", "PLOP"],
         "convnext_t PLOP": ["--backbone", "convnext_t", "--method", "PLOP"],
@@ -185,6 +186,8 @@ def test_two_steps_through_run_py(synthetic_voc, tmp_path, run_id, caplog):
         assert any("loss_pod=" in line and "loss_pod=0.0000" not in line for line in text.splitlines())
     if "AWT" in run_id:
         assert "new classifier initialised from the background classifier (attribution mask" in text
+    if "NeST" in run_id:
+        assert "NeST folded into the new classifier" in text
     if "DropClass" in run_id:
         assert "loss_ce_drop=" in text and state["drop.frozen_rows"].shape == (16, 256)
 
@@ -214,3 +217,92 @@ def test_every_variant_is_registered():
 
     assert set(VARIANTS) <= set(BACKBONES)
     assert {n for n in VARIANTS if n.startswith("mit_b")} == {f"mit_b{i}" for i in range(6)}
+
+
+def _official_swin_layout(net_state: dict) -> dict:
+    """A state in microsoft/Swin-Transformer's layout, written from a transformers SwinBackbone (the inverse of the
+    converter's table, spelled out here), plus what the converter drops: the ImageNet head and the recomputed
+    buffers."""
+    block = {"layernorm_before.": "norm1.", "layernorm_after.": "norm2.",
+             "attention.relative_position_bias.relative_position_bias_table": "attn.relative_position_bias_table",
+             "attention.o_proj.": "attn.proj.", "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2."}
+    out = {"head.weight": torch.randn(1000, 8), "head.bias": torch.randn(1000)}
+    for key, value in net_state.items():
+        if key.startswith("hidden_states_norms."):
+            continue
+        if m := re.fullmatch(r"swin\.embeddings\.patch_embeddings\.projection\.(weight|bias)", key):
+            out[f"patch_embed.proj.{m[1]}"] = value
+        elif m := re.fullmatch(r"swin\.embeddings\.norm\.(weight|bias)", key):
+            out[f"patch_embed.norm.{m[1]}"] = value
+        elif m := re.fullmatch(r"swin\.layernorm\.(weight|bias)", key):
+            out[f"norm.{m[1]}"] = value
+        elif m := re.fullmatch(r"swin\.encoder\.layers\.(\d)\.downsample\.(.+)", key):
+            out[f"layers.{m[1]}.downsample.{m[2]}"] = value
+        else:
+            b = re.fullmatch(r"swin\.encoder\.layers\.(\d)\.blocks\.(\d+)\.(.+)", key)
+            prefix, inner = f"layers.{b[1]}.blocks.{b[2]}.", b[3]
+            if inner.startswith("attention.q_proj."):
+                kind = inner.split(".")[-1]
+                parts = [net_state[key.replace(".q_proj.", f".{p}.")] for p in ("q_proj", "k_proj", "v_proj")]
+                out[f"{prefix}attn.qkv.{kind}"] = torch.cat(parts)
+                out[f"{prefix}attn.relative_position_index"] = torch.zeros(1, dtype=torch.long)
+                continue
+            if inner.startswith(("attention.k_proj.", "attention.v_proj.")):
+                continue
+            old = next(o for o in block if inner.startswith(o))
+            out[prefix + block[old] + inner[len(old):]] = value
+    return out
+
+
+def test_converter_round_trips_official_swin(tmp_path):
+    from models.convert_weights import convert, main as convert_main
+    from models.hierarchical import load_converted
+
+    torch.manual_seed(0)
+    source = HierarchicalBackbone("swin_t").eval()
+    with torch.no_grad():  # the per-stage norms are not in the official file: keep them at their initialisation
+        for name, p in source.net.named_parameters():
+            if not name.startswith("hidden_states_norms."):
+                p.add_(0.01 * torch.randn_like(p))
+    x = torch.randn(1, 3, 64, 64)
+    expected = source(x)
+    official = tmp_path / "swin_tiny_patch4_window7_224.pth"
+    torch.save({"model": _official_swin_layout(source.net.state_dict())}, official)
+    assert convert_main(["--backbone", "swin_t", str(official), str(tmp_path / "ours.pth")]) == 0
+    fresh = HierarchicalBackbone("swin_t").eval()
+    load_converted(fresh, str(tmp_path / "ours.pth"))
+    got = fresh(x)
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
+    # NeST's Swin-B: window 12 (bias tables of 23 x 23 entries) from the official window-12 file's layout
+    swin_b = HierarchicalBackbone("swin_b_w12")
+    table = swin_b.net.swin.encoder.layers[0].blocks[0].attention.relative_position_bias.relative_position_bias_table
+    assert tuple(table.shape) == (23 * 23, 4)
+    state = convert("swin_b_w12", _save(tmp_path / "b.pth", _official_swin_layout(swin_b.net.state_dict())))
+    assert set(state) == {f"net.{k}" for k in swin_b.net.state_dict()}
+    assert convert_main(["--backbone", "swin_s", str(official), str(tmp_path / "s.pth")]) == 2  # another size
+
+
+def _save(path, state) -> str:
+    torch.save(state, path)
+    return str(path)
+
+
+def test_aspp_rates_set_the_deeplab_dilations_and_are_a_model_flag(tmp_path):
+    from experiment.checkpoints import check_model_flags
+    from experiment.config import parse_config, dump
+    from modules.deeplab import DeeplabV3
+
+    spec = ModelSpec(backbone="swin_t", head="deeplabv3", output_stride=32, pooling=None, aspp_rates=(6, 12, 18))
+    model = build_model_from_spec(spec, [3])
+    head = next(m for m in model.modules() if isinstance(m, DeeplabV3))
+    assert [c.dilation[0] for c in head.map_convs[1:]] == [6, 12, 18]
+    default = build_model_from_spec(spec.replace(aspp_rates=None), [3])
+    assert [c.dilation[0] for c in next(m for m in default.modules() if isinstance(m, DeeplabV3)).map_convs[1:]] \
+        == [3, 6, 9]
+    cfg = parse_config(["--backbone", "swin_t", "--head", "deeplabv3", "--aspp_rates", "6", "12", "18"])
+    other = parse_config(["--backbone", "swin_t", "--head", "deeplabv3"])
+    with pytest.raises(UserError, match=r"trained with --aspp_rates 6 12 18, this run builds --aspp_rates \(default\)"):
+        check_model_flags({"config": dump(cfg)}, other, "x.pth", "previous-step checkpoint")
+    check_model_flags({"config": dump(cfg)}, cfg, "x.pth", "previous-step checkpoint")
+    with pytest.raises(SystemExit):
+        parse_config(["--aspp_rates", "6", "12"])
