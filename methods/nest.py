@@ -362,6 +362,9 @@ class NeST(Extension):
                      "it", ctx.step, ctx.resume_from)
             return
         check_plain_classifiers(model)
+        if self.cfg.backbone == "swin_b" and logger.once("nest swin_b"):
+            log.warning("NeST's published --backbone swin_b is window 12 with DeepLab-v3 at OS16 rates: here that is "
+                        "--backbone swin_b_w12 --head deeplabv3 --aspp_rates 6 12 18 (this run's swin_b has window 7)")
         full = full_nest(self.cfg)
         flags = {p: p.requires_grad for p in model.parameters()}
         sampler = getattr(ctx.train_loader, "sampler", None)

@@ -63,6 +63,8 @@ def parse(argv):
     p.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS), metavar="INIT",
                    help=f"initialisations to compare (default: all of {', '.join(INITS)})")
     p.add_argument("--task", default="15-1", help="VOC task (default 15-1)")
+    p.add_argument("--later_epochs", type=int, default=None, help="epochs of every step > 0 (default: the setting's)")
+    p.add_argument("--later_lr", type=float, default=None, help="lr of every step > 0 (default: the setting's)")
     return p.parse_args(argv)
 
 
@@ -166,10 +168,13 @@ def plot(path: str, curves: dict[str, list[float]], title: str) -> None:
 
 
 def main(argv=None) -> int:
+    shown = " ".join(sys.argv[1:] if argv is None else argv)  # before run.py is called in this process
     args = parse(argv)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    recipe = REAL if args.real else SYNTHETIC
+    recipe = dict(REAL if args.real else SYNTHETIC)
+    epochs, lr = recipe["later"][1], recipe["later"][3]
+    recipe["later"] = ["--epochs", str(args.later_epochs or epochs), "--lr", str(args.later_lr or lr)]
     data_root = args.data_root
     if data_root is None:
         data_root = os.path.join(out, "data", "PascalVOC12")
@@ -203,7 +208,6 @@ def main(argv=None) -> int:
                 records.append({"host": host, "init": init, "seed": seed, "name": name, "command": argv,
                                 "steps": scores(csv), **costs[name]})
     last = n_steps - 1
-    shown = " ".join(a for a in (argv or sys.argv[1:]))
     lines = [f"VOC {args.task}, {'real data' if args.real else 'synthetic VOC (64 px, 300 training images)'}, "
              f"one step-0 model (`--method FT`, seed 0), seeds {' '.join(map(str, args.seeds))} for the "
              "incremental steps; mIoU % after the last step, mean ± std over the seeds; init time (s) and peak "
