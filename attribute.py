@@ -13,7 +13,7 @@ import logging
 import sys
 
 from experiment.argparser import get_argparser
-from experiment.builders import build_step_datasets, select_device
+from experiment.builders import build_step_datasets, cpu_threads, select_device
 from experiment.checkpoints import load_old_model
 from experiment.config import parse_config
 from methods import awt, build_method
@@ -62,23 +62,29 @@ def run_attribution(argv=None, *, per_class: bool = False) -> int:
         steps = [int(s) for s in cfg.step]
         if any(s < 1 for s in steps):
             raise UserError(f"attribution is for incremental steps: --step must be >= 1, got {steps}")
-        for i, step in enumerate(steps):
-            model_old = load_old_model(cfg, step, device, first_step_of_call=(i == 0), method=method)
-            mask, result, meta = awt.compute_mask(cfg, step, model_old, device, per_class=per_class,
-                                                  dataset=build_step_datasets(cfg, step)[0],
-                                                  source=method.transfer_source(model_old))
-            path = awt.channels_path(cfg, step, per_class=per_class)
-            write_mask(path, mask, result, meta, plot=bool(cfg.att_plot))
-            print(f"step {step}: wrote {path} ({meta['selected']} of {mask.shape[-1]} channels"
-                  f"{f' x {mask.shape[0]} classes' if per_class else ''}; {result.n_images} images, skipped "
-                  f"{result.n_skipped.tolist()})")
-            del model_old
+        with cpu_threads(cfg) as threads:
+            log.info("%s", threads)
+            for i, step in enumerate(steps):
+                model_old = load_old_model(cfg, step, device, first_step_of_call=(i == 0), method=method)
+                mask, result, meta = awt.compute_mask(cfg, step, model_old, device, per_class=per_class,
+                                                      dataset=build_step_datasets(cfg, step)[0],
+                                                      source=method.transfer_source(model_old))
+                path = awt.channels_path(cfg, step, per_class=per_class)
+                write_mask(path, mask, result, meta, plot=bool(cfg.att_plot))
+                print(f"step {step}: wrote {path} ({meta['selected']} of {mask.shape[-1]} channels"
+                      f"{f' x {mask.shape[0]} classes' if per_class else ''}; {result.n_images} images, skipped "
+                      f"{result.n_skipped.tolist()})")
+                del model_old
         return 0
     except UserError as exc:
         if debug:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the masks already reported as written are complete, the step being attributed wrote "
+              "nothing; rerun the command to compute it", file=sys.stderr)
+        return 130
 
 
 def main(argv=None) -> int:

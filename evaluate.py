@@ -27,7 +27,7 @@ from dataset.erase import EraseClass
 from dataset.readers import READERS
 from dataset.tasks import order
 from experiment.argparser import get_argparser
-from experiment.builders import build_model, build_step_datasets, resolve_precision, select_device
+from experiment.builders import build_model, build_step_datasets, cpu_threads, resolve_precision, select_device
 from experiment.checkpoints import ckpt_path, load_weights
 from experiment.config import parse_config, replace
 from experiment.validate import check_writable
@@ -36,7 +36,7 @@ from metrics import summary
 from train import evaluate
 from utils.data import build_loader
 from utils.errors import UserError
-from utils.flags import ArgumentParser
+from utils.flags import ArgumentParser, nonnegative_int, path_value
 from utils.io import atomic_write, atomic_write_text
 from utils.logger import setup_logging
 from utils.visualize import SampleCollector, index_to_class_lut
@@ -49,8 +49,8 @@ def get_parser() -> argparse.ArgumentParser:
                             usage="%(prog)s [run.py flags] [--split val|train] [--out_dir DIR [--save_samples N]]")
     g = parser.add_argument_group("evaluate")
     g.add_argument("--split", default="val", choices=["val", "train"], help="data split to evaluate on")
-    g.add_argument("--out_dir", default=None, help="folder for metrics.json and PNG panels")
-    g.add_argument("--save_samples", type=int, default=8, help="PNG panels written to --out_dir")
+    g.add_argument("--out_dir", type=path_value, default=None, help="folder for metrics.json and PNG panels")
+    g.add_argument("--save_samples", type=nonnegative_int, default=8, help="PNG panels written to --out_dir")
     g.add_argument("--erase_class", type=int, default=None, metavar="K",
                    help="evaluate the images holding class K (index in the report) with K erased: its pixels filled "
                         "from the rest of the image and ignored in the labels")
@@ -153,7 +153,8 @@ def main(argv=None) -> int:
         if cfg.out_dir:
             check_writable(cfg.out_dir, "--out_dir")
         method = build_method(cfg)
-        with torch.no_grad():
+        with cpu_threads(cfg) as threads, torch.no_grad():
+            log.info("%s", threads)
             evaluate_checkpoint(cfg, method)
         return 0
     except UserError as exc:
@@ -161,6 +162,10 @@ def main(argv=None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written for this evaluation (metrics.json and the pictures are written at "
+              "the end); rerun the command", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

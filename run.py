@@ -21,11 +21,11 @@ import torch
 
 from dataset.readers import READERS
 from dataset.tasks import order
-from experiment.builders import (build_model, build_step_datasets, classes_for_step, data_kind, log_folder,
-                                 norm_fallback_note, resolve_precision, select_device)
+from experiment.builders import (build_model, build_step_datasets, classes_for_step, cpu_threads, data_kind,
+                                 log_folder, norm_fallback_note, resolve_precision, select_device)
 from experiment.checkpoints import (checkpoint_content, ckpt_path, load_previous_into, load_previous_step,
                                     load_weights, restored_selection, resume_if_possible,
-                                    resume_source)
+                                    resume_source, training_differences)
 from experiment.config import parse_config, step_lrs, to_dict
 from experiment.recipes import Recipe, match
 from experiment.validate import check_writable, validate_run
@@ -37,12 +37,12 @@ from metrics.results import (csv_row, format_summary, read_rows, results_csv_pat
 from metrics import summary
 import train
 from train import EpochSetup
-from utils.checkpoint import nonfinite_in_model, partial_ckpt_path, save_checkpoint
+from utils.checkpoint import nonfinite_in_model, partial_ckpt_path, safe_load, save_checkpoint
 from utils.data import build_loader
 from utils.dist import (barrier, cleanup, get_rank, get_world_size, init_distributed, is_distributed,
                         is_main_process, peer_failure_message)
 from utils.errors import UserError, one_line
-from utils.io import atomic_write_text
+from utils.io import atomic_write_text, remove_stale_temporaries
 from utils.lock import RunLock
 from utils import logger
 from utils.optim import build_optimizer, build_scheduler
@@ -320,11 +320,7 @@ def test_step(cfg, step: int, model, test_loader, precision, device, board, meth
         upsert_row(path, step, csv_row(step, res["Class IoU"], sum(model.classes), n_total, res["Mean IoU"]))
         if record is not None:
             update_run_record(path, step, record)
-        written = read_run(path, columns="remapped")
-        rows = [{"step": s, **step_scores(written, s)} for s in sorted(written.values)]
-        text = format_summary(rows, f"{cfg.dataset} {cfg.task} {cfg.name} (mIoU %, test set)")
-        atomic_write_text(summary_path(path), text)
-        log.info("results: %s\n%s", path, text)
+        log.info("results: %s\n%s", path, write_summary(cfg, path))
     return {**res, **split}
 
 
@@ -338,8 +334,7 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
     results = results_csv_path(cfg.results_dir, cfg.date, cfg.dataset, cfg.task, cfg.name)
     finished = not cfg.test and not cfg.overwrite and os.path.isfile(final_path)
     if finished and step in read_rows(results):
-        log.info("step %d is already trained and tested (%s, row in %s): skipped (%s); --overwrite retrains it, "
-                 "--test evaluates it again", step, final_path, results, position)
+        skip_finished_step(cfg, step, lr, final_path, results, position, method)
         return {}
     seed_everything(cfg.random_seed)
     precision = resolve_precision(cfg, device)
@@ -364,6 +359,7 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
     if logger.once("norm fallback") and (note := norm_fallback_note(cfg, model)):
         log.info(note)
     record = run_record(cfg, step, lr, recipe, describe_norm_layers(model))
+    record_training_config(cfg, step)
     setup, ctx = build_setup(cfg, step, lr, model, model_old, loaders[0], trainer_state, precision, device,
                              method=method, ctx=ctx)
     start_epoch = resume_if_possible(cfg, model, setup, final_path, method, lr, record)
@@ -381,10 +377,38 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
                                                          record=record, final=True))
         if os.path.exists(partial_ckpt_path(final_path)):
             os.remove(partial_ckpt_path(final_path))
+        remove_stale_temporaries(partial_ckpt_path(final_path))
     barrier()
     result = test_step(cfg, step, model, loaders[2], precision, device, board, method, record)
     board.close()
     return result
+
+
+def skip_finished_step(cfg, step: int, lr: float, final_path: str, results: str, position: str,
+                       method: MethodStack) -> None:
+    """A step trained and tested by an earlier call is left as it is; this says so, names the training flags in
+    which this call differs from the one that trained it, and completes the summary a full disk left unwritten."""
+    saved = safe_load(final_path, "step checkpoint")
+    diff = training_differences(saved, cfg, lr)
+    if diff:
+        log.warning("step %d is already trained and tested (%s, row in %s) with other training flags than this "
+                    "call's (%s): skipped (%s); its checkpoint and results are the earlier training's; --overwrite "
+                    "retrains it with this call's flags", step, final_path, results, diff, position)
+    else:
+        log.info("step %d is already trained and tested (%s, row in %s): skipped (%s); --overwrite retrains it, "
+                 "--test evaluates it again", step, final_path, results, position)
+    if is_main_process() and not os.path.isfile(summary_path(results)):
+        write_summary(cfg, results)
+        log.info("step %d: wrote the missing summary %s", step, summary_path(results))
+
+
+def write_summary(cfg, path: str) -> str:
+    """The old / new / all summary of every row of the results CSV ``path`` (rank 0)."""
+    written = read_run(path, columns="remapped")
+    rows = [{"step": s, **step_scores(written, s)} for s in sorted(written.values)]
+    text = format_summary(rows, f"{cfg.dataset} {cfg.task} {cfg.name} (mIoU %, test set)")
+    atomic_write_text(summary_path(path), text)
+    return text
 
 
 def check_finite_model(model, what: str, hint: str) -> None:
@@ -435,19 +459,29 @@ def compare_with_recipe(cfg, recipe: Recipe | None) -> None:
 
 
 def start_run_files(cfg) -> None:
-    """The run's folder (next to its TensorBoard events): the resolved configuration of this call, the command
-    lines of every call appended, and the log of every call appended (rank 0)."""
+    """The run's folder (next to its TensorBoard events), rank 0: every call's command line appended to
+    ``command.txt`` and its resolved configuration appended to ``calls.jsonl`` (one JSON object per call), and the
+    log of every call appended to ``run.log``. ``config.json`` is written only when a step starts training
+    (:func:`record_training_config`), so a call that only skips or refuses leaves it alone."""
     if not is_main_process():
         return
     folder = log_folder(cfg)
     os.makedirs(folder, exist_ok=True)
-    atomic_write_text(os.path.join(folder, "config.json"), json.dumps(to_dict(cfg), indent=1, sort_keys=True,
-                                                                       default=str) + "\n")
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     with open(os.path.join(folder, "command.txt"), "a", encoding="utf-8") as handle:
         handle.write(f"# {stamp} in {os.getcwd()}\n{command_line()}\n")
+    with open(os.path.join(folder, "calls.jsonl"), "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"time": stamp, "cwd": os.getcwd(), "command": command_line(),
+                                 "config": to_dict(cfg)}, sort_keys=True, default=str) + "\n")
     logger.open_log_file(os.path.join(folder, "run.log"))
-    log.info("run folder %s: config.json, command.txt, run.log", folder)
+    log.info("run folder %s: command.txt, calls.jsonl, run.log (config.json: the flags of the last training)", folder)
+
+
+def record_training_config(cfg, step: int) -> None:
+    """``config.json`` in the run folder: the resolved flags of the call that trains ``step`` now (rank 0)."""
+    if is_main_process():
+        text = json.dumps({**to_dict(cfg), "trained_step": step}, indent=1, sort_keys=True, default=str) + "\n"
+        atomic_write_text(os.path.join(log_folder(cfg), "config.json"), text)
 
 
 def experiment_lock(cfg):
@@ -478,7 +512,9 @@ def main(argv=None) -> int:
                 log.warning("%s", note)
             recipe = find_recipe(cfg)
             compare_with_recipe(cfg, recipe)
-            run_steps(cfg, device, recipe, method)
+            with cpu_threads(cfg) as threads:
+                log.info("%s", threads)
+                run_steps(cfg, device, recipe, method)
         return 0
     except UserError as exc:
         if cfg is not None and cfg.debug:

@@ -87,12 +87,23 @@ class Reader:
         """The ``name`` map files of ``indices`` that do not exist."""
         return [p for p in (self.aux_path(name, int(i)) for i in indices) if not os.path.isfile(p)]
 
-    def load_aux(self, name: str, index: int) -> Image.Image:
-        """The ``name`` map of sample ``index`` as a single-channel image of the image's size."""
+    def load_aux(self, name: str, index: int, size: tuple[int, int] | None = None) -> Image.Image:
+        """The ``name`` map of sample ``index`` as a single-channel image; ``size`` (the image's ``(W, H)``): a map
+        of another size, or one whose EXIF orientation would show it rotated or mirrored, is refused (a transposed
+        map of a portrait image would otherwise be cropped and flipped against the wrong pixels)."""
         path = self.aux_path(name, index)
         if not os.path.isfile(path):
             raise UserError(self.aux_missing_message(name, path))
         aux = _decode(path, name + " map")
+        orientation = _exif_orientation(aux)
+        if orientation not in (None, 1):
+            raise UserError(f"{name} map {path!r} carries EXIF orientation {orientation} (shown rotated or mirrored); "
+                            "write it without the orientation tag, its rows as the image's rows")
+        if size is not None and aux.size != tuple(size):
+            what = "transposed" if aux.size == tuple(size)[::-1] else "of another size"
+            raise UserError(f"{name} map {path!r} is {aux.size[0]}x{aux.size[1]} but its image "
+                            f"{self.samples[index][0]!r} is {size[0]}x{size[1]} ({what}); regenerate the map "
+                            "from this image")
         return aux if aux.mode == "L" else aux.convert("L")
 
     def aux_missing_message(self, name: str, path: str) -> str:
@@ -110,6 +121,13 @@ def full_palette(palette: np.ndarray) -> np.ndarray:
     out[: len(palette)] = palette
     out[IGNORE_INDEX] = (224, 224, 192)
     return out
+
+
+def _exif_orientation(image: Image.Image) -> int | None:
+    try:
+        return image.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: PIL raises many types; no tag to honour then
+        return None
 
 
 def _check_exist(samples: list[tuple[str, str]], name: str, split: str) -> None:

@@ -19,7 +19,6 @@ from torch.utils.data import Dataset
 from dataset.base import Reader, spread_palette
 from dataset.cityscapes import RAW_TO_TRAIN
 from utils.errors import UserError
-from utils.io import atomic_save_numpy
 
 CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
                "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
@@ -73,26 +72,22 @@ class CityscapesDomainReader(Reader):
         return f"create the synthetic dataset with: python -m dataset.synthetic {root} --layout cityscapes"
 
 
+def city_indices(reader: CityscapesDomainReader, cities) -> np.ndarray:
+    """The reader indices of the images of ``cities``, in listing order (before the reference's shuffle)."""
+    return np.flatnonzero(np.isin(reader.cities, list(cities))).astype(np.int64)
+
+
 class DomainIncremental(Dataset):
     """The images of some cities: the first 80 % of their ``RandomState(1)`` shuffle (``train``) or the rest.
 
-    Items: ``(image uint8 (3, H, W), label uint8 (H, W))`` with train ids 0..18 and 255. ``idxs_path`` caches the
-    filtered (unshuffled) indices at the reference's path."""
+    Items: ``(image uint8 (3, H, W), label uint8 (H, W))`` with train ids 0..18 and 255. ``idxs``: the filtered
+    (unshuffled) indices of the cities when the caller has them (the index cache), else computed here."""
 
-    def __init__(self, reader: CityscapesDomainReader, *, cities, train: bool, transform, idxs_path: str | None = None,
+    def __init__(self, reader: CityscapesDomainReader, *, cities, train: bool, transform, idxs=None,
                  description: str = ""):
         self.reader, self.transform = reader, transform
         self.description = description or f"{reader.NAME} cities {list(cities)}"
-        idxs = None
-        if idxs_path and os.path.isfile(idxs_path):
-            idxs = np.load(idxs_path, allow_pickle=False).astype(np.int64)
-            if idxs.size and (idxs.min() < 0 or idxs.max() >= len(reader)):
-                raise UserError(f"index cache {idxs_path!r} does not match the {len(reader)}-image dataset; "
-                                "delete it to rebuild")
-        if idxs is None:
-            idxs = np.flatnonzero(np.isin(reader.cities, list(cities))).astype(np.int64)
-            if idxs_path:
-                atomic_save_numpy(idxs_path, idxs)
+        idxs = city_indices(reader, cities) if idxs is None else np.asarray(idxs, dtype=np.int64)
         order = idxs.tolist()
         np.random.RandomState(SHUFFLE_SEED).shuffle(order)
         cut = int(TRAIN_FRACTION * len(order))

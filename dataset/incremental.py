@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.base import Reader, _decode, _label_array
-from dataset.cityscapes_domain import DomainIncremental
+from dataset.cityscapes_domain import DomainIncremental, city_indices
 from dataset.readers import READERS
 from dataset.tasks import canonical_task, get_task_labels
 from dataset.transform import TRAIN_PRESETS, ToTensor, eval_preset
@@ -159,17 +159,18 @@ def class_presence(reader: Reader, cache_dir: str | None = None) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- index cache
 def _load_cached_idxs(path: str, n: int, key: str) -> np.ndarray | None:
-    """Cached indices if present and consistent with the listing (a sidecar ``.key`` file), else None."""
-    if not os.path.isfile(path):
-        return None
+    """Cached indices if present and written for this listing (its sidecar ``.key`` file says so), else None: a
+    cache without its key (an older version's, or one whose key was lost) is recomputed, never trusted."""
     sidecar = path + ".key"
-    if os.path.isfile(sidecar):
+    if not os.path.isfile(path) or not os.path.isfile(sidecar):
+        return None
+    try:
         with open(sidecar, encoding="utf-8") as handle:
-            try:
-                if json.load(handle).get("listing") != key:
-                    return None  # written for another listing: recompute
-            except ValueError:
-                return None
+            saved = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("listing") != key:
+        return None  # written for another listing: recompute
     try:
         idxs = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -178,6 +179,17 @@ def _load_cached_idxs(path: str, n: int, key: str) -> np.ndarray | None:
                                                                                        or idxs.max() >= n)):
         raise UserError(f"index cache {path!r} does not match the {n}-image split; delete it to rebuild")
     return idxs.astype(np.int64)
+
+
+def cached_indices(path: str, reader: Reader, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """The index cache at ``path`` when it was written for this listing (``key``), else ``compute()`` stored there
+    atomically with its key."""
+    idxs = _load_cached_idxs(path, len(reader), key)
+    if idxs is None:
+        idxs = compute()
+        atomic_save_numpy(path, idxs)
+        atomic_write_text(path + ".key", json.dumps({"listing": key}))
+    return idxs
 
 
 # ----------------------------------------------------------------------------------------------- the dataset
@@ -218,14 +230,10 @@ class IncrementalSegmentation(Dataset):
                             f"use a larger dataset or another task/step")
 
     def _indices(self, overlap, train, idxs_path, presence_dir, test_on_val) -> np.ndarray:
-        key = listing_key(self.reader)
-        idxs = _load_cached_idxs(idxs_path, len(self.reader), key) if idxs_path else None
-        if idxs is None:
-            presence = class_presence(self.reader, presence_dir)
-            idxs = filter_images(presence, self.labels, self.labels_old, overlap)
-            if idxs_path:
-                atomic_save_numpy(idxs_path, idxs)
-                atomic_write_text(idxs_path + ".key", json.dumps({"listing": key}))
+        def compute():
+            return filter_images(class_presence(self.reader, presence_dir), self.labels, self.labels_old, overlap)
+
+        idxs = cached_indices(idxs_path, self.reader, listing_key(self.reader), compute) if idxs_path else compute()
         if test_on_val:
             idxs = test_on_val_split(idxs, train)
         return idxs
@@ -237,7 +245,7 @@ class IncrementalSegmentation(Dataset):
         i = int(self.idxs[index])
         image, label = self.reader.load(i)
         if self.aux:
-            label = (label, *(self.reader.load_aux(name, i) for name in self.aux))
+            label = (label, *(self.reader.load_aux(name, i, image.size) for name in self.aux))
         image, label = (self.transform or ToTensor())(image, label)
         maps = label[1:] if self.aux else ()
         label = label[0] if self.aux else label
@@ -343,16 +351,21 @@ def _domain_datasets(reader, *, labels, labels_old, step, folder, crop_size, cro
     """PLOP's cityscapes_domain ``get_dataset``: train and validation split the step's cities 80/20, the test set is
     the 20 % of every city seen so far (the 80 % with ``--val_on_trainset``)."""
     eval_transform = eval_preset(crop_size, crop_val)
+    key = listing_key(reader)
+
+    def cached(cities, name):  # keyed by the listing, as the class-incremental caches: added images rebuild it
+        return cached_indices(os.path.join(folder, name), reader, key, lambda: city_indices(reader, cities))
+
     train = DomainIncremental(reader, cities=labels, train=True, transform=TRAIN_PRESETS[augment](crop_size),
-                              idxs_path=os.path.join(folder, f"train-{step}.npy"), description=describe("train"))
+                              idxs=cached(labels, f"train-{step}.npy"), description=describe("train"))
     if cross_val:
         val = _cross_val_split(train, seed, describe("cross-validation"))
     else:
         val = DomainIncremental(reader, cities=labels, train=False, transform=eval_transform,
-                                idxs_path=os.path.join(folder, f"val-{step}.npy"), description=describe("val"))
+                                idxs=cached(labels, f"val-{step}.npy"), description=describe("val"))
     split = "train" if val_on_trainset else "val"
     test = DomainIncremental(reader, cities=labels_old + labels, train=val_on_trainset, transform=eval_transform,
-                             idxs_path=os.path.join(folder, f"test_on_{split}-{step}.npy"),
+                             idxs=cached(labels_old + labels, f"test_on_{split}-{step}.npy"),
                              description=describe(f"test ({split})"))
     return train, val, test
 

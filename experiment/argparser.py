@@ -9,9 +9,9 @@ import argparse
 
 from methods import add_extension_args, add_method_args
 from models import BACKBONES
-from utils.flags import (DEFAULT_PARAM_GROUPS, IGNORED, INVERTED, NOT_IMPLEMENTED, ArgumentParser,
-                         iterations_or_auto, mark, momentum_value, nonnegative_float, nonnegative_int, plain_name,
-                         positive_float, positive_int)
+from utils.flags import (DEFAULT_PARAM_GROUPS, IGNORED, INVERTED, NOT_IMPLEMENTED, ArgumentParser, date_name,
+                         iterations_or_auto, mark, momentum_value, nonnegative_float, nonnegative_int, path_value,
+                         plain_name, positive_float, positive_int)
 
 __all__ = ["ArgumentParser", "IGNORED", "get_argparser"]
 
@@ -30,19 +30,23 @@ def _add_performance(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convolutions on GPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slower start, faster steps)")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact reruns, slower)")
-    mark(g, resume_free=("local_rank", "num_workers", "device", "compile"))
+    g.add_argument("--threads", type=nonnegative_int, default=0,
+                   help="intra-op CPU threads per process; 0 (default): OMP_NUM_THREADS when set, else the CPUs the "
+                        "process may use (affinity and cgroup quota) shared by the job's processes on the machine, "
+                        "less one per data-loader worker")
+    mark(g, resume_free=("local_rank", "num_workers", "device", "compile", "threads"))
 
 
 def _add_dataset(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("dataset")
-    g.add_argument("--data_root", default="data", help="dataset root (VOC: the PascalVOC12 folder)")
+    g.add_argument("--data_root", type=path_value, default="data", help="dataset root (VOC: the PascalVOC12 folder)")
     g.add_argument("--dataset", default="voc",
                    help="voc, ade, cityscapes (class-incremental) or cityscapes_domain (PLOP's domain-incremental)")
     g.add_argument("--num_classes", type=int, default=None, help="(ignored: always taken from the dataset)")
     g.add_argument("--dont_predict_bg", action="store_true", help=IGNORED + "background switch, never read")
     g.add_argument("--ignore_test_bg", action="store_true",
                    help=NOT_IMPLEMENTED + "ADE: ignore background pixels in the test metrics")
-    g.add_argument("--cache_root", default=None,
+    g.add_argument("--cache_root", type=path_value, default=None,
                    help="folder of the index caches {cache_root}/{dataset}/{task}[-ov]/*.npy (default: "
                         "$CISS_CACHE_DIR, else $XDG_CACHE_HOME/ciss or ~/.cache/ciss, one sub-folder per --data_root; "
                         "the reference used data/)")
@@ -108,13 +112,13 @@ def _add_validation(parser: argparse.ArgumentParser) -> None:
 
 def _add_logging(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging")
-    g.add_argument("--logdir", default="./logs",
+    g.add_argument("--logdir", type=path_value, default="./logs",
                    help="run folders {logdir}/{task}-{dataset}/{name}/: TensorBoard events, run.log, config.json, "
                         "command.txt")
     g.add_argument("--name", type=plain_name, default=None,
                    help="experiment name in checkpoint, CSV, mask and log names (default: the method and its "
                         "extensions, e.g. MiB+AWT; the reference's default was Experiment)")
-    g.add_argument("--output_dir", default=None,
+    g.add_argument("--output_dir", type=path_value, default=None,
                    help="one folder for the run's outputs: checkpoints/, results/, logs/ (TensorBoard, run.log, "
                         "config.json, command.txt) and channels/ under it; --checkpoint, --results_dir, --logdir or "
                         "--channels_dir given explicitly keep their own path (default: the reference's folders "
@@ -126,9 +130,9 @@ def _add_logging(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--print_interval", type=positive_int, default=10, help="iterations between log lines")
     g.add_argument("--val_interval", type=positive_int, default=1, help="epochs between validations")
     g.add_argument("--ckpt_interval", type=positive_int, default=1, help="epochs between resumable checkpoints inside a step")
-    g.add_argument("--results_dir", default="results", help="folder of the results CSVs")
-    g.add_argument("--channels_dir", default="channels", help="folder of the AWT channel masks (see docs/awt.md)")
-    g.add_argument("--date", default="", help="CSV name prefix (default: today's date)")
+    g.add_argument("--results_dir", type=path_value, default="results", help="folder of the results CSVs")
+    g.add_argument("--channels_dir", type=path_value, default="channels", help="folder of the AWT channel masks (see docs/awt.md)")
+    g.add_argument("--date", type=date_name, default="", help="CSV name prefix (default: today's date)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     mark(g, resume_free=("logdir", "output_dir", "sample_num", "debug", "visualize", "print_interval", "val_interval",
                          "ckpt_interval", "results_dir", "channels_dir", "date", "no_progress"))
@@ -158,7 +162,7 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                         "backbones always use BatchNorm + ReLU)")
     g.add_argument("--fusion-mode", dest="fusion_mode", default="mean", help=IGNORED + "multi-scale fusion, never read")
     g.add_argument("--pooling", type=positive_int, default=32, help="ASPP image-pooling window in evaluation")
-    g.add_argument("--code_directory", default=".", help="root of pretrained/")
+    g.add_argument("--code_directory", type=path_value, default=".", help="root of pretrained/")
     g.add_argument("--disable_background", action="store_true",
                    help=NOT_IMPLEMENTED + "zero the background logit in evaluation (PLOP's Cityscapes-domain "
                         "leftover)")
@@ -168,13 +172,13 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 def _add_checkpoint(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("test and checkpoint")
     g.add_argument("--test", action="store_true", help="skip training, test the step's checkpoint")
-    g.add_argument("--ckpt", default=None, help="checkpoint of the current step to resume from")
+    g.add_argument("--ckpt", type=path_value, default=None, help="checkpoint of the current step to resume from")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted step from its last in-step checkpoint (also automatic)")
     g.add_argument("--no_auto_resume", action="store_true", help="ignore in-step checkpoints and start the step over")
     g.add_argument("--overwrite", action="store_true", help="retrain a step whose final checkpoint already exists")
-    g.add_argument("--step_ckpt", default=None, help="explicit previous-step checkpoint (first step of the call)")
-    g.add_argument("--checkpoint", default="./checkpoints/step", help="checkpoint folder")
+    g.add_argument("--step_ckpt", type=path_value, default=None, help="explicit previous-step checkpoint (first step of the call)")
+    g.add_argument("--checkpoint", type=path_value, default="./checkpoints/step", help="checkpoint folder")
     mark(g, resume_free=("test", "ckpt", "resume", "no_auto_resume", "overwrite", "step_ckpt", "checkpoint"))
 
 

@@ -2,6 +2,7 @@
 stack (``methods.build_method``) is built once per call and passed in."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -17,6 +18,7 @@ from segmentation_module import HEAD_LAYOUTS, IncrementalSegmentationModule, Mod
     check_spec
 from train import Precision
 from utils.errors import UserError
+from utils.threads import cpu_budget, threads_for
 
 __all__ = ["classes_for_step", "model_spec", "pretrained_path", "build_model", "select_device", "resolve_precision",
            "build_step_datasets"]
@@ -98,6 +100,36 @@ def select_device(cfg) -> torch.device:
             raise UserError("--device cuda asked for but no CUDA device is visible; use --device cpu")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def cpu_threads(cfg):
+    """``with cpu_threads(cfg) as note:`` runs the block with torch's intra-op threads set as
+    :func:`configure_threads` decides (``note`` says how), and gives the caller its thread count back after."""
+    previous = torch.get_num_threads()
+    try:
+        yield configure_threads(cfg)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def configure_threads(cfg) -> str:
+    """Set torch's intra-op threads for this process: ``--threads`` when given, else ``OMP_NUM_THREADS`` when set
+    (torchrun sets 1 for several processes per machine), else the CPU budget of the process (affinity and cgroup
+    quota) shared by the job's processes on this machine and less their data-loader workers. Returns what was
+    decided, for the log."""
+    if cfg.threads:
+        threads, why = cfg.threads, "--threads"
+    elif os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        threads, why = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    else:
+        budget, how = cpu_budget()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        threads = threads_for(budget, local, cfg.num_workers)
+        why = (f"{how}; {local} process{'es' if local > 1 else ''} of the job here, {cfg.num_workers} data-loader "
+               f"worker{'s' if cfg.num_workers != 1 else ''} each; --threads N overrides")
+    torch.set_num_threads(threads)
+    return f"CPU threads per process: {threads} ({why})"
 
 
 def resolve_precision(cfg, device: torch.device) -> Precision:

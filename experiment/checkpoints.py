@@ -221,23 +221,39 @@ def check_step_checkpoints(cfg, method: MethodStack) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ resume
+def _differences(saved: dict, cfg, skip: frozenset[str] = frozenset()) -> list[tuple[str, Any, Any]]:
+    """``(flag, there, now)`` for the training flags (not the resume-free ones) in which a checkpoint's stored
+    configuration differs from this run's; flags a newer version added are not compared."""
+    current = json.loads(json.dumps(to_dict(cfg), sort_keys=True, default=str))
+    free = resume_free_dests(get_argparser()) | skip  # declared where each flag is defined (utils.flags.declare)
+    return [(k, saved[k], current[k]) for k in sorted(set(saved) & set(current))
+            if k not in free and saved[k] != current[k]]
+
+
+def _shown(diff: list[tuple[str, Any, Any]], most: int = 3) -> str:
+    text = ", ".join(f"--{k} {there!r} there, {now!r} now" for k, there, now in diff[:most])
+    return text + (f" and {len(diff) - most} more" if len(diff) > most else "")
+
+
+def training_differences(ckpt: Any, cfg, lr: float) -> str:
+    """The training flags in which this call differs from the one that trained a finished step's checkpoint (its
+    own lr compared with this call's lr of the step), as one phrase; '' when none or unknown (reference files)."""
+    saved = _saved_config(ckpt)
+    if not saved:
+        return ""
+    diff = _differences(saved, cfg, skip=frozenset({"lr", "step"}))
+    there = saved_step_lr(ckpt, cfg) if isinstance(ckpt, dict) else None
+    if there is not None and there != lr:
+        diff.insert(0, ("lr", there, lr))
+    return _shown(diff)
+
+
 def check_resume_config(ckpt: Any, cfg, path: str) -> None:
     """Refuse to resume from an in-step checkpoint written with different training flags (e.g. --batch_size)."""
-    stored = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not isinstance(stored, str):
-        return  # reference checkpoints carry no configuration
-    try:
-        saved = json.loads(stored)
-    except ValueError:
-        return
-    current = json.loads(json.dumps(to_dict(cfg), sort_keys=True, default=str))
-    free = resume_free_dests(get_argparser())  # declared where each flag is defined (utils.flags.declare)
-    diff = [k for k in sorted(set(saved) & set(current))  # flags added by a newer version are not compared
-            if k not in free and saved[k] != current[k]]
+    diff = _differences(_saved_config(ckpt), cfg)
     if diff:
-        shown = ", ".join(f"--{k} {saved[k]!r} there, {current[k]!r} now" for k in diff[:3])
-        raise UserError(f"in-step checkpoint {path} was written with other settings ({shown}); rerun with the same "
-                        "flags to resume, or pass --no_auto_resume to start the step over")
+        raise UserError(f"in-step checkpoint {path} was written with other settings ({_shown(diff)}); rerun with "
+                        "the same flags to resume, or pass --no_auto_resume to start the step over")
 
 
 def checkpoint_content(cfg, model, setup, epoch: int, best_score: float, method: MethodStack,

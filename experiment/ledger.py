@@ -112,7 +112,7 @@ def flags(row: Row, run: report.Run) -> list[str]:
         if rec.get("effective_batch") != recipe.batch:
             out.append(f"batch {rec.get('effective_batch')}≠{recipe.batch} (step {step})")
         if rec.get("lr") != recipe.lr_at(step):
-            out.append(f"lr {rec.get('lr'):g}≠{recipe.lr_at(step):g} (step {step})")
+            out.append(f"lr {_num(rec.get('lr'))}≠{_num(recipe.lr_at(step))} (step {step})")
         if rec.get("epochs") != recipe.epochs_at(step):
             out.append(f"epochs {rec.get('epochs')}≠{recipe.epochs_at(step)} (step {step})")
         if rec.get("task") and canonical_task(row.dataset, rec["task"]) != recipe.task:
@@ -120,6 +120,11 @@ def flags(row: Row, run: report.Run) -> list[str]:
         if rec.get("selected_on") == "the test images":
             out.append("selected on the test images")
     return list(dict.fromkeys(out))  # each difference once, in step order
+
+
+def _num(value) -> str:
+    """A recorded number as the flags show it; '?' for one the record lacks."""
+    return "?" if value is None else f"{value:g}"
 
 
 def ours(run: report.Run) -> dict[str, float | None]:

@@ -21,6 +21,10 @@ def check_writable(folder: str, flag: str) -> None:
     with its free space."""
     probe = os.path.abspath(folder)
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        if os.path.islink(probe):  # exists() is False for a link whose target is missing or that loops
+            raise UserError(f"{flag} {folder}: {probe} is a symbolic link to {_link_target(probe)}, which "
+                            "does not exist or loops; fix or remove the link, or choose another folder with "
+                            f"{flag}")
         probe = os.path.dirname(probe)
     try:
         if not os.path.isdir(probe):
@@ -35,6 +39,13 @@ def check_writable(folder: str, flag: str) -> None:
                             f"choose another folder with {flag}") from exc
         raise UserError(f"cannot write to {folder} ({exc.strerror} at {probe}): choose another folder with "
                         f"{flag}") from exc
+
+
+def _link_target(path: str) -> str:
+    try:
+        return repr(os.readlink(path))
+    except OSError:
+        return "an unreadable target"
 
 
 def _check_data_root(cfg) -> None:

@@ -64,13 +64,32 @@ def read_memory(path: str) -> dict:
     return data
 
 
-def write_memory_step(path: str, step: int, selected: list[list]) -> dict:
-    """Add (or replace) the entry of ``step``, keeping the others; written atomically."""
+def write_memory_step(path: str, step: int, selected: list[list], built_with: dict | None = None) -> dict:
+    """Add (or replace) the entry of ``step``, keeping the others; written atomically. ``built_with``: the settings
+    the selection depends on (``mem_size``, ``random_seed``), compared when the entry is read back."""
     data = read_memory(path)
-    data[f"step_{step}"] = {"memory_candidates": selected, "memory_list": sorted(c[0] for c in selected)}
+    data[f"step_{step}"] = {"memory_candidates": selected, "memory_list": sorted(c[0] for c in selected),
+                            **({"built_with": built_with} if built_with else {})}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write_text(path, json.dumps(data, indent=0) + "\n")
     return data
+
+
+def rebuild_reason(entry: dict | None, built_with: dict, overwrite: bool) -> str | None:
+    """Why the memory entry of a step must be (re)built, or None to read it back: missing, built with other settings
+    (another --mem_size or seed: the step starts over with the new ones), or ``--overwrite`` (the step is retrained,
+    and with it what it derived from the earlier steps)."""
+    if not entry or not entry.get("memory_list"):
+        return "missing"
+    if overwrite:
+        return "--overwrite"
+    saved = entry.get("built_with")
+    if saved is None:
+        return "written by an older version that did not record its --mem_size and seed"
+    if saved != built_with:
+        diff = ", ".join(f"{k} {saved.get(k)} there, {v} now" for k, v in built_with.items() if saved.get(k) != v)
+        return f"it was built with other settings: {diff}"
+    return None
 
 
 class MemoryFeeder:

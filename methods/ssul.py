@@ -48,13 +48,14 @@ from dataset.tasks import classes_per_step, get_task_labels
 from dataset.transform import TRAIN_PRESETS, eval_preset, images_to_device, labels_to_device
 from methods.base import INIT_OWN_THEN_TRANSFER, Batch, Capabilities, LossTerm, Method, StepContext, TrainInputs, \
     TransferSource
-from methods.memory import MemoryFeeder, memory_path, mix_rows, read_memory, select_balanced, write_memory_step
+from methods.memory import (MemoryFeeder, memory_path, mix_rows, read_memory, rebuild_reason, select_balanced,
+                           write_memory_step)
 from methods.registry import register_method
 from models import BACKBONES, family_in_layout
 from modules import ssul as _parts  # noqa: F401  (registers the conv_head classifier and the unknown_first layout)
 from modules.heads import final_layer
 from utils.constants import IGNORE_INDEX
-from utils.data import build_loader
+from utils.data import build_loader, seeded_rng
 from utils.dist import barrier, is_main_process
 from utils.errors import UserError
 from utils.flags import WITH_TRANSFER, declare, nonnegative_int
@@ -259,9 +260,16 @@ class SSUL(Method):
             return
         path = memory_path(self.cfg.checkpoint, self.cfg.task, self.cfg.dataset, self.cfg.name)
         key = f"step_{ctx.step}"
-        if is_main_process() and key not in read_memory(path):
-            selected = self.build_memory(ctx, path, size)
-            write_memory_step(path, ctx.step, selected)
+        built_with = {"mem_size": size, "random_seed": int(self.cfg.random_seed)}
+        reason = rebuild_reason(read_memory(path).get(key), built_with, bool(self.cfg.overwrite))
+        if is_main_process() and reason:
+            if reason != "missing":
+                log.info("SSUL-M step %d: rebuilding the memory in %s (%s)", ctx.step, path, reason)
+            # its own random state: the training after it draws the same numbers whether the memory was built in
+            # this call or read back from an earlier, interrupted one
+            with seeded_rng(int(self.cfg.random_seed) * 1009 + ctx.step):
+                selected = self.build_memory(ctx, path, size)
+            write_memory_step(path, ctx.step, selected, built_with)
             log.info("SSUL-M step %d: memory of %d images written to %s", ctx.step, len(selected), path)
         barrier()
         entry = read_memory(path).get(key)

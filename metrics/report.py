@@ -140,8 +140,9 @@ def _cell(text: str, where: str) -> object:
         value = float(text)
     except ValueError:
         raise UserError(f"{where}: cell {text!r} is neither a number nor x/X") from None
-    if math.isnan(value):
-        return "X"
+    if not math.isfinite(value):
+        raise UserError(f"{where}: cell {text!r} is not a result (run.py writes X for a class absent from the test "
+                        "set and x for one not learnt yet); fix or remove the row")
     if not -1e-6 <= value <= 1 + 1e-6:
         raise UserError(f"{where}: IoU {value} outside [0, 1] (the CSV stores fractions, not percentages)")
     return value
@@ -176,6 +177,7 @@ def read_run(path: str, label: str | None = None, columns: str = "auto") -> Run:
     auto_label, protocol = method_label(name)
     rows: dict[int, list[str]] = {}
     mious: dict[int, object] = {}
+    first_line: dict[int, int] = {}
     try:
         with open(path, newline="") as handle:
             lines = list(csv.reader(handle))
@@ -198,8 +200,14 @@ def read_run(path: str, label: str | None = None, columns: str = "auto") -> Run:
             raise UserError(f"{where}: step {step} does not exist in {dataset} {task} (0..{total - 1})")
         for i, c in enumerate(row[1:-1]):
             _cell(c, f"{where} column {i + 1}")
-        rows[step] = [c.strip() for c in row[1:-1]]
-        mious[step] = _cell(row[-1], f"{where} (mIoU column)")
+        cells = [c.strip() for c in row[1:-1]]
+        miou = _cell(row[-1], f"{where} (mIoU column)")
+        if step in rows and (rows[step], mious[step]) != (cells, miou):
+            raise UserError(f"{where}: a second row of step {step} with other values (first at line "
+                            f"{first_line[step]}); keep the row of the run you mean and delete the other")
+        first_line.setdefault(step, lineno)
+        rows[step] = cells
+        mious[step] = miou
     if not rows:
         raise UserError(f"{path}: no result rows (the run has not finished a step yet)")
 

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 
 from metrics import summary
+from utils.errors import UserError
 from utils.io import atomic_write_text
 
 
@@ -91,12 +93,37 @@ def update_run_record(csv_path: str, step: int, record: dict) -> None:
                                        indent=1, sort_keys=False) + "\n")
 
 
+_RECORD_NUMBERS = ("lr", "epochs", "effective_batch", "batch_size", "processes", "grad_accum", "random_seed")
+_RECORD_TEXTS = ("task", "method", "name", "train_id", "data", "selected_on", "recipe", "norm_act", "command")
+
+
 def read_run_record(csv_path: str) -> dict[int, dict]:
-    """``{step: record}`` of a results CSV ({} when there is no record)."""
+    """``{step: record}`` of a results CSV ({} when there is no record); ``UserError`` (one line, naming the file
+    and the fix) when the file exists but is not a run record as run.py writes it."""
     path = run_record_path(csv_path)
+    if not os.path.exists(path):
+        return {}
+    fix = "repair or delete it (run.py rewrites a step's record when it tests the step again)"
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-        return {int(k): v for k, v in data.get("steps", {}).items()}
-    except (OSError, ValueError, AttributeError):
-        return {}
+    except (OSError, ValueError) as exc:
+        raise UserError(f"run record {path} cannot be read ({str(exc).splitlines()[0][:80]}): {fix}") from None
+    steps = data.get("steps") if isinstance(data, dict) else None
+    if not isinstance(steps, dict):
+        raise UserError(f"run record {path} has no \"steps\" object: {fix}")
+    out: dict[int, dict] = {}
+    for key, record in steps.items():
+        if not str(key).isdigit() or not isinstance(record, dict):
+            raise UserError(f"run record {path}: entry {str(key)[:20]!r} is not a step number with an object: {fix}")
+        for field in _RECORD_NUMBERS:
+            value = record.get(field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise UserError(f"run record {path}, step {key}: {field} {str(value)[:20]!r} is not a number: {fix}")
+        for field in _RECORD_TEXTS:
+            value = record.get(field)
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"run record {path}, step {key}: {field} {str(value)[:20]!r} is not text: {fix}")
+        out[int(key)] = record
+    return out

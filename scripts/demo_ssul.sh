@@ -18,7 +18,8 @@ EPOCHS0="${EPOCHS0:-9}"
 EPOCHS="${EPOCHS:-4}"
 SSUL_LR0="${SSUL_LR0:-0.05}"  # step 0: heads at this lr, the backbone at a tenth (SSUL's rule)
 SSUL_LR="${SSUL_LR:-0.01}"    # later steps: SSUL's VOC lr
-WORKERS="${WORKERS:-1}"
+# 64 px synthetic images load in the main process in no time; no worker leaves both CPUs to the training threads
+WORKERS="${WORKERS:-0}"
 START=$SECONDS
 
 if [ -e "$SSUL_OUT" ] && [ ! -e "$SSUL_OUT/.demo_output" ]; then

@@ -103,3 +103,55 @@ def test_backbones_benchmark_runs(capsys):
     assert "| backbone | head | parameters | step time / resnet101 |" in text
     assert "| resnet101 | deeplabv3 |" in text and "| 1.00 |" in text and "| mit_b0 | segformer |" in text
     assert "peak memory" not in text  # CPU: ratios only
+
+
+def test_threads_benchmark_runs_and_restores_the_process(capsys):
+    import os
+
+    import torch
+
+    from benchmarks import threads
+
+    affinity, count = os.sched_getaffinity(0), torch.get_num_threads()
+    assert threads.main(["--load", "1", "--rounds", "1", "--iters", "1", "--size", "32", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| budget (1 thread) |" in out and "ratio torch default" in out
+    assert os.sched_getaffinity(0) == affinity and torch.get_num_threads() == count
+
+
+def test_cpu_budget_reads_cgroup_quotas(tmp_path, monkeypatch):
+    from utils import threads
+
+    monkeypatch.setattr(threads, "_own_cgroup", lambda version: "job" if version == "v2" else "")
+    (tmp_path / "job").mkdir()
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "job" / "cpu.max").write_text("150000 100000\n")
+    assert threads.quota_cpus(str(tmp_path)) == 1.5
+    monkeypatch.setattr(threads, "affinity_cpus", lambda: 8)
+    assert threads.cpu_budget(str(tmp_path))[0] == 1
+    (tmp_path / "job" / "cpu.max").write_text("max 100000\n")
+    assert threads.quota_cpus(str(tmp_path)) is None and threads.cpu_budget(str(tmp_path))[0] == 8
+    (tmp_path / "cpu").mkdir()  # cgroup v1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads.quota_cpus(str(tmp_path)) == 3.0
+    assert threads.threads_for(8, 2, 1) == 3 and threads.threads_for(2, 1, 2) == 1
+
+
+def test_run_sets_the_threads_it_logs_and_gives_them_back(monkeypatch):
+    import torch
+
+    from experiment.builders import cpu_threads
+    from experiment.config import parse_config
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    with cpu_threads(parse_config(["--threads", "3"])) as note:
+        assert torch.get_num_threads() == 3 and "(--threads)" in note
+    assert torch.get_num_threads() == before
+    monkeypatch.setattr("experiment.builders.cpu_budget", lambda: (4, "4 CPUs this process may run on"))
+    with cpu_threads(parse_config(["--num_workers", "1"])) as note:
+        assert torch.get_num_threads() == 3 and "1 data-loader worker each" in note
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with cpu_threads(parse_config([])) as note:
+        assert torch.get_num_threads() == 2 and "OMP_NUM_THREADS" in note

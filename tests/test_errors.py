@@ -38,7 +38,7 @@ def data_copy(tiny_voc, tmp_path):
     return str(dst)
 
 
-RUN_FILES = ("run.log", "command.txt", "config.json")  # a call's own record in its run folder, failed calls too
+RUN_FILES = ("run.log", "command.txt", "config.json", "calls.jsonl")  # a call's own record in its run folder, failed calls too
 
 
 def _tree(*roots, skip=()) -> dict[str, str]:

@@ -476,6 +476,7 @@ def test_run_records_survive_reruns_and_bad_files(tmp_path):
     assert read_run_record(csv) == {0: {"lr": 0.02}, 1: {"lr": 0.002}}
     with open(run_record_path(csv), "w") as handle:
         handle.write("{not json")
-    assert read_run_record(csv) == {}
+    with pytest.raises(UserError, match="repair or delete it"):  # refused in one line, never read as "no record"
+        read_run_record(csv)
     update_run_record(csv, 2, {"lr": 0.1})
     assert json.loads(open(run_record_path(csv)).read()) == {"steps": {"2": {"lr": 0.1}}}

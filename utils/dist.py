@@ -18,7 +18,12 @@ def init_distributed(device_type: str) -> tuple[int, int]:
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend, init_method="env://", timeout=DEFAULT_TIMEOUT)
+    # The store torchrun's agent shares with its workers outlives a restart of the group (--max_restarts): keys of
+    # the failed attempt (gloo's addresses of processes now dead) would be read back by the new one. Each attempt
+    # uses its own prefix; every process of a restarted group has the same TORCHELASTIC_RESTART_COUNT.
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=DEFAULT_TIMEOUT))
+    store = dist.PrefixStore(f"ciss/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=DEFAULT_TIMEOUT)
     return get_rank(), get_world_size()
 
 

@@ -92,6 +92,14 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"error: {message} (see --help)\n")
 
+    def _get_value(self, action: argparse.Action, arg_string: str):
+        """Every number flag, whatever its declared type, refuses nan and inf: no loss weight, threshold or rate
+        of this framework means anything there, and a nan would pass every range check silently."""
+        value = super()._get_value(action, arg_string)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentError(action, f"{arg_string!r} is not a finite number")
+        return value
+
     def format_help(self) -> str:
         formatter = self._get_formatter()
         formatter.add_usage(self.usage, self._actions, self._mutually_exclusive_groups)
@@ -183,8 +191,36 @@ def iterations_or_auto(text: str) -> int | str:
     return "auto" if text == "auto" else nonnegative_int(text)
 
 
+# Bytes a name may take: the longest file name built from it (``.{task}-{dataset}_{name}_{step}.partial.pth`` and
+# the temporary file of its atomic save) must stay under the 255 bytes most file systems allow.
+NAME_MAX_BYTES = 100
+
+
 def plain_name(text: str) -> str:
-    """argparse type: a name used in file names (no path separator, no '..', not empty)."""
-    if not text or text in (".", "..") or "/" in text or "\\" in text or ".." in text or "\0" in text:
+    """argparse type: a name used in file names (no path separator, no '..', no control character, not empty, at
+    most ``NAME_MAX_BYTES`` bytes in UTF-8)."""
+    if not text or text in (".", "..") or "/" in text or "\\" in text or ".." in text:
         raise argparse.ArgumentTypeError(f"{text!r} is not a plain name (no '/', '\\' or '..'): it names files")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} holds a control character (newline, tab, ...): it names files "
+                                         "and log lines; use letters, digits, '-', '_', '+' or '.'")
+    if len(text.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}... is {len(text.encode('utf-8', 'surrogateescape'))} "
+                                         f"bytes long; a name may take {NAME_MAX_BYTES} (file names built from it "
+                                         "must stay under 255)")
+    return text
+
+
+def date_name(text: str) -> str:
+    """argparse type of ``--date``: empty (today) or a plain name (it prefixes the results file names)."""
+    return text if text == "" else plain_name(text)
+
+
+def path_value(text: str) -> str:
+    """argparse type: a file or folder path, not empty (an empty path would silently mean the current folder or
+    nothing at all), without control characters."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names no folder; give a path (e.g. '.' for here)")
+    if any(ord(c) < 32 for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} holds a control character (newline, tab, ...)")
     return text

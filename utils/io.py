@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from typing import Iterator
 
@@ -14,6 +17,7 @@ import torch
 
 from utils.errors import UserError
 
+log = logging.getLogger(__name__)
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota, file-size limit
 _TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed writing")
 
@@ -49,13 +53,51 @@ def _file_mode(path: str) -> int:
         return 0o666 & ~umask
 
 
+def _temp_prefix(path: str) -> str:
+    """``.{name}.{host tag}.`` : the temporary files of ``path`` written on this host (the tag keeps them apart from
+    another node's on a shared folder, where a process id means nothing)."""
+    host = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+    return f".{os.path.basename(path)}.{host}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or an absurd number: leave its file alone
+    return True
+
+
+def remove_stale_temporaries(path: str) -> int:
+    """Remove the temporary files a killed write of ``path`` left on this host (their writer's process is gone);
+    returns the bytes freed. A kill during a checkpoint save otherwise leaves a hidden file as large as the model."""
+    folder, prefix = os.path.dirname(os.path.abspath(path)), _temp_prefix(path)
+    freed = 0
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            pid = name[len(prefix):].split(".", 1)[0]
+            if not (name.startswith(prefix) and name.endswith(".tmp") and pid.isdigit()) or _alive(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                stale = os.path.join(folder, name)
+                size = os.path.getsize(stale)
+                os.unlink(stale)
+                freed += size
+                log.info("removed %s (%.1f MB), left by an interrupted write of %s", stale, size / 2**20, path)
+    return freed
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb") -> Iterator[io.IOBase]:
-    """Open a temporary file next to ``path``; on success flush, fsync and rename it onto ``path``."""
+    """Open a temporary file next to ``path``; on success flush, fsync and rename it onto ``path``. Temporary
+    files of earlier writes of ``path`` killed before their rename are removed first."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=folder)
     except OSError as exc:
         if exc.errno in _FULL:
             raise DiskFull(f"cannot write {path}: no space left in {folder} ({free_space(folder)}); free space or "

@@ -11,10 +11,13 @@ import contextlib
 import datetime
 import fcntl
 import json
+import logging
 import os
 import socket
 
 from utils.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class RunLock:
@@ -45,6 +48,11 @@ class RunLock:
             handle.close()
         else:  # pragma: no cover - ten races in a row
             raise UserError(f"cannot take the lock {self.path}: it keeps being replaced; retry")
+        handle.seek(0)
+        left = handle.read().strip()
+        if left:  # the file of a holder that ended without removing it (killed, or restarted by torchrun)
+            log.info("%s: took over the lock of %s, which ended without releasing it (killed or restarted)",
+                     self.path, _holder(left))
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
