@@ -72,6 +72,22 @@ def load_transformers_folder(name: str, folder: str) -> dict[str, torch.Tensor]:
     return net.state_dict()
 
 
+def _block_key(out: dict, prefix: str, rest: str, value: torch.Tensor, *, fused: str, parts: tuple[str, ...],
+               table: dict[str, str], what: str) -> None:
+    """One official transformer-block key (``rest`` inside the block at ``prefix``) into ``out``: a fused projection
+    (``fused``: MiT's kv, Swin's qkv) split in equal row blocks into ``attention.{part}``, any other key renamed by
+    the first prefix of ``table`` it starts with."""
+    if rest.startswith(fused):
+        rows = value.shape[0] // len(parts)
+        for i, part in enumerate(parts):
+            out[f"{prefix}attention.{part}.{rest[len(fused):]}"] = value[i * rows:(i + 1) * rows]
+        return
+    old = next((o for o in table if rest.startswith(o)), None)
+    if old is None:
+        raise UserError(f"unknown key {what}")
+    out[prefix + table[old] + rest[len(old):]] = value
+
+
 def mit_from_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """NVlabs' mix_transformer keys -> ``SegformerModel`` keys (``kv`` split into key and value)."""
     out = {}
@@ -84,16 +100,8 @@ def mit_from_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         elif m := re.fullmatch(r"norm(\d)\.(weight|bias)", key):
             out[f"stages.{int(m[1]) - 1}.layer_norm.{m[2]}"] = value
         elif m := re.fullmatch(r"block(\d)\.(\d+)\.(.+)", key):
-            prefix, rest = f"stages.{int(m[1]) - 1}.blocks.{m[2]}.", m[3]
-            if rest.startswith("attn.kv."):
-                half = value.shape[0] // 2
-                out[prefix + "attention.k_proj." + rest[len("attn.kv."):]] = value[:half]
-                out[prefix + "attention.v_proj." + rest[len("attn.kv."):]] = value[half:]
-                continue
-            old = next((o for o in _MIT_BLOCK if rest.startswith(o)), None)
-            if old is None:
-                raise UserError(f"unknown key {key} in an official MiT file")
-            out[prefix + _MIT_BLOCK[old] + rest[len(old):]] = value
+            _block_key(out, f"stages.{int(m[1]) - 1}.blocks.{m[2]}.", m[3], value, fused="attn.kv.",
+                       parts=("k_proj", "v_proj"), table=_MIT_BLOCK, what=f"{key} in an official MiT file")
         else:
             raise UserError(f"unknown key {key} in an official MiT file")
     return out
@@ -124,16 +132,8 @@ def swin_from_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         elif m := re.fullmatch(r"layers\.(\d)\.downsample\.(reduction|norm)\.(weight|bias)", key):
             out[f"swin.encoder.layers.{m[1]}.downsample.{m[2]}.{m[3]}"] = value
         elif m := re.fullmatch(r"layers\.(\d)\.blocks\.(\d+)\.(.+)", key):
-            prefix, rest = f"swin.encoder.layers.{m[1]}.blocks.{m[2]}.", m[3]
-            if rest.startswith("attn.qkv."):
-                third = value.shape[0] // 3
-                for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
-                    out[f"{prefix}attention.{part}.{rest[len('attn.qkv.'):]}"] = value[i * third:(i + 1) * third]
-                continue
-            old = next((o for o in _SWIN_BLOCK if rest.startswith(o)), None)
-            if old is None:
-                raise UserError(f"unknown key {key} in an official Swin file")
-            out[prefix + _SWIN_BLOCK[old] + rest[len(old):]] = value
+            _block_key(out, f"swin.encoder.layers.{m[1]}.blocks.{m[2]}.", m[3], value, fused="attn.qkv.",
+                       parts=("q_proj", "k_proj", "v_proj"), table=_SWIN_BLOCK, what=f"{key} in an official Swin file")
         else:
             raise UserError(f"unknown key {key} in an official Swin file")
     return out

@@ -187,6 +187,29 @@ def test_fold_keeps_the_norms_the_spec_names():
     assert torch.allclose(model.cls[1].weight, generated * factors["align"], rtol=1e-5)
 
 
+def test_folded_classifiers_answer_as_the_parametrised_ones_up_to_the_rescaling():
+    """Spec check 6: on the same features, the plain 1x1 classifiers after the fold give the logits of the
+    parametrised ones, up to the factors the fold applies (new rows: align, new biases: bias, background row:
+    background)."""
+    model, _ = _step_model(seed=1)
+    gen = torch.Generator().manual_seed(5)
+    nest.install(model, torch.rand(2, 3, 16, generator=gen), torch.rand(2, 3, generator=gen).softmax(dim=1))
+    with torch.no_grad():
+        model.cls[0].parametrizations.weight[0].importance.copy_(torch.rand(1, 16, generator=gen))
+        model.cls[1].bias.copy_(torch.tensor([0.05, -0.03]))
+    feats = torch.randn(2, 16, 5, 5, generator=gen)
+    with torch.no_grad():
+        before_new, before_bg = model.cls[1](feats), model.cls[0](feats)
+        bias_new, bias_bg = model.cls[1].bias.clone().view(1, -1, 1, 1), model.cls[0].bias.clone().view(1, -1, 1, 1)
+        factors = nest.fold(model)
+        after_new, after_bg = model.cls[1](feats), model.cls[0](feats)
+    expected_new = factors["align"] * (before_new - bias_new) + factors["bias"] * bias_new
+    assert torch.allclose(after_new, expected_new, atol=1e-5)
+    expected_bg0 = factors["background"] * (before_bg[:, :1] - bias_bg[:, :1]) + bias_bg[:, :1]
+    assert torch.allclose(after_bg[:, :1], expected_bg0, atol=1e-5)
+    assert torch.allclose(after_bg[:, 1:], before_bg[:, 1:], atol=1e-6)  # the other old rows are untouched
+
+
 def test_pretuning_lr_is_poly_over_its_own_iterations(tmp_path):
     model, old = _step_model()
     plugin, _ = _plugin(["--nest", "--warm_epochs", "2", "--warm_lr_scale", "3", "--no_progress"])
