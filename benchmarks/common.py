@@ -270,3 +270,22 @@ def str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+
+
+def write_random_record(cfg, n_classes: int, positions: float, step: int = 0, channels: int = 256) -> None:
+    """STAR reads the prototype record of the previous step (written when it finished): random unit prototypes of
+    ``n_classes`` old classes whose counts share ``positions`` grid positions evenly with the background, so that the
+    replay draws about as many features per iteration as a run whose old classes are missing from the new data."""
+    import os
+
+    from methods.star import prototype_record_path
+
+    g = torch.Generator().manual_seed(0)
+    record = {"classes": list(range(1, n_classes + 1)),
+              "prototypes": torch.nn.functional.normalize(torch.randn(n_classes, channels, generator=g), dim=1),
+              "noise": torch.full((n_classes, channels), 0.05),
+              "norm_mean_and_std": torch.stack([torch.full((n_classes,), 5.0), torch.full((n_classes,), 0.5)]),
+              "numbers": torch.full((n_classes + 1,), positions / (n_classes + 1), dtype=torch.float64)}
+    path = prototype_record_path(cfg.checkpoint, cfg.task, cfg.dataset, cfg.name, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(record, path)

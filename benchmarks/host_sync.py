@@ -25,12 +25,13 @@ import contextlib
 import os
 import shlex
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.common import ROOT, markdown_table
+from benchmarks.common import ROOT, markdown_table, write_random_record
 from experiment.builders import model_spec
 from experiment.checkpoints import load_previous_into
 from experiment.config import parse_config
@@ -50,11 +51,13 @@ ALWAYS_SYNC = {
 INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 
 # Where the training loop is allowed to synchronise: the logging iterations (every --print_interval).
+RECORDS = tempfile.mkdtemp(prefix="ciss-sync-")  # STAR's prototype records (random, see write_random_record)
 LOGGING = {("train.py", "_check_finite"), ("train.py", "_log_iteration"), ("train.py", "_epoch_means")}
 PRESET_RUNS = [(["--method", m], 1) for m in ("FT", "LWF", "LWF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP")] + \
               [(["--method", m], 2) for m in ("EWC", "RW", "PI")]
 PLUGIN_RUNS = [(["--method", "RCIL"], 1), (["--method", "RCIL"], 2), (["--method", "MiB", "--dropclass"], 1),
-               (["--method", "PLOP", "--dropclass"], 1), (["--method", "RCIL", "--dropclass"], 2)]
+               (["--method", "PLOP", "--dropclass"], 1), (["--method", "RCIL", "--dropclass"], 2),
+               (["--method", "DKD"], 1), (["--method", "DKD"], 2), (["--method", "STAR"], 1), (["--method", "STAR"], 2)]
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,10 @@ def train_epoch(argv: list[str], step: int, classes: list[int], trainer_state: d
     autotuning, allocator). Returns (criterion, epoch means of the loss terms)."""
     device = torch.device(device)
     cfg = parse_config(list(argv) + ["--dataset", "voc", "--task", "15-5", "--no_pretrained", "--backbone",
-                                     "resnet18", "--norm_act", "abn"], warn=False)
+                                     "resnet18", "--norm_act", "abn", "--checkpoint", RECORDS], warn=False)
     method = build_method(cfg)
+    if hasattr(method.method, "read_record"):  # STAR: the prototypes of the step before
+        write_random_record(cfg, sum(classes[:-1]) - 1, iters * 2 * (32 // 16) ** 2, step=step - 1)
     precision = Precision(device.type, {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp])
     torch.manual_seed(0)
     old = build_model_from_spec(model_spec(cfg, step - 1, method), classes[:-1]).to(device).eval()

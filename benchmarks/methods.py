@@ -4,6 +4,7 @@ model family, losses and preparation, measured side by side in one process.
     python -m benchmarks.methods                                         # GPU: ResNet-101, 512 px, batch 8
     python -m benchmarks.methods --device cpu --size 64 --batch 4 --threads 1   # CPU: ResNet-18, ratios only
     python -m benchmarks.methods --methods PLOP,RCIL,MiB
+    python -m benchmarks.methods --device cpu --size 64 --batch 4 --threads 1 --methods MiB,DKD,STAR
 
 What is timed: ``train.train_one_epoch`` over ``--iters`` iterations of a batch already on the device, at VOC 15-5
 step 1 (classes [16, 5]), with the step built the way ``run.py`` builds it: the old model of the method's step-0
@@ -20,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import tempfile
 
 import torch
 
 from benchmarks.common import (describe_device, forward_flops, gib, interleaved, markdown_table, model_defaults,
-                               median, peak_memory_bytes, reset_peak_memory, start, str_list, time_once)
+                               median, peak_memory_bytes, reset_peak_memory, start, str_list, time_once,
+                               write_random_record)
 from experiment.builders import build_model
 from experiment.checkpoints import load_previous_into
 from experiment.config import parse_config
@@ -34,6 +37,7 @@ from run import build_setup, resolve_precision, wrap_for_training
 from train import train_one_epoch
 
 TASK, CLASSES = "15-5", [16, 5]
+RECORDS = tempfile.mkdtemp(prefix="ciss-bench-")  # STAR's step-0 prototype record (write_random_record)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -57,13 +61,15 @@ def method_cfg(args, method: str):
     return parse_config(["--dataset", "voc", "--task", TASK, "--step", "1", "--method", method, "--backbone",
                          args.backbone, "--norm_act", args.norm_act, "--no_pretrained", "--batch_size",
                          str(args.batch), "--crop_size", str(args.size), "--epochs", "1000", "--amp", args.amp,
-                         "--no_progress", "--num_workers", "0"], warn=False)
+                         "--no_progress", "--num_workers", "0", "--checkpoint", RECORDS], warn=False)
 
 
 def build_step(args, method_name: str, loader, device):
     """The step-1 training of ``method_name`` as run.py builds it; returns (one-epoch callable, new model, cfg)."""
     cfg = method_cfg(args, method_name)
     method = build_method(cfg)
+    if hasattr(method.method, "read_record"):
+        write_random_record(cfg, CLASSES[0] - 1, len(loader) * args.batch * (args.size // 16) ** 2)
     torch.manual_seed(args.seed)
     model_old = build_model(cfg, 0, pretrained=False, method=method).to(device).eval()
     for p in model_old.parameters():

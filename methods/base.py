@@ -183,6 +183,7 @@ class Capabilities:
     default_param_groups: bool = True  # trains with the default groups (--freeze*, --lr_old and --fix_bn apply)
     classifier_init: str = INIT_BY_TRANSFER
     classifier: str = "conv1x1"  # the per-step classifier kind its models have (a key of modules CLASSIFIERS)
+    exemplar_memory: bool = False  # keeps old images (its --mem_size, one flag shared by every such method)
 
 
 @functools.lru_cache(maxsize=None)

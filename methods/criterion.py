@@ -11,7 +11,7 @@ from torch import Tensor
 from methods.base import Batch, LossTerm, StepContext
 from methods.registry import EXTENSIONS, METHODS, TERMS, method_name, ordered_terms
 from utils.errors import UserError
-from utils.flags import NOT_IMPLEMENTED
+from utils.flags import NOT_IMPLEMENTED, nonnegative_int
 
 # Reference ablation flags that belong to no term here (behaviour.md 1.16, 2.6): parsed, rejected when set.
 UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
@@ -155,6 +155,13 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
             continue
         declared.add(plugin.add_args)
         _owned_group(parser, plugin, plugin.name, _ignored_note(plugin))  # argparse hides groups without flags
+    keepers = tuple(p for p in METHODS.values() if p.capabilities.exemplar_memory)
+    if keepers:  # one flag for every method with an exemplar memory (the reference scripts all call it --mem_size)
+        group = parser.add_argument_group("exemplar memory")
+        action = group.add_argument("--mem_size", type=nonnegative_int, default=None,
+                                    help="images in the exemplar memory over all old classes (default: 0 for SSUL, "
+                                         "DKD and STAR; SSUL-M and DKD-M 100, on ADE20K 300; STAR-M 50)")
+        action.ciss_owner = keepers
 
 
 def add_extension_args(parser: argparse.ArgumentParser) -> None:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from methods.attribution import unwrap
 from methods.base import Batch, Extension, LossTerm, StepContext, TrainInputs
-from methods.registry import register_extension
+from methods.registry import METHODS, register_extension
 from modules import dropclass as _parts  # noqa: F401  (registers the dropclass classifier wrapper)
 from utils.loss import suppression
 from utils.errors import UserError
@@ -139,6 +139,10 @@ class DropClass(Extension):
         if cfg.dropclass_alpha < 0 or not 0.0 <= cfg.dropclass_p <= 1.0:
             raise UserError(f"--dropclass_alpha must be >= 0 and --dropclass_p in [0, 1], got "
                             f"{cfg.dropclass_alpha} and {cfg.dropclass_p}")
+        method = METHODS.get(getattr(cfg, "method", None) or "")
+        if method is not None and not method.capabilities.builds_terms:  # refused before anything starts
+            raise UserError(f"--dropclass applies the method's classification loss term to its drop path; --method "
+                            f"{method.name} trains with its own losses (use MiB, PLOP, RCIL or the other presets)")
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)

@@ -18,14 +18,19 @@ dataset that concurrent runs overwrote), written atomically::
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from utils.data import seeded_rng
+from utils.dist import barrier, is_main_process
 from utils.errors import UserError
 from utils.io import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def memory_path(checkpoint: str, task: str, dataset: str, name: str) -> str:
@@ -90,6 +95,38 @@ def rebuild_reason(entry: dict | None, built_with: dict, overwrite: bool) -> str
         diff = ", ".join(f"{k} {saved.get(k)} there, {v} now" for k, v in built_with.items() if saved.get(k) != v)
         return f"it was built with other settings: {diff}"
     return None
+
+
+def step_memory(cfg: Any, step: int, size: int, who: str, choose: Callable[[str], list[list]]) -> list[str]:
+    """The memory list of ``step``: read back from the experiment's memory file, or (re)chosen by rank 0 with
+    ``choose(path)`` (under its own seed, so the training after it draws the same numbers whether the memory was
+    chosen in this call or in an earlier, interrupted one), written atomically, then read by every rank."""
+    path = memory_path(cfg.checkpoint, cfg.task, cfg.dataset, cfg.name)
+    key = f"step_{step}"
+    built_with = {"mem_size": size, "random_seed": int(cfg.random_seed)}
+    reason = rebuild_reason(read_memory(path).get(key), built_with, bool(cfg.overwrite))
+    if is_main_process() and reason:
+        if reason != "missing":
+            log.info("%s step %d: rebuilding the memory in %s (%s)", who, step, path, reason)
+        with seeded_rng(int(cfg.random_seed) * 1009 + step):
+            selected = choose(path)
+        write_memory_step(path, step, selected, built_with)
+        log.info("%s step %d: memory of %d images written to %s", who, step, len(selected), path)
+    barrier()
+    entry = read_memory(path).get(key)
+    if not entry or not entry.get("memory_list"):
+        raise UserError(f"memory file {path} holds no memory for step {step}; delete it to rebuild")
+    return list(entry["memory_list"])
+
+
+def reader_indices(reader, images: Sequence[str]) -> list[int]:
+    """The reader indices of memory images given relative to its root; a one-line error for one it lacks."""
+    index = {os.path.relpath(img, reader.root): i for i, (img, _lbl) in enumerate(reader.samples)}
+    missing = [img for img in images if img not in index]
+    if missing:
+        raise UserError(f"memory image {missing[0]} is not in the training split of {reader.root}; the memory file "
+                        "belongs to other data: delete it to rebuild")
+    return [index[img] for img in images]
 
 
 class MemoryFeeder:

@@ -48,17 +48,15 @@ from dataset.tasks import classes_per_step, get_task_labels
 from dataset.transform import TRAIN_PRESETS, eval_preset, images_to_device, labels_to_device
 from methods.base import INIT_OWN_THEN_TRANSFER, Batch, Capabilities, LossTerm, Method, StepContext, TrainInputs, \
     TransferSource
-from methods.memory import (MemoryFeeder, memory_path, mix_rows, read_memory, rebuild_reason, select_balanced,
-                           write_memory_step)
+from methods.memory import MemoryFeeder, mix_rows, read_memory, reader_indices, select_balanced, step_memory
 from methods.registry import register_method
 from models import BACKBONES, family_in_layout
 from modules import ssul as _parts  # noqa: F401  (registers the conv_head classifier and the unknown_first layout)
 from modules.heads import final_layer
 from utils.constants import IGNORE_INDEX
-from utils.data import build_loader, seeded_rng
-from utils.dist import barrier, is_main_process
+from utils.data import build_loader
 from utils.errors import UserError
-from utils.flags import WITH_TRANSFER, declare, nonnegative_int
+from utils.flags import WITH_TRANSFER, declare
 from utils.loss import bce_mean_over_valid
 from utils.progress import track
 
@@ -127,7 +125,8 @@ class SSUL(Method):
     preset = {"lr_min": 1e-6}  # SSUL's poly schedule never goes below 1e-6
     description = "SSUL (NeurIPS 2021): unknown label from saliency, pseudo-labels, frozen network after step 0"
     capabilities = Capabilities(domain_incremental=False, builds_terms=False, default_param_groups=False,
-                                classifier_init=INIT_OWN_THEN_TRANSFER, classifier="conv_head")
+                                classifier_init=INIT_OWN_THEN_TRANSFER, classifier="conv_head",
+                                exemplar_memory=True)
     default_memory = 0
 
     @staticmethod
@@ -135,9 +134,6 @@ class SSUL(Method):
         group.add_argument("--pseudo_thresh", type=float, default=0.7,
                            help="SSUL: sigmoid score from which the previous model's old class labels a "
                                 "background/unknown pixel")
-        group.add_argument("--mem_size", type=nonnegative_int, default=None,
-                           help="SSUL-M: images in the exemplar memory over all old classes (default: 0 for SSUL; "
-                                "for SSUL-M 100, ADE 300)")
         declare(group.add_argument("--ssul_awt_variant", default="replace", choices=["replace", "add"],
                                    help="with --att: replace = SSUL copies the unknown head's 3x3 conv, BN and bias "
                                         "and AWT adds its weights on the attributed channels to a random 1x1 conv; "
@@ -163,8 +159,8 @@ class SSUL(Method):
 
     # ---- sizes -------------------------------------------------------------------------------------------------
     def memory_size(self) -> int:
-        if self.options.mem_size is not None:
-            return int(self.options.mem_size)
+        if self.cfg.mem_size is not None:
+            return int(self.cfg.mem_size)
         if not self.default_memory:
             return 0
         return MEMORY_DEFAULT.get(self.cfg.dataset, self.default_memory)
@@ -258,24 +254,9 @@ class SSUL(Method):
         size = self.memory_size()
         if ctx.step == 0 or size == 0:
             return
-        path = memory_path(self.cfg.checkpoint, self.cfg.task, self.cfg.dataset, self.cfg.name)
-        key = f"step_{ctx.step}"
-        built_with = {"mem_size": size, "random_seed": int(self.cfg.random_seed)}
-        reason = rebuild_reason(read_memory(path).get(key), built_with, bool(self.cfg.overwrite))
-        if is_main_process() and reason:
-            if reason != "missing":
-                log.info("SSUL-M step %d: rebuilding the memory in %s (%s)", ctx.step, path, reason)
-            # its own random state: the training after it draws the same numbers whether the memory was built in
-            # this call or read back from an earlier, interrupted one
-            with seeded_rng(int(self.cfg.random_seed) * 1009 + ctx.step):
-                selected = self.build_memory(ctx, path, size)
-            write_memory_step(path, ctx.step, selected, built_with)
-            log.info("SSUL-M step %d: memory of %d images written to %s", ctx.step, len(selected), path)
-        barrier()
-        entry = read_memory(path).get(key)
-        if not entry or not entry.get("memory_list"):
-            raise UserError(f"memory file {path} holds no memory for step {ctx.step}; delete it to rebuild")
-        self.memory = MemoryFeeder(self.memory_loader(ctx, entry["memory_list"]))
+        images = step_memory(self.cfg, ctx.step, size, self.name,
+                             lambda path: self.build_memory(ctx, path, size))
+        self.memory = MemoryFeeder(self.memory_loader(ctx, images))
 
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         if self.memory is not None:
@@ -324,12 +305,7 @@ class SSUL(Method):
         augmentation; the list repeated until it fills a batch."""
         labels, labels_old = get_task_labels(self.cfg.dataset, self.cfg.task, ctx.step)
         train = build_step_datasets(self.cfg, ctx.step)[0]
-        index = {_relative(img, train.reader.root): i for i, (img, _lbl) in enumerate(train.reader.samples)}
-        missing = [img for img in images if img not in index]
-        if missing:
-            raise UserError(f"memory image {missing[0]} is not in the training split of {train.reader.root}; the "
-                            "memory file belongs to other data: delete it to rebuild")
-        idxs = [index[img] for img in images]
+        idxs = reader_indices(train.reader, images)
         while len(idxs) < self.cfg.batch_size:
             idxs = idxs * 2
         transform = TRAIN_PRESETS[self.cfg.train_augment](self.cfg.crop_size)

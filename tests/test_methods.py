@@ -26,6 +26,7 @@ LATER_PRESETS = {  # methods with their own plugins (docs/ssul.md, docs/rcil.md)
     "SSUL": {"lr_min": 1e-06},
     "SSUL-M": {"lr_min": 1e-06},
     "RCIL": {"loss_kd": 100, "unce": True, "unkd": True},
+    "DKD": {}, "DKD-M": {}, "STAR": {}, "STAR-M": {},  # ADE20K: warm-up poly (their preset_for, tests/test_dkd_star.py)
 }
 
 

@@ -290,3 +290,84 @@ def pckd_loss(old_maps: Sequence[Tensor], new_maps: Sequence[Tensor], old_logits
 def suppression(drop_logits_small: Tensor, z: int) -> Tensor:
     """DropClass's L_sup: mean over images and pixels (feature resolution) of the dropped class's probability."""
     return F.softmax(drop_logits_small.float(), dim=1)[:, z].mean()
+
+
+# ---------------------------------------------------------------------------------------------------- DKD / STAR
+# Per-class sigmoid outputs (cvlab-yonsei/DKD, jinpeng0528/STAR; docs/dkd.md, docs/star.md). "pmean": the mean over
+# images and positions of each channel, summed over channels.
+def pmean(loss: Tensor) -> Tensor:
+    """(B, C, H, W) elementwise losses -> mean over B, H, W per channel, summed over channels (scalar)."""
+    return loss.mean(dim=(0, 2, 3)).sum()
+
+
+def multilabel_bce(logits: Tensor, labels: Tensor, class_ids: Sequence[int], pos_weight: float = 1.0,
+                   ignore_as_negative: bool = True, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """DKD's mBCE on the channels of ``class_ids`` (``logits`` (B, len(class_ids), H, W), the channels of those
+    classes): target 1 where the label is the channel's class, else 0; positives weighted by ``pos_weight``.
+    ``ignore_as_negative`` (the reference): ignored pixels are negatives of every channel and every pixel counts in
+    the mean; False: ignored pixels contribute nothing and the mean is over the others. Per channel, summed."""
+    return multilabel_bce_per_class(logits, labels, class_ids, pos_weight, ignore_as_negative, ignore_index).sum()
+
+
+def multilabel_bce_per_class(logits: Tensor, labels: Tensor, class_ids: Sequence[int] | Tensor, pos_weight: float = 1.0,
+                             ignore_as_negative: bool = True, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """:func:`multilabel_bce` before the sum over channels: (len(class_ids),). ``class_ids`` may be a tensor already
+    on the labels' device (a list is copied there at every call: a host synchronisation on a GPU)."""
+    x = upcast(logits)
+    ids = (class_ids if torch.is_tensor(class_ids) else torch.as_tensor(list(class_ids))).to(labels.device).view(1, -1, 1, 1)
+    target = (labels.unsqueeze(1) == ids).to(x.dtype)
+    weight = torch.full((), float(pos_weight), dtype=x.dtype, device=x.device)  # a fill, not a host copy
+    loss = F.binary_cross_entropy_with_logits(x, target, pos_weight=weight, reduction="none")
+    if ignore_as_negative:
+        return loss.mean(dim=(0, 2, 3))
+    valid = (labels != ignore_index).unsqueeze(1).to(x.dtype)
+    return (loss * valid).sum(dim=(0, 2, 3)) / valid.sum().clamp(min=1)
+
+
+def sigmoid_distillation(logits: Tensor, logits_old: Tensor) -> Tensor:
+    """DKD's KD: BCE of each logit against the old model's sigmoid of the same channel, over every pixel (pmean).
+    Its gradient is ``sigmoid(z) - sigmoid(z_old)``."""
+    x = upcast(logits)
+    return pmean(F.binary_cross_entropy_with_logits(x, torch.sigmoid(upcast(logits_old)), reduction="none"))
+
+
+DKD_SPLITS = ("weight", "product")
+
+
+def decomposed_logits(features: Tensor, weight: Tensor, split: str = "weight") -> tuple[Tensor, Tensor]:
+    """The positive and negative parts ``(z+, z-)`` of the bias-free logits ``features @ weight.T`` at the
+    features' resolution; ``features`` (B, D, h, w), ``weight`` (C, D). ``split="weight"`` (the reference code):
+    by the sign of each weight, ``z+ = f . max(w, 0)``; ``"product"`` (the paper): by the sign of each product
+    ``f_d w_d``. The two agree where ``f >= 0`` (ReLU features) and differ where a feature is negative."""
+    if split not in DKD_SPLITS:
+        raise ValueError(f"split must be one of {DKD_SPLITS}, got {split!r}")
+    w = weight.reshape(weight.shape[0], -1, 1, 1).to(features.dtype)
+    w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
+    if split == "weight":
+        return F.conv2d(features, w_pos), F.conv2d(features, w_neg)
+    f_pos, f_neg = features.clamp(min=0), features.clamp(max=0)
+    positive = F.conv2d(f_pos, w_pos) + F.conv2d(f_neg, w_neg)
+    negative = F.conv2d(f_pos, w_neg) + F.conv2d(f_neg, w_pos)
+    return positive, negative
+
+
+def never_loss(logits: Tensor) -> Tensor:
+    """DKD's auxiliary-classifier loss: mean over every element of ``-log(1 - sigmoid(z)) = softplus(z)``."""
+    return F.softplus(upcast(logits)).mean()
+
+
+def masked_feature_mse(features: Tensor, features_old: Tensor, weight: Tensor) -> Tensor:
+    """STAR's OCFM: ``sum_{b,k,i} w(i) (f - f_old)^2 / (D * sum_i w(i))`` with ``weight`` (B, 1, h, w); 0 (not NaN)
+    when the weights are all 0."""
+    diff = (upcast(features) - upcast(features_old)).pow(2) * weight
+    return diff.sum() / (features.shape[1] * weight.sum()).clamp(min=1e-12)
+
+
+def prototype_separation(features: Tensor, class_masks: Tensor, prototypes: Tensor) -> Tensor:
+    """STAR's SAD: for each new class c, the unit centre ``u_c = normalize(sum_{b,i} m_c(i) f(i)/|f(i)|)``, its
+    distance to the nearest old prototype ``d_c``, and ``mean_c 1 / d_c``. ``class_masks`` (B, C_new, h, w) soft
+    masks, ``prototypes`` (C_old, D) unit rows. A class absent from the batch has ``u_c = 0``, ``d_c = 1``."""
+    unit = F.normalize(upcast(features), dim=1)
+    centres = F.normalize(torch.einsum("bchw,bdhw->cd", upcast(class_masks), unit), dim=1)
+    distances = torch.cdist(centres, upcast(prototypes)).min(dim=1).values
+    return (1.0 / distances.clamp(min=1e-6)).mean()  # a centre on a prototype: large, not inf

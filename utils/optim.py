@@ -64,19 +64,20 @@ def build_optimizer(groups: list[dict], cfg, lr: float) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
 
 
-WARMUP_FRACTION, WARMUP_FACTOR = 0.1, 0.001  # warm_poly: SSUL's linear warm-up over 10 % of the iterations
+WARMUP_FACTOR = 0.001  # warm_poly starts at this share of the lr (SSUL, DKD, STAR)
 
 
 def build_scheduler(optimizer, cfg, max_iters: int):
     """Poly (``(1 - it/max_iters)^power``, stepped per iteration; with ``--lr_min`` never below it, as SSUL),
-    warm_poly (SSUL on ADE: poly times a linear warm-up from 0.001 over the first 10 % of the iterations) or
+    warm_poly (SSUL, DKD, STAR on ADE: poly times a linear warm-up from 0.001 over the first --warmup_fraction of the
+    iterations) or
     StepLR."""
     total = max(max_iters, 1)
     lr_min = float(getattr(cfg, "lr_min", 0.0) or 0.0)
     if cfg.lr_policy == "poly" and lr_min == 0.0:  # the reference's schedule, unchanged
         return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=cfg.lr_power)
     if cfg.lr_policy in ("poly", "warm_poly"):
-        warmup = int(total * WARMUP_FRACTION) if cfg.lr_policy == "warm_poly" else 0
+        warmup = int(total * float(getattr(cfg, "warmup_fraction", 0.1))) if cfg.lr_policy == "warm_poly" else 0
 
         def factor(it: int, base: float) -> float:
             f = (1.0 - min(it, total) / total) ** cfg.lr_power
