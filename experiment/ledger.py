@@ -26,7 +26,7 @@ from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEDGER_FILE = os.path.join(ROOT, "docs", "ledger.toml")
-METRICS = ("old", "new", "all", "avg")  # the published metrics a ledger row may carry
+METRICS = ("old", "new", "all", "avg", "hiou")  # the published metrics a ledger row may carry
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,9 @@ def ours(run: report.Run) -> dict[str, float | None]:
 
 
 def published_hiou(row: Row) -> float | None:
-    """hIoU of the published old and new (derived: the papers of the ledger do not print it)."""
+    """The published hIoU (DKD prints it), else the one derived from the published old and new."""
+    if "hiou" in row.published:
+        return row.published["hiou"]
     values = {k: row.published[k] / 100 for k in ("old", "new") if k in row.published}
     hiou = summary.complete(values).get("hiou")
     return None if hiou is None else 100 * hiou
@@ -156,7 +158,7 @@ def render_ledger(rows, runs, decimals: int = 1) -> str:
     """Markdown: published, ours and ours - published (all) per row, hIoU (published: derived from its old and new),
     with the flags of each result."""
     lines = ["Published against ours (mIoU %, old / new / all at the last step; Δ = ours - published, all; hIoU = "
-             "harmonic mean of old and new, the published one derived).", "",
+             "harmonic mean of old and new, the published one derived where the paper does not print it).", "",
              "| id | setting | method | published | ours | Δ all | hIoU pub. / ours | flags |",
              "|---|---|---|---|---|---:|---|---|"]
     found = 0
@@ -186,7 +188,8 @@ def reproduction_markdown() -> str:
            "Generated from `docs/ledger.toml` by `python -m experiment.ledger --markdown` (a test keeps the two equal);",
            "`python report.py --ledger runs/results/` prints the same rows with our results and flags whatever differs from",
            "the published recipe (effective batch, lr, epochs, class order, missing steps).", "",
-           "Numbers: mIoU (%) old / new / all at the last step, overlapped protocol unless marked `disj.`; `avg` is",
+           "Numbers: mIoU (%) old / new / all at the last step (hIoU where the paper prints it), overlapped protocol",
+           "unless marked `disj.`; `avg` is",
            "PLOP's mean of all over the steps. Sources: V primary (the paper's own table or the official",
            "repository), S secondary (a later paper quoting it), D derived by arithmetic. Batch: effective batch x",
            "GPUs of the published runs; the recipe column names the published script the wrapper mirrors",
@@ -199,8 +202,9 @@ def reproduction_markdown() -> str:
         avg = str(row.published["avg"]) if "avg" in row.published else ""
         origin = recipe.id + ("" if recipe.published else " (no published script)")
         note = f" ({row.note})" if row.note else ""
+        hiou = f" (hIoU {row.published['hiou']})" if "hiou" in row.published else ""
         out.append(f"| {row.id} | {row.paper}, {row.table}{note} | {_setting(row)} | {row.method} | "
-                   f"{_triple(row.published, decimals=None)} | {avg} | {row.src} | `{row.command}` | "
+                   f"{_triple(row.published, decimals=None)}{hiou} | {avg} | {row.src} | `{row.command}` | "
                    f"{recipe.batch} / {row.gpus} | {origin} | — |")
     return "\n".join(out) + "\n"
 

@@ -41,7 +41,16 @@ INITS = {  # name -> run.py flags on top of the host's preset (MiB and PLOP both
     "AWT + pre-tuning": ["--two_stage", "--att", "25", "--mask_att"],
     "AWT (similarity mask)": ["--att", "25", "--mask_att", "--attribution", "similarity", "--mean_after_avg"],
 }
-HOSTS = ("MiB", "PLOP")
+# hosts with their own model family and initialisation: their step-0 model is theirs, and they compare their own
+# init (DKD: a copy of the auxiliary classifier; STAR: random) with AWT's transfer from the auxiliary classifier
+HOST_INITS = {
+    "DKD": {"DKD (copy of the auxiliary classifier)": [], "AWT (bias from DKD)": ["--att", "25", "--mask_att"],
+            "AWT masked copy (bias from DKD)": ["--att", "25", "--mask_att", "--copy"],
+            "DKD copy + AWT added": ["--att", "25", "--mask_att", "--dkd_awt_variant", "add"]},
+    "STAR": {"random (STAR)": [], "AWT": ["--att", "25", "--mask_att"],
+             "AWT masked copy": ["--att", "25", "--mask_att", "--copy"]},
+}
+HOSTS = ("MiB", "PLOP", *HOST_INITS)
 # the synthetic setting: a small ResNet-18 from scratch on 64 px images (CPU); a step > 0 has 4 iterations per
 # epoch, so its lr is 10x the published 0.001 (with 0.001 and 4 epochs no initialisation learnt any new class);
 # --real uses the published recipe
@@ -59,13 +68,24 @@ def parse(argv):
     p.add_argument("--data_root", default=None, help="Pascal-VOC root (default: a synthetic VOC made in --out)")
     p.add_argument("--real", action="store_true", help="the published recipe (ResNet-101, 512 crops, 30 epochs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the incremental steps")
-    p.add_argument("--hosts", nargs="+", default=list(HOSTS), choices=HOSTS)
+    p.add_argument("--hosts", nargs="+", default=["MiB", "PLOP"], choices=HOSTS,
+                   help="hosts (default MiB PLOP); DKD and STAR compare their own initialisations with AWT's")
     p.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS), metavar="INIT",
                    help=f"initialisations to compare (default: all of {', '.join(INITS)})")
     p.add_argument("--task", default="15-1", help="VOC task (default 15-1)")
     p.add_argument("--later_epochs", type=int, default=None, help="epochs of every step > 0 (default: the setting's)")
     p.add_argument("--later_lr", type=float, default=None, help="lr of every step > 0 (default: the setting's)")
     return p.parse_args(argv)
+
+
+def inits_of(host: str, chosen: list[str]) -> dict[str, list[str]]:
+    """The initialisations compared on ``host`` and their flags."""
+    return HOST_INITS.get(host) or {name: INITS[name] for name in chosen}
+
+
+def step0_name(host: str) -> str:
+    """MiB and PLOP share one step-0 model (``--method FT``, the same layout); DKD and STAR train their own."""
+    return f"step0_{host}" if host in HOST_INITS else "step0"
 
 
 def _safe(name: str) -> str:
@@ -185,20 +205,22 @@ def main(argv=None) -> int:
               "--logdir", os.path.join(out, "logs"), "--channels_dir", os.path.join(out, "channels"),
               "--date", "cmp", *recipe["backbone"]]
     n_steps = num_steps("voc", args.task)
-    step0_name = "step0"
-    step0 = os.path.join(out, "ckpt", f"{args.task}-voc_{step0_name}_0.pth")
-    run_one([*common, "--step", "0", "--method", "FT", "--name", step0_name, "--random_seed", "0",
-             *recipe["step0"]])
+    for name in dict.fromkeys(step0_name(h) for h in args.hosts):
+        host = name.split("_", 1)[1] if "_" in name else "FT"
+        if not os.path.isfile(os.path.join(out, "ckpt", f"{args.task}-voc_{name}_0.pth")):
+            run_one([*common, "--step", "0", "--method", host, "--name", name, "--random_seed", "0",
+                     *recipe["step0"]])
     records = []
     probes_file = os.path.join(out, "init_costs.json")
     costs = json.load(open(probes_file)) if os.path.isfile(probes_file) else {}
     for host in args.hosts:
-        for init in args.inits:
+        step0 = os.path.join(out, "ckpt", f"{args.task}-voc_{step0_name(host)}_0.pth")
+        for init, flags in inits_of(host, args.inits).items():
             for seed in args.seeds:
                 name = f"{host}_{_safe(init)}_s{seed}"
                 csv = results_csv_path(os.path.join(out, "results"), "cmp", "voc", args.task, name)
                 argv = [*common, "--step", *map(str, range(1, n_steps)), "--step_ckpt", step0, "--method", host,
-                        "--name", name, "--random_seed", str(seed), *recipe["later"], *INITS[init]]
+                        "--name", name, "--random_seed", str(seed), *recipe["later"], *flags]
                 done = os.path.isfile(csv) and len(scores(csv)) == n_steps - 1 and name in costs
                 if not done:
                     probe = run_one(argv)
@@ -209,7 +231,8 @@ def main(argv=None) -> int:
                                 "steps": scores(csv), **costs[name]})
     last = n_steps - 1
     lines = [f"VOC {args.task}, {'real data' if args.real else 'synthetic VOC (64 px, 300 training images)'}, "
-             f"one step-0 model (`--method FT`, seed 0), seeds {' '.join(map(str, args.seeds))} for the "
+             f"one step-0 model per host family (`--method FT` for MiB and PLOP, the host's own for DKD and STAR; "
+             "seed 0), seeds {' '.join(map(str, args.seeds))} for the "
              "incremental steps; mIoU % after the last step, mean ± std over the seeds; init time (s) and peak "
              "resident-memory increase (MiB) of the initialisation, summed / maxed over the steps.",
              f"Produced by `python scripts/init_comparison.py {shown}`; every run is `run.py "
@@ -218,20 +241,20 @@ def main(argv=None) -> int:
              f"SEED {' '.join(recipe['later'])}` plus the flags below (`{out}/results.json` has each command).", "",
              "| host | initialisation | flags | old | new | all | hIoU | init time | init memory |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    curves = {}
+    curves, step0_all = {}, {}
     for host in args.hosts:
-        for init in args.inits:
+        step0_all[host] = scores(results_csv_path(os.path.join(out, "results"), "cmp", "voc", args.task,
+                                                  step0_name(host)))[0]["all"]
+        for init, flags in inits_of(host, args.inits).items():
             rows = [r for r in records if r["host"] == host and r["init"] == init]
             final = [r["steps"][last] for r in rows]
-            lines.append(f"| {host} | {init} | `{' '.join(INITS[init]) or '(preset)'}` | "
+            lines.append(f"| {host} | {init} | `{' '.join(flags) or '(preset)'}` | "
                          + " | ".join(mean_std([f[k] for f in final])
                                                               for k in ("old", "new", "all", "hiou"))
                          + f" | {mean_std([r['init_seconds'] for r in rows])}"
                          + f" | {mean_std([r['init_peak_mib'] for r in rows])} |")
-            curves[f"{host} {init}"] = [statistics.mean(r["steps"][s]["all"] for r in rows)
-                                        for s in range(1, n_steps)]
-    step0_all = scores(results_csv_path(os.path.join(out, "results"), "cmp", "voc", args.task, step0_name))[0]["all"]
-    curves = {k: [step0_all, *v] for k, v in curves.items()}
+            curves[f"{host} {init}"] = [step0_all[host], *(statistics.mean(r["steps"][s]["all"] for r in rows)
+                                                           for s in range(1, n_steps))]
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out, "table.md"), "w") as handle:
         handle.write(table)
