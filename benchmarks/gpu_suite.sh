@@ -11,7 +11,7 @@
 # (How long each part takes on an H200 is not measured yet; LIMIT caps each command.) Parts: env, tests
 # (tests/test_gpu.py), train (training step, batch 24, step 1: fp32, bf16, fp16, bf16+cl, bf16+cl+compile), train0
 # (step 0), data (loader, 0-16 workers), eval (confusion matrix + evaluation forward), attr (AWT exact vs Captum; needs
-# captum importable), methods (PLOP, RCIL and MiB at VOC 15-5 step 1, batch 12, bf16), backbones (ResNet-101 against
+# captum importable), methods (PLOP, RCIL, MiB, DKD and STAR at VOC 15-5 step 1, batch 12, bf16), backbones (ResNet-101 against
 # MiT-B2, Swin-T and ConvNeXt-T: step time and peak memory per image at 512 px, batch 8). Each part writes OUTDIR/<part>.txt; a part that fails is reported and the next one still runs;
 # exit status 1 if any failed.
 # Environment: PYTHON (default python3), DATA (a VOC root for the data part), LIMIT (seconds per command, default 540).
@@ -58,7 +58,7 @@ torch.version.cuda, 'cudnn', torch.backends.cudnn.version()); print(torch.cuda.g
     eval)
       step eval "$py" -m benchmarks.evaluation --batch 8 --batches 20 ;;
     methods)
-      step methods "$py" -m benchmarks.methods --batch 12 --methods PLOP,RCIL,MiB ;;
+      step methods "$py" -m benchmarks.methods --batch 12 --methods PLOP,RCIL,MiB,DKD,STAR ;;
     backbones)
       step backbones "$py" -m benchmarks.backbones --device cuda --size 512 --batch 8 ;;
     attr)

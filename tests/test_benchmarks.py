@@ -1,6 +1,8 @@
 """Smoke tests of benchmarks/ (tiny CPU configurations, in-process). Nothing here asserts on timings."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -91,6 +93,16 @@ def test_methods_benchmark_runs(capsys):
     assert rcil["parameters"] > plop["parameters"] and rcil["forward_flops"] > plop["forward_flops"]
     assert rcil["activation_bytes"] > plop["activation_bytes"]
     assert "| method | time per step vs PLOP |" in capsys.readouterr().out
+
+
+def test_methods_benchmark_times_dkd_and_star_against_mib():
+    from benchmarks import methods
+
+    out = methods.main(["--device", "cpu", "--norm_act", "abn", "--size", "32", "--batch", "2", "--iters", "1",
+                        "--repeats", "1", "--methods", "MiB,DKD,STAR"])["methods"]
+    # the same network (DKD's layout only moves one channel into the auxiliary classifier), so the same FLOPs
+    assert out["DKD"]["forward_flops"] == out["MiB"]["forward_flops"] == out["STAR"]["forward_flops"]
+    assert all(math.isfinite(out[m]["warmup_loss"]) and out[m]["seconds_per_step"] > 0 for m in out)
 
 
 def test_backbones_benchmark_runs(capsys):
