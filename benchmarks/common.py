@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # python benchmarks/x.py: the project's packages must be importable
     sys.path.insert(0, ROOT)
 
+from methods.star import prototype_record_path  # noqa: E402
 from segmentation_module import make_model  # noqa: E402
 
 
@@ -276,10 +277,6 @@ def write_random_record(cfg, n_classes: int, positions: float, step: int = 0, ch
     """STAR reads the prototype record of the previous step (written when it finished): random unit prototypes of
     ``n_classes`` old classes whose counts share ``positions`` grid positions evenly with the background, so that the
     replay draws about as many features per iteration as a run whose old classes are missing from the new data."""
-    import os
-
-    from methods.star import prototype_record_path
-
     g = torch.Generator().manual_seed(0)
     record = {"classes": list(range(1, n_classes + 1)),
               "prototypes": torch.nn.functional.normalize(torch.randn(n_classes, channels, generator=g), dim=1),

@@ -459,8 +459,8 @@ def test_reproduction_doc_is_the_generated_ledger():
     for row in load_ledger():  # every row names a wrapper that exists and a command that runs it
         recipe = recipe_of(row)
         assert os.path.isfile(os.path.join(ROOT, "scripts", row.wrapper + ".sh"))
-        ssul_voc = ("ssul-voc", "ssul-m-voc", "ssul-awt-voc", "ssul-m-awt-voc")
-        assert recipe.batch == (32 if recipe.id in ssul_voc else 24)  # SSUL's README: 32 on VOC
+        batch_32 = ("ssul-voc", "ssul-m-voc", "ssul-awt-voc", "ssul-m-awt-voc", "dkd-voc", "dkd-awt-voc")
+        assert recipe.batch == (32 if recipe.id in batch_32 else 24)  # SSUL's README and DKD's scripts: 32 on VOC
         assert f"scripts/{row.wrapper}.sh" in row.command
         # a number, or a row that says it awaits one (DropClass: the paper's tables were not retrieved)
         assert row.published or (row.src == "" and "no published number" in row.note), row.id
