@@ -86,23 +86,17 @@ def test_methods_benchmark_runs(capsys):
     from benchmarks import methods
 
     out = methods.main(["--device", "cpu", "--norm_act", "abn", "--size", "32", "--batch", "2", "--iters", "1",
-                        "--repeats", "1", "--methods", "PLOP,RCIL"])
+                        "--repeats", "1", "--methods", "PLOP,RCIL,DKD,STAR"])
     plop, rcil = out["methods"]["PLOP"], out["methods"]["RCIL"]
+    # DKD's layout only turns the background channel into its auxiliary classifier: the same network as PLOP's;
+    # STAR runs on a random prototype record of step 0
+    assert out["methods"]["DKD"]["forward_flops"] == plop["forward_flops"] == out["methods"]["STAR"]["forward_flops"]
+    assert all(math.isfinite(out["methods"][m]["warmup_loss"]) for m in ("DKD", "STAR"))
     assert plop["time_vs_first"] == 1.0 and rcil["time_vs_first"] > 0
     # the twins: every 3x3 residual conv and the ASPP convs doubled, so more weights, FLOPs and saved activations
     assert rcil["parameters"] > plop["parameters"] and rcil["forward_flops"] > plop["forward_flops"]
     assert rcil["activation_bytes"] > plop["activation_bytes"]
     assert "| method | time per step vs PLOP |" in capsys.readouterr().out
-
-
-def test_methods_benchmark_times_dkd_and_star_against_mib():
-    from benchmarks import methods
-
-    out = methods.main(["--device", "cpu", "--norm_act", "abn", "--size", "32", "--batch", "2", "--iters", "1",
-                        "--repeats", "1", "--methods", "MiB,DKD,STAR"])["methods"]
-    # the same network (DKD's layout only moves one channel into the auxiliary classifier), so the same FLOPs
-    assert out["DKD"]["forward_flops"] == out["MiB"]["forward_flops"] == out["STAR"]["forward_flops"]
-    assert all(math.isfinite(out[m]["warmup_loss"]) and out[m]["seconds_per_step"] > 0 for m in out)
 
 
 def test_backbones_benchmark_runs(capsys):

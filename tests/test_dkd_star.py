@@ -376,6 +376,16 @@ def test_star_gives_old_classifiers_no_gradient_and_replays_without_touching_the
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def small_voc(tmp_path_factory):
+    """Fewer images than the shared synthetic VOC: enough for every step of 15-1 and a memory, quicker to train."""
+    from dataset.synthetic import generate
+
+    root = tmp_path_factory.mktemp("dkd_star_data") / "PascalVOC12"
+    generate(str(root), "voc", size=32, n_train=60, n_val=20, seed=0)
+    return str(root)
+
+
 def _state(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -398,7 +408,7 @@ def _same(a, b, what=""):
 @pytest.mark.slow
 @pytest.mark.parametrize("awt", [False, True], ids=["plain", "AWT"])
 @pytest.mark.parametrize("method", ["DKD", "DKD-M", "STAR", "STAR-M"])
-def test_three_steps_killed_in_step_2_resume_to_the_same_bytes(synthetic_voc, tmp_path, monkeypatch, method, awt):
+def test_three_steps_killed_in_step_2_resume_to_the_same_bytes(small_voc, tmp_path, monkeypatch, method, awt):
     import run
     import train
 
@@ -407,11 +417,12 @@ def test_three_steps_killed_in_step_2_resume_to_the_same_bytes(synthetic_voc, tm
     base += ["--mem_size", "8"] if method.endswith("-M") else []
     base += ["--att", "25", "--mask_att"] if awt else []
     full, killed = tmp_path / "full", tmp_path / "killed"
-    assert run.main(smoke_args(synthetic_voc, full, task="15-1", steps=(0, 1), extra=[*base, "--lr", "0.01",
-                                                                                    "0.001"])) == 0
+    # steps 0 and 1 with one epoch each (what step 2 starts from), step 2 with two, interrupted after the first
+    assert run.main(smoke_args(small_voc, full, task="15-1", steps=(0, 1), extra=[*base, "--lr", "0.01",
+                                                                                    "0.001", "--epochs", "1"])) == 0
     shutil.copytree(full, killed)
-    assert run.main(smoke_args(synthetic_voc, full, task="15-1", steps=(2,), extra=[*base, "--lr", "0.001"])) == 0
-    args = smoke_args(synthetic_voc, killed, task="15-1", steps=(2,), extra=[*base, "--lr", "0.001"])
+    assert run.main(smoke_args(small_voc, full, task="15-1", steps=(2,), extra=[*base, "--lr", "0.001"])) == 0
+    args = smoke_args(small_voc, killed, task="15-1", steps=(2,), extra=[*base, "--lr", "0.001"])
     original = interrupt_at_epoch(monkeypatch, 1)
     assert run.main(args) == 130
     partial = killed / "ckpt" / f"15-1-voc_{name}_2.partial.pth"
@@ -457,7 +468,7 @@ def test_combinations_that_cannot_run_are_refused_in_one_line(argv, message):
 
 
 @pytest.mark.slow
-def test_star_m_with_awt_survives_a_sigkill_in_step_2(synthetic_voc, tmp_path):
+def test_star_m_with_awt_survives_a_sigkill_in_step_2(small_voc, tmp_path):
     """The most stateful of the four (memory, prototype records, replay draws, AWT mask) killed with SIGKILL while
     step 2 trains, then rerun: the same bytes as the run that was not killed."""
     import signal
@@ -471,13 +482,13 @@ def test_star_m_with_awt_survives_a_sigkill_in_step_2(synthetic_voc, tmp_path):
     base = ["--method", "STAR-M", "--name", "SM", "--batch_size", "4", "--mem_size", "8", "--att", "25",
             "--mask_att", "--ckpt_interval", "1", "--threads", "1"]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    assert run.main(smoke_args(synthetic_voc, full, task="15-1", steps=(0, 1),
+    assert run.main(smoke_args(small_voc, full, task="15-1", steps=(0, 1),
                                extra=[*base, "--lr", "0.01", "0.001"])) == 0
     shutil.copytree(full, killed)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
     def command(out):
-        args = smoke_args(synthetic_voc, out, task="15-1", steps=(2,), extra=[*base, "--lr", "0.001", "--epochs", "3"])
+        args = smoke_args(small_voc, out, task="15-1", steps=(2,), extra=[*base, "--lr", "0.001", "--epochs", "3"])
         return [sys.executable, os.path.join(ROOT, "run.py"), *args]
 
     ref = subprocess.Popen(command(full), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
