@@ -38,7 +38,7 @@ from dataset.tasks import classes_per_step
 from dataset.transform import eval_preset, images_to_device, labels_to_device
 from methods.base import INIT_OWN_THEN_TRANSFER, Batch, Capabilities, LossTerm, Method, StepContext, \
     plugin_options
-from methods.memory import read_memory, reader_indices, select_balanced, step_memory
+from methods.memory import configured_size, read_memory, reader_indices, select_balanced, step_memory
 from methods.registry import register_method
 from modules import dkd as _layout  # noqa: F401  (registers the aux_first head layout)
 from modules.dkd import AUXILIARY
@@ -182,9 +182,11 @@ class DKD(Method):
     decay_only_new = True  # steps > 0: weight decay on the new classifier only
     new_head_lr = HEAD_LR
 
+    dataset_presets = {"ade": {"lr_policy": "warm_poly", "warmup_fraction": WARMUP_FRACTION}}
+
     @classmethod
     def preset_for(cls, dataset: str | None) -> dict:
-        return {"lr_policy": "warm_poly", "warmup_fraction": WARMUP_FRACTION} if dataset == "ade" else {}
+        return dict(cls.dataset_presets.get(dataset or "", {}))
 
     @staticmethod
     def add_args(group: argparse._ActionsContainer) -> None:
@@ -222,9 +224,7 @@ class DKD(Method):
 
     # ---- settings ----------------------------------------------------------------------------------------------
     def memory_size(self) -> int:
-        if self.cfg.mem_size is not None:
-            return int(self.cfg.mem_size)
-        return self.memory_defaults.get(self.cfg.dataset, self.default_memory)
+        return configured_size(self.cfg, self.default_memory, self.memory_defaults)
 
     def pos_weight(self, step: int) -> float:
         if self.dkd.pos_weight is not None:

@@ -97,6 +97,13 @@ def rebuild_reason(entry: dict | None, built_with: dict, overwrite: bool) -> str
     return None
 
 
+def configured_size(cfg: Any, default: int, per_dataset: dict[str, int]) -> int:
+    """--mem_size when given, else the method's default for the dataset (0: the method keeps no memory)."""
+    if cfg.mem_size is not None:
+        return int(cfg.mem_size)
+    return per_dataset.get(cfg.dataset, default) if default else 0
+
+
 def step_memory(cfg: Any, step: int, size: int, who: str, choose: Callable[[str], list[list]]) -> list[str]:
     """The memory list of ``step``: read back from the experiment's memory file, or (re)chosen by rank 0 with
     ``choose(path)`` (under its own seed, so the training after it draws the same numbers whether the memory was

@@ -48,7 +48,8 @@ from dataset.tasks import classes_per_step, get_task_labels
 from dataset.transform import TRAIN_PRESETS, eval_preset, images_to_device, labels_to_device
 from methods.base import INIT_OWN_THEN_TRANSFER, Batch, Capabilities, LossTerm, Method, StepContext, TrainInputs, \
     TransferSource
-from methods.memory import MemoryFeeder, mix_rows, read_memory, reader_indices, select_balanced, step_memory
+from methods.memory import (MemoryFeeder, configured_size, mix_rows, read_memory, reader_indices, select_balanced,
+                            step_memory)
 from methods.registry import register_method
 from models import BACKBONES, family_in_layout
 from modules import ssul as _parts  # noqa: F401  (registers the conv_head classifier and the unknown_first layout)
@@ -159,11 +160,7 @@ class SSUL(Method):
 
     # ---- sizes -------------------------------------------------------------------------------------------------
     def memory_size(self) -> int:
-        if self.cfg.mem_size is not None:
-            return int(self.cfg.mem_size)
-        if not self.default_memory:
-            return 0
-        return MEMORY_DEFAULT.get(self.cfg.dataset, self.default_memory)
+        return configured_size(self.cfg, self.default_memory, MEMORY_DEFAULT)
 
     # ---- model -------------------------------------------------------------------------------------------------
     def model_spec(self, spec: Any, step: int) -> Any:

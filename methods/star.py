@@ -19,6 +19,7 @@ the label id = channel index layout and is AWT's transfer source (docs/star.md, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dataset.transform import images_to_device, labels_to_device
-from methods.base import INIT_OWN, Batch, Capabilities, LossTerm, StepContext
+from methods.base import INIT_OWN, Batch, LossTerm, StepContext
 from methods.dkd import DKD, DeviceIds, aux_logits, on_grid, step_class_ids
 from methods.registry import register_method
 from modules.heads import final_layer
@@ -221,8 +222,7 @@ class STAR(DKD):
 
     name = "STAR"
     description = "STAR (NeurIPS 2023): prototype replay instead of images, OCFM and SAD on DKD's model"
-    capabilities = Capabilities(domain_incremental=False, builds_terms=False, default_param_groups=False,
-                                classifier_init=INIT_OWN, exemplar_memory=True)
+    capabilities = dataclasses.replace(DKD.capabilities, classifier_init=INIT_OWN)  # its own init: random
     pos_weights = {"ade": (30.0, 30.0)}
     pos_weight_default = (4.0, 4.0)
     decay_only_new = False
