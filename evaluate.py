@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from dataset.erase import EraseClass
-from dataset.readers import READERS
+from dataset.readers import space_reader
 from dataset.tasks import order
 from experiment.argparser import get_argparser
 from experiment.builders import build_model, build_step_datasets, cpu_threads, resolve_precision, select_device
@@ -113,7 +113,7 @@ def evaluate_checkpoint(cfg, method) -> dict:
         erased = {"class": selected, "images": len(test_ds), "erased": cfg.erase_class is not None}
     loader = build_loader(test_ds, batch_size=cfg.batch_size if cfg.crop_val else 1, train=False,
                           num_workers=cfg.num_workers, seed=cfg.random_seed)
-    reader = READERS[cfg.dataset]
+    reader = space_reader(cfg.dataset)
     lut = index_to_class_lut(order(cfg.dataset, cfg.task, step))
     samples = SampleCollector(cfg.save_samples if cfg.out_dir else 0, reader.colorize, lut)
     cm = evaluate(model, loader, n_classes=sum(model.classes), device=device,

@@ -19,10 +19,10 @@ import uuid
 import numpy as np
 import torch
 
-from dataset.readers import READERS
-from dataset.tasks import order
+from dataset.readers import space_reader
+from dataset.tasks import order, test_sources
 from experiment.builders import (build_model, build_step_datasets, classes_for_step, cpu_threads, data_kind,
-                                 log_folder, norm_fallback_note, resolve_precision, select_device)
+                                 extra_test_sets, log_folder, norm_fallback_note, resolve_precision, select_device)
 from experiment.checkpoints import (checkpoint_content, ckpt_path, load_previous_into, load_previous_step,
                                     load_weights, restored_selection, resume_if_possible,
                                     resume_source, training_differences)
@@ -72,10 +72,20 @@ def build_loaders(cfg, step: int, device: torch.device, method: MethodStack):
     pin = device.type == "cuda"
     eval_bs = cfg.batch_size if cfg.crop_val else 1
     common = {"num_workers": cfg.num_workers, "seed": cfg.random_seed, "pin_memory": pin}
+    tests = {"": test_ds, **{source: method.wrap_dataset("test", ds, step)
+                             for source, ds in extra_test_sets(cfg, step).items()}}
     loaders = (build_loader(train_ds, batch_size=cfg.batch_size, train=True, **common),
                build_loader(val_ds, batch_size=eval_bs, train=False, **common),
-               build_loader(test_ds, batch_size=eval_bs, train=False, **common))
+               {source: build_loader(ds, batch_size=eval_bs, train=False, **common) for source, ds in tests.items()})
     return loaders, datasets[0]
+
+
+def results_paths(cfg, step: int) -> dict[str, str]:
+    """The results CSV of each test set of ``step``, ``{"": the run's CSV, source: ..._{name}@{source}.csv}``."""
+    first = next(iter(test_sources(cfg.dataset)))
+    extra = [source for source in test_sources(cfg.dataset, step) if source != first]
+    return {test: results_csv_path(cfg.results_dir, cfg.date, cfg.dataset, cfg.task, cfg.name, test)
+            for test in ["", *extra]}
 
 
 def prepare_models(cfg, step: int, device: torch.device, first_step_of_call: bool, *, method: MethodStack,
@@ -261,7 +271,7 @@ def class_table(values: dict) -> str:
 
 def sample_collector(cfg, step: int) -> SampleCollector:
     """Collects ``--sample_num`` validation panels (image | ground truth | prediction) in the dataset palette."""
-    return SampleCollector(cfg.sample_num, READERS[cfg.dataset].colorize,
+    return SampleCollector(cfg.sample_num, space_reader(cfg.dataset).colorize,
                            index_to_class_lut(order(cfg.dataset, cfg.task, step)))
 
 
@@ -300,28 +310,37 @@ def tested_record(ckpt: dict, path: str) -> dict | None:
     return {**saved, "tested_from": path, "test_command": command_line()}
 
 
-def test_step(cfg, step: int, model, test_loader, precision, device, board, method: MethodStack,
+def test_step(cfg, step: int, model, test_loaders: dict, precision, device, board, method: MethodStack,
               record: dict | None = None) -> dict:
-    """Evaluate on the cumulative test set; write the CSV row and the old/new/all summary (rank 0)."""
+    """Evaluate on each cumulative test set (``{"": the run's, source: another dataset's}``); write its CSV row and
+    old/new/all summary (rank 0). Returns the first test set's numbers."""
     check_finite_model(model, f"the model of step {step}", "no result is computed from it; retrain the step")
-    cm = train.evaluate(model, test_loader, n_classes=sum(model.classes), device=device, precision=precision,
-                        show_progress=not cfg.no_progress, predict=method.predict, what=f"step {step} test")
-    res = cm.results()
-    split = summary.compute(summary.ClassScores.from_results(res, model.classes), summary.SUMMARY)
-    log.info("step %d test: mIoU %.2f %%, %s %%", step, 100 * res["Mean IoU"], summary.format_slashed(split))
-    board.scalar("T_MeanIoU", res["Mean IoU"], step)
-    board.scalar("T_Overall_Acc", res["Overall Acc"], step)
-    board.scalar("T_MeanAcc", res["Mean Acc"], step)
-    board.text("Test_Class_IoU", class_table(res["Class IoU"]), step)
-    board.text("Test_Class_Acc", class_table(res["Class Acc"]), step)
-    if is_main_process():
-        path = results_csv_path(cfg.results_dir, cfg.date, cfg.dataset, cfg.task, cfg.name)
-        n_total = READERS[cfg.dataset].NUM_CLASSES
-        upsert_row(path, step, csv_row(step, res["Class IoU"], sum(model.classes), n_total, res["Mean IoU"]))
-        if record is not None:
-            update_run_record(path, step, record)
-        log.info("results: %s\n%s", path, write_summary(cfg, path))
-    return {**res, **split}
+    paths, first = results_paths(cfg, step), None
+    primary = next(iter(test_sources(cfg.dataset))) if len(test_sources(cfg.dataset)) > 1 else ""
+    for test, loader in test_loaders.items():
+        where = f" on {test}" if test else ""
+        cm = train.evaluate(model, loader, n_classes=sum(model.classes), device=device, precision=precision,
+                            show_progress=not cfg.no_progress, predict=method.predict,
+                            what=f"step {step} test{where}")
+        res = cm.results()
+        split = summary.compute(summary.ClassScores.from_results(res, model.classes), summary.SUMMARY)
+        log.info("step %d test%s: mIoU %.2f %%, %s %%", step, where, 100 * res["Mean IoU"],
+                 summary.format_slashed(split))
+        tag = f"_{test}" if test else ""
+        board.scalar(f"T{tag}_MeanIoU", res["Mean IoU"], step)
+        board.scalar(f"T{tag}_Overall_Acc", res["Overall Acc"], step)
+        board.scalar(f"T{tag}_MeanAcc", res["Mean Acc"], step)
+        board.text(f"Test{tag}_Class_IoU", class_table(res["Class IoU"]), step)
+        board.text(f"Test{tag}_Class_Acc", class_table(res["Class Acc"]), step)
+        if is_main_process():
+            path = paths[test]
+            n_total = space_reader(cfg.dataset).NUM_CLASSES
+            upsert_row(path, step, csv_row(step, res["Class IoU"], sum(model.classes), n_total, res["Mean IoU"]))
+            if record is not None:
+                update_run_record(path, step, record)
+            log.info("results: %s\n%s", path, write_summary(cfg, path, test or primary))
+        first = first or {**res, **split}
+    return first
 
 
 def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: torch.device, method: MethodStack,
@@ -333,7 +352,7 @@ def run_step(cfg, step: int, lr: float, *, first_step_of_call: bool, device: tor
     final_path = ckpt_path(cfg, step)
     results = results_csv_path(cfg.results_dir, cfg.date, cfg.dataset, cfg.task, cfg.name)
     finished = not cfg.test and not cfg.overwrite and os.path.isfile(final_path)
-    if finished and step in read_rows(results):
+    if finished and all(step in read_rows(path) for path in results_paths(cfg, step).values()):
         skip_finished_step(cfg, step, lr, final_path, results, position, method)
         return {}
     seed_everything(cfg.random_seed)
@@ -402,11 +421,12 @@ def skip_finished_step(cfg, step: int, lr: float, final_path: str, results: str,
         log.info("step %d: wrote the missing summary %s", step, summary_path(results))
 
 
-def write_summary(cfg, path: str) -> str:
-    """The old / new / all summary of every row of the results CSV ``path`` (rank 0)."""
+def write_summary(cfg, path: str, test: str = "") -> str:
+    """The old / new / all summary of every row of the results CSV ``path`` (rank 0); ``test``: its test source."""
     written = read_run(path, columns="remapped")
     rows = [{"step": s, **step_scores(written, s)} for s in sorted(written.values)]
-    text = format_summary(rows, f"{cfg.dataset} {cfg.task} {cfg.name} (mIoU %, test set)")
+    where = f"{test} " if test else ""
+    text = format_summary(rows, f"{cfg.dataset} {cfg.task} {cfg.name} (mIoU %, {where}test set)")
     atomic_write_text(summary_path(path), text)
     return text
 

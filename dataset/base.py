@@ -50,6 +50,7 @@ class Reader:
     CLASS_NAMES: ClassVar[tuple[str, ...]] = ()
     PALETTE: ClassVar[np.ndarray] = np.zeros((0, 3), np.uint8)
     LABEL_LUT: ClassVar[np.ndarray | None] = None
+    RAW_VALID: ClassVar[np.ndarray | None] = None  # bool [256]: label file values that exist (None: checked after the LUT)
     AUX: ClassVar[tuple[str, ...]] = ()  # extra per-image maps the reader can load (``load_aux``), e.g. saliency
 
     def __init__(self, root: str, split: str):
@@ -77,7 +78,7 @@ class Reader:
     def load(self, index: int) -> tuple[Image.Image, Image.Image]:
         """Decoded ``(RGB image, 'L' label in train ids)`` of sample ``index`` (``UserError`` if bad)."""
         img, lbl = self.samples[index]
-        return load_pair(img, lbl, self.LABEL_LUT, self.NUM_CLASSES)
+        return load_pair(img, lbl, self.LABEL_LUT, self.NUM_CLASSES, self.RAW_VALID)
 
     def aux_path(self, name: str, index: int) -> str:
         """Where the ``name`` map of sample ``index`` lives (readers listing ``name`` in ``AUX``)."""
@@ -165,11 +166,36 @@ def _label_array(label: Image.Image, path: str) -> np.ndarray:
                     f"save class ids, not colours")
 
 
-def load_pair(img_path: str, lbl_path: str, lut: np.ndarray | None, num_classes: int
-              ) -> tuple[Image.Image, Image.Image]:
+def check_raw_values(present: np.ndarray, raw_valid: np.ndarray | None, path: str) -> None:
+    """``UserError`` naming the file and the values when a label file holds a value its dataset's map does not have
+    (``present``: bool [256], the values in the file)."""
+    if raw_valid is None:
+        return
+    bad = np.asarray(present, dtype=bool) & ~np.asarray(raw_valid, dtype=bool)
+    if bad.any():
+        values = np.flatnonzero(bad)[:8].tolist()
+        raise UserError(f"label {path!r} contains id(s) {values} outside the dataset's label map "
+                        f"(valid: {_ranges(np.flatnonzero(raw_valid))}); fix the label file (another dataset's "
+                        "labels, or labels converted twice?)")
+
+
+def _ranges(values) -> str:
+    """``[0, 1, 2, 5, 255]`` -> ``"0-2, 5, 255"``."""
+    values, out, start = [int(v) for v in values], [], None
+    for i, v in enumerate(values):
+        start = v if start is None else start
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(f"{start}-{v}" if v != start else str(v))
+            start = None
+    return ", ".join(out)
+
+
+def load_pair(img_path: str, lbl_path: str, lut: np.ndarray | None, num_classes: int,
+              raw_valid: np.ndarray | None = None) -> tuple[Image.Image, Image.Image]:
     """Decode and validate one sample: ``(RGB image, 'L' label of train ids)``.
 
-    ``lut`` (uint8 [256], raw id -> train id) is applied when given. Raises ``UserError`` (naming the file) when a
+    ``lut`` (uint8 [256], raw id -> train id) is applied when given, after checking the file's values against
+    ``raw_valid`` (bool [256]) when given. Raises ``UserError`` (naming the file) when a
     file cannot be decoded, when the label size differs from the image size, or when a label value (after the
     LUT) is neither a class id in ``[0, num_classes)`` nor 255."""
     image = _decode(img_path, "image")
@@ -183,6 +209,8 @@ def load_pair(img_path: str, lbl_path: str, lut: np.ndarray | None, num_classes:
         raise UserError(f"label {lbl_path!r} is {label.size[0]}x{label.size[1]} but its image {img_path!r} is "
                         f"{image.size[0]}x{image.size[1]}; the pair must have the same size")
     arr = _label_array(label, lbl_path)
+    if raw_valid is not None:
+        check_raw_values(np.bincount(arr.ravel(), minlength=256) > 0, raw_valid, lbl_path)
     if lut is not None:
         arr = np.asarray(lut, dtype=np.uint8)[arr]
     bad = (arr >= num_classes) & (arr != IGNORE_INDEX)

@@ -15,22 +15,25 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataset.base import Reader, _decode, _label_array
+from dataset.base import Reader, _decode, _label_array, check_raw_values
 from dataset.cityscapes_domain import DomainIncremental, city_indices
 from dataset.readers import READERS
-from dataset.tasks import canonical_task, get_task_labels
+from dataset.tasks import CROSS_DATASETS, canonical_task, data_sources, get_task_labels, test_sources, train_source
 from dataset.transform import TRAIN_PRESETS, ToTensor, eval_preset
 from utils.constants import BACKGROUND, IGNORE_INDEX
 from utils.errors import UserError
 from utils.io import atomic_save_numpy, atomic_write_text
 
+log = logging.getLogger(__name__)
 MASKINGS = ("current", "current+old", "new")
 _PRESENCE_MEMO: dict[str, np.ndarray] = {}
 
@@ -111,11 +114,13 @@ def listing_key(reader: Reader) -> str:
     return digest.hexdigest()[:16]
 
 
-def label_presence(lbl_path: str, lut: np.ndarray | None, num_classes: int) -> np.ndarray:
+def label_presence(lbl_path: str, lut: np.ndarray | None, num_classes: int,
+                   raw_valid: np.ndarray | None = None) -> np.ndarray:
     """bool [256]: which train ids occur in a label file (validated like ``load_pair``)."""
     arr = _label_array(_decode(lbl_path, "label"), lbl_path)
     counts = np.bincount(arr.ravel(), minlength=256)
     present = counts > 0
+    check_raw_values(present, raw_valid, lbl_path)
     if lut is not None:
         mapped = np.zeros(256, dtype=bool)
         mapped[np.asarray(lut, dtype=np.uint8)[present]] = True
@@ -127,6 +132,31 @@ def label_presence(lbl_path: str, lut: np.ndarray | None, num_classes: int) -> n
         raise UserError(f"label {lbl_path!r} contains value(s) {np.flatnonzero(bad)[:8].tolist()} outside "
                         f"0..{num_classes - 1} and 255; fix the label file")
     return present
+
+
+PARALLEL_FROM = 2000  # label files: below, one thread (a thread pool costs more than it saves)
+
+
+def scan_presence(reader: Reader, threads: int | None = None) -> np.ndarray:
+    """bool ``(len(reader), 256)`` from one pass over the label files. Large splits (COCO's 118,287 labels) are
+    decoded by a thread pool (PNG decoding releases the GIL) and say how far they are (k/n in the log)."""
+    def one(sample):
+        return label_presence(sample[1], reader.LABEL_LUT, reader.NUM_CLASSES, reader.RAW_VALID)
+
+    n = len(reader.samples)
+    if n < PARALLEL_FROM:
+        return np.stack([one(s) for s in reader.samples])
+    threads = threads or min(16, os.cpu_count() or 1)
+    out = np.zeros((n, 256), dtype=bool)
+    step = max(1, n // 10)
+    log.info("indexing the classes of %d %s %s labels once (%d threads; cached afterwards)", n, reader.NAME,
+             reader.split, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        for i, present in enumerate(pool.map(one, reader.samples, chunksize=64)):
+            out[i] = present
+            if (i + 1) % step == 0 or i + 1 == n:
+                log.info("class index of %s %s: %d/%d labels", reader.NAME, reader.split, i + 1, n)
+    return out
 
 
 def class_presence(reader: Reader, cache_dir: str | None = None) -> np.ndarray:
@@ -148,8 +178,7 @@ def class_presence(reader: Reader, cache_dir: str | None = None) -> np.ndarray:
         except (OSError, ValueError):
             presence = None  # unreadable cache: recompute and overwrite
     if presence is None:
-        presence = np.stack([label_presence(lbl, reader.LABEL_LUT, reader.NUM_CLASSES)
-                             for _, lbl in reader.samples])
+        presence = scan_presence(reader)
         if path:
             atomic_save_numpy(path, presence)
     presence.setflags(write=False)
@@ -294,10 +323,22 @@ def step_cache_dir(cache_root: str, dataset: str, task: str, overlap: bool) -> s
     return os.path.join(cache_root, dataset, canonical_task(dataset, task) + ("-ov" if overlap else ""))
 
 
+def source_roots(dataset: str, root: str, data_roots=()) -> dict[str, str]:
+    """The folder of each source of ``dataset``: ``--data_roots SOURCE=PATH`` where given, else ``--data_root`` (the
+    readers find their sub-folder in it: coco/, voc/, PascalVOC12/)."""
+    sources = data_sources(dataset)
+    given = dict(data_roots or ())
+    unknown = sorted(set(given) - set(sources))
+    if unknown:
+        raise UserError(f"--data_roots names {unknown[0]!r}, which --dataset {dataset} does not read; its sources: "
+                        f"{', '.join(sources)}")
+    return {name: given.get(name, root) for name in sources}
+
+
 def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bool, data_masking: str = "current",
                    crop_size: int, crop_val: bool = True, cache_root: str = "data", test_on_val: bool = False,
                    val_on_trainset: bool = False, cross_val: bool = False, seed: int = 42, augment: str = "reference",
-                   test_unseen: str = "background"):
+                   test_unseen: str = "background", data_roots=(), crop_size_val: int | None = None):
     """``(train, val, test)`` for one step, as the reference ``get_dataset``.
 
     train: train split, ``overlap`` filtering, masked; val: val split, overlap filtering, masked the same way
@@ -305,17 +346,19 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
     (``test_unseen="ignore"``: unseen -> 255, SSUL's metric). ``augment``: a key of ``TRAIN_PRESETS``.
     ``cross_val``: the reference's ``random_split`` of the train dataset, 80 % train / 20 % val, drawn from a
     generator seeded with ``seed`` (= the reference's global RNG right after ``torch.manual_seed(random_seed)``);
-    the val part keeps the train transform and masking, as in the reference."""
-    if dataset not in READERS:
-        raise UserError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(READERS)} (fix --dataset)")
-    reader_cls = READERS[dataset]
+    the val part keeps the train transform and masking, as in the reference. A cross-dataset task reads the step's
+    training source (``data_roots``: ``{source: folder}``); its other test sets come from :func:`build_test_sets`."""
     task = canonical_task(dataset, task)
+    source = train_source(dataset, step)
+    roots = source_roots(dataset, root, data_roots)
+    reader_cls = READERS[data_sources(dataset)[source]]
     labels, labels_old = get_task_labels(dataset, task, step)
     folder = step_cache_dir(cache_root, dataset, task, overlap)
-    presence_dir = os.path.join(cache_root, dataset)
+    presence_dir = os.path.join(cache_root, reader_cls.NAME)
     mode = "overlap" if overlap else "disjoint"
-    train_reader = reader_cls(root, "train")
-    val_reader = reader_cls(root, "val")
+    train_reader = reader_cls(roots[source], "train")
+    val_reader = reader_cls(roots[source], "val")
+    eval_crop = crop_size_val or crop_size
 
     def describe(split):
         return f"{dataset} task {task} step {step} {split} split ({mode})"
@@ -334,16 +377,50 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
     else:
         val = IncrementalSegmentation(
             val_reader, labels=labels, labels_old=labels_old, overlap=True, masking=data_masking, train=False,
-            transform=eval_preset(crop_size, crop_val), idxs_path=os.path.join(folder, f"val-{step}.npy"),
+            transform=eval_preset(eval_crop, crop_val), idxs_path=os.path.join(folder, f"val-{step}.npy"),
             presence_dir=presence_dir, description=describe("val"))
-    test_split = "train" if val_on_trainset else "val"
-    test = IncrementalSegmentation(
-        train_reader if val_on_trainset else val_reader, labels=labels_old + labels, labels_old=(), overlap=True,
-        masking="new" if test_unseen == "ignore" else "current", train=val_on_trainset,
-        transform=eval_preset(crop_size, crop_val),
-        idxs_path=os.path.join(folder, f"test_on_{test_split}-{step}.npy"), presence_dir=presence_dir,
-        test_on_val=test_on_val, description=describe(f"test ({test_split})"))
+    first = next(iter(test_sources(dataset)))
+    test = _test_set(dataset, task, step, first, roots, folder, cache_root, eval_crop, crop_val, val_on_trainset,
+                     test_on_val, test_unseen, describe)
     return train, val, test
+
+
+def _test_set(dataset, task, step, source, roots, folder, cache_root, eval_crop, crop_val, val_on_trainset,
+              test_on_val, test_unseen, describe) -> IncrementalSegmentation:
+    """The cumulative test set of ``step`` on the val split (train split with ``val_on_trainset``) of ``source``; the
+    first test source keeps the reference's cache name, the others add ``-{source}``."""
+    reader_cls = READERS[data_sources(dataset)[source]]
+    labels, labels_old = get_task_labels(dataset, task, step)
+    split = "train" if val_on_trainset else "val"
+    suffix = "" if source == next(iter(test_sources(dataset))) else f"-{source}"
+    where = f" of {source}" if dataset in CROSS_DATASETS else ""
+    return IncrementalSegmentation(
+        reader_cls(roots[source], split), labels=labels_old + labels, labels_old=(), overlap=True,
+        masking="new" if test_unseen == "ignore" else "current", train=val_on_trainset,
+        transform=eval_preset(eval_crop, crop_val), idxs_path=os.path.join(folder, f"test_on_{split}-{step}{suffix}.npy"),
+        presence_dir=os.path.join(cache_root, reader_cls.NAME), test_on_val=test_on_val,
+        description=describe(f"test ({split}{where})"))
+
+
+def extra_test_sets(cfg, step: int) -> dict[str, IncrementalSegmentation]:
+    """The test sets of ``step`` after the first (the one of :func:`build_step_datasets`), ``{source: dataset}``:
+    empty unless ``--dataset`` is a cross-dataset task."""
+    first = next(iter(test_sources(cfg.dataset)))
+    sources = [source for source in test_sources(cfg.dataset, step) if source != first]
+    if not sources:
+        return {}
+    task = canonical_task(cfg.dataset, cfg.task)
+    roots = source_roots(cfg.dataset, cfg.data_root, cfg.data_roots)
+    folder = step_cache_dir(cfg.cache_root, cfg.dataset, task, cfg.overlap)
+    mode = "overlap" if cfg.overlap else "disjoint"
+
+    def describe(split):
+        return f"{cfg.dataset} task {task} step {step} {split} split ({mode})"
+
+    return {source: _test_set(cfg.dataset, task, step, source, roots, folder, cfg.cache_root,
+                              cfg.crop_size_val or cfg.crop_size, cfg.crop_val, cfg.val_on_trainset, cfg.test_on_val,
+                              cfg.test_unseen, describe)
+            for source in sources}
 
 
 def _domain_datasets(reader, *, labels, labels_old, step, folder, crop_size, crop_val, val_on_trainset, cross_val,
@@ -376,4 +453,5 @@ def build_step_datasets(cfg, step: int):
                           data_masking=cfg.data_masking, crop_size=cfg.crop_size, crop_val=cfg.crop_val,
                           cache_root=cfg.cache_root, test_on_val=cfg.test_on_val,
                           val_on_trainset=cfg.val_on_trainset, cross_val=cfg.cross_val, seed=cfg.random_seed,
-                          augment=cfg.train_augment, test_unseen=cfg.test_unseen)
+                          augment=cfg.train_augment, test_unseen=cfg.test_unseen, data_roots=cfg.data_roots,
+                          crop_size_val=cfg.crop_size_val)

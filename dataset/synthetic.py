@@ -1,6 +1,8 @@
-"""Synthetic datasets in the real on-disk layouts of VOC, ADE20K and Cityscapes (for demos and tests).
+"""Synthetic datasets in the real on-disk layouts of VOC, ADE20K, Cityscapes, COCO (COCO-Stuff maps), COCO-to-VOC
+(``coco/`` and ``voc/`` side by side, as WILSON's data folder) and COCO-Stuff-10K (for demos and tests).
 
-    python -m dataset.synthetic ROOT --layout voc|ade|cityscapes [--size 96] [--train N] [--val M] [--seed 0]
+    python -m dataset.synthetic ROOT --layout voc|ade|cityscapes|coco|coco-voc|coco_stuff_10k [--size 96] [--train N]
+                                     [--val M] [--seed 0]
                                      [--cooccur A:B ...] [--cooccur_prob 0.9] [--force]
 
 Every foreground class has its own look: a base hue (neighbouring class ids have neighbouring hues), a
@@ -41,6 +43,8 @@ from PIL import Image
 from dataset.base import bit_palette
 from dataset.ade import ADEReader
 from dataset.cityscapes import RAW_TO_TRAIN, CityscapesReader
+from dataset.coco import COCOReader, COCOStuff10kReader
+from dataset.labelmaps import coco_category_to_train, coco_things, voc_to_coco
 from dataset.voc import VOCReader
 from utils.errors import UserError
 
@@ -101,13 +105,14 @@ def _texture(kind, yy, xx, cy, cx, period, angle):
 
 # ----------------------------------------------------------------------------------------------- one image
 def render(rng: np.random.Generator, classes: list[int], num_fg: int, height: int, width: int, single: bool,
-           clutter_ids: tuple[int, ...] = (), partners: dict[int, int] | None = None
+           clutter_ids: tuple[int, ...] = (), partners: dict[int, int] | None = None, looks: dict | None = None
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(uint8 (H, W, 3) image, uint8 (H, W) label, uint8 (H, W) clutter)`` with the given foreground classes
     (later ones on top). ``partners``: class -> an earlier class of the image it is drawn touching.
 
     ``clutter``: ids from ``clutter_ids`` given to some background blobs not covered by an object (Cityscapes
-    ignored ids), 0 elsewhere; kept apart from ``label`` because its ids live in another id space."""
+    ignored ids), 0 elsewhere; kept apart from ``label`` because its ids live in another id space. ``looks``: class
+    -> ``(class, num_fg)`` whose look it gets (VOC classes drawn as their COCO counterparts in the COCO-to-VOC data)."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     side = min(height, width)
     scale = side / 96.0
@@ -126,7 +131,7 @@ def render(rng: np.random.Generator, classes: list[int], num_fg: int, height: in
     light = rng.uniform(0.85, 1.1)
     placed: dict[int, tuple[float, float, float]] = {}
     for cls in classes:
-        look = class_look(cls, num_fg)
+        look = class_look(*(looks or {}).get(cls, (cls, num_fg)))
         lo, hi = (0.32, 0.6) if single else (0.2, 0.42)
         ry, rx = rng.uniform(lo, hi, size=2) * side / 2 * np.array([1.0, 1.0])
         if look["shape"] in ("rectangle", "diamond", "triangle"):
@@ -332,13 +337,91 @@ class _CityscapesLayout:
         pass
 
 
-# Each layout: real class count, default image counts, width/height, and how its files are written.
-LAYOUTS = {"voc": _VOCLayout, "ade": _ADELayout, "cityscapes": _CityscapesLayout}
+class _COCOLayout:
+    """coco/images/{train2017,val2017}, coco/annotations/... with COCO-Stuff pixel values (things = category id - 1,
+    background drawn as stuff values 91..181, some unlabelled 255), coco/split/{train,val}.txt. Fuzz case: every
+    tenth image has a corner patch of one of the 11 category ids COCO never uses, which must read as ignored."""
+    num_classes, train, val, aspect = COCOReader.NUM_CLASSES, 480, 160, 1.0
+    folder = "coco"
+    dirs = tuple(os.path.join("coco", top, sub) for top in ("images", "annotations") for sub in ("train2017", "val2017"))
+    dirs += (os.path.join("coco", "split"),)
+    clutter_ids = tuple(range(91, 182, 7)) + (255,)
+    to_raw = np.array([0] * 256, dtype=np.uint8)
+    for _raw, _cat, _train, _name in coco_things():
+        if _train != 255:
+            to_raw[_train] = _raw
+    unused_raw = tuple(raw for raw, _, train, _ in coco_things() if train == 255)
+
+    @classmethod
+    def write(cls, root, split, index, image, label, clutter_map) -> str:
+        folder = "train2017" if split == "train" else "val2017"
+        stem = f"{index + 1 + (0 if split == 'train' else 500000):012d}"
+        raw = cls.to_raw[label]
+        raw[label == 0] = 91 + (index * 13) % 91  # the image's stuff
+        raw[clutter_map > 0] = clutter_map[clutter_map > 0]
+        if index % 10 == 0:
+            raw[:3, :3] = cls.unused_raw[(index // 10) % len(cls.unused_raw)]
+        base = os.path.join(root, cls.folder)
+        Image.fromarray(image).save(os.path.join(base, "images", folder, stem + ".jpg"), quality=92)
+        Image.fromarray(raw).save(os.path.join(base, "annotations", folder, stem + ".png"))
+        return stem
+
+    @classmethod
+    def finish(cls, root, split, lines) -> None:
+        with open(os.path.join(root, cls.folder, "split", f"{split}.txt"), "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
 
 
-def _write_split(tmp: str, layout: str, split: str, n_images: int, size: int, seed: int, pairs=(),
+class _VOCinCOCOLayout(_VOCLayout):
+    """The VOC part of the COCO-to-VOC data (``voc/``, WILSON's folder name): VOC ids on disk, each class drawn as its
+    COCO counterpart so that what step 1 learns on VOC is what COCO val shows."""
+    dirs = tuple(os.path.join("voc", d) for d in _VOCLayout.dirs)
+    looks = {voc: (train, COCOReader.NUM_CLASSES - 1) for voc, train in
+             ((v, coco_category_to_train()[c]) for v, c in voc_to_coco().items()) if voc}
+
+    @classmethod
+    def write(cls, root, split, index, image, label, clutter_map) -> str:
+        return super().write(os.path.join(root, "voc"), split, index, image, label, clutter_map)
+
+    @staticmethod
+    def finish(root, split, lines) -> None:
+        _VOCLayout.finish(os.path.join(root, "voc"), split, lines)
+
+
+class _COCOStuff10kLayout:
+    """images_detectron2/{train,test}, annotations_detectron2/{train,test}: 171 classes drawn as objects (ids 0..170
+    on disk), the rest unlabelled (255); the val split is written as ``test``."""
+    num_classes, train, val, aspect = COCOStuff10kReader.NUM_CLASSES + 1, 360, 180, 1.0
+    dirs = tuple(os.path.join(top, sub) for top in ("images_detectron2", "annotations_detectron2")
+                 for sub in ("train", "test"))
+    clutter_ids: tuple = ()
+
+    @staticmethod
+    def write(root, split, index, image, label, clutter_map) -> None:
+        sub = "train" if split == "train" else "test"
+        stem = f"COCO_{sub}2014_{index:012d}"
+        ids = np.where(label == 0, 255, label.astype(np.int16) - 1).astype(np.uint8)
+        Image.fromarray(image).save(os.path.join(root, "images_detectron2", sub, stem + ".jpg"), quality=92)
+        Image.fromarray(ids).save(os.path.join(root, "annotations_detectron2", sub, stem + ".png"))
+
+    @staticmethod
+    def finish(root, split, lines) -> None:
+        pass
+
+
+# Each layout: real class count, default image counts, width/height, and how its files are written; a layout of
+# several datasets (COCO-to-VOC) lists its parts.
+LAYOUTS = {"voc": _VOCLayout, "ade": _ADELayout, "cityscapes": _CityscapesLayout, "coco": _COCOLayout,
+           "coco_stuff_10k": _COCOStuff10kLayout, "coco-voc": (_COCOLayout, _VOCinCOCOLayout)}
+
+
+def _parts(layout: str) -> tuple:
+    spec = LAYOUTS[layout]
+    return spec if isinstance(spec, tuple) else (spec,)
+
+
+def _write_split(tmp: str, writer, split: str, n_images: int, size: int, seed: int, pairs=(),
                  prob: float = 0.0) -> None:
-    writer = LAYOUTS[layout]
     num_fg = writer.num_classes - 1
     height, width = size, int(round(size * writer.aspect))
     split_id = 0 if split == "train" else 1
@@ -348,7 +431,8 @@ def _write_split(tmp: str, layout: str, split: str, n_images: int, size: int, se
     for index, (classes, single, partners) in enumerate(plan):
         rng = np.random.default_rng([seed, split_id, index])
         image, label, clutter_map = render(rng, classes, num_fg, height, width, single,
-                                           clutter_ids=writer.clutter_ids, partners=partners)
+                                           clutter_ids=writer.clutter_ids, partners=partners,
+                                           looks=getattr(writer, "looks", None))
         line = writer.write(tmp, split, index, image, label, clutter_map)
         if line is not None:
             lines.append(line)
@@ -378,15 +462,16 @@ def generate(root: str, layout: str = "voc", *, size: int = 96, n_train: int | N
         raise UserError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     if size < 16:
         raise UserError(f"--size {size} is too small; use at least 16 pixels")
-    spec = LAYOUTS[layout]
+    parts = _parts(layout)
+    spec = parts[0]
     pairs = [tuple(int(c) for c in pair) for pair in cooccur]
     for a, b in pairs:
         if a == b or not (1 <= a < spec.num_classes and 1 <= b < spec.num_classes):
             raise UserError(f"--cooccur {a}:{b}: two different foreground class ids in 1..{spec.num_classes - 1}")
     if not 0.0 <= cooccur_prob <= 1.0:
         raise UserError(f"--cooccur_prob must be in [0, 1], got {cooccur_prob}")
-    n_train = spec.train if n_train is None else n_train
-    n_val = spec.val if n_val is None else n_val
+    counts = [(part.train if n_train is None else n_train, part.val if n_val is None else n_val) for part in parts]
+    n_train, n_val = counts[0]
     root = os.path.abspath(root)
     if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)) and not force:
         raise UserError(f"{root!r} exists and is not empty; choose another folder or pass --force to replace it")
@@ -397,10 +482,12 @@ def generate(root: str, layout: str = "voc", *, size: int = 96, n_train: int | N
     start = time.perf_counter()
     try:
         os.makedirs(tmp)
-        for sub in spec.dirs:
-            os.makedirs(os.path.join(tmp, sub))
-        _write_split(tmp, layout, "train", n_train, size, seed, pairs, cooccur_prob)
-        _write_split(tmp, layout, "val", n_val, size, seed, pairs, cooccur_prob)
+        for part_index, part in enumerate(parts):
+            for sub in part.dirs:
+                os.makedirs(os.path.join(tmp, sub))
+            part_seed = seed + 7919 * part_index  # the parts of a cross-dataset layout hold different images
+            _write_split(tmp, part, "train", counts[part_index][0], size, part_seed, pairs, cooccur_prob)
+            _write_split(tmp, part, "val", counts[part_index][1], size, part_seed, pairs, cooccur_prob)
         marker = {"layout": layout, "size": size, "train": n_train, "val": n_val, "seed": seed}
         if pairs:
             marker.update(cooccur=[list(p) for p in pairs], cooccur_prob=cooccur_prob)

@@ -12,6 +12,9 @@ ablation is ``PAPER_ORDERS``: ``15-1`` and the lettered orders without ``15-1d``
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from dataset.labelmaps import coco_train_ids
 from utils.errors import UserError
 
 
@@ -105,15 +108,83 @@ TASKS: dict[str, dict[str, dict[int, list[int]]]] = {
     },
 }
 
+# WILSON's COCO-to-VOC split (its tasks.py, COCO category ids; converted to this framework's COCO train ids): step 0
+# = background and the 60 COCO classes that are not VOC classes, step 1 = the 20 VOC classes.
+_COCO_NOT_VOC = coco_train_ids([0, 8, 10, 11, 13, 14, 15, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40,
+                                41, 42, 43, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 65, 70, 73,
+                                74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90])
+_COCO_VOC = coco_train_ids([1, 2, 3, 4, 5, 6, 7, 9, 16, 17, 18, 19, 20, 21, 44, 62, 63, 64, 67, 72])
+TASKS["coco"] = {"offline": _steps(range(81))}  # no COCO class order with a class list was found published
+TASKS["coco-voc"] = {"voc": _steps(_COCO_NOT_VOC, _COCO_VOC)}
+TASKS["coco_stuff_10k"] = {"offline": _steps(range(171))}  # no background class: id 0 is "person"
+
 # Alternative names accepted on the command line; caches and logs use the canonical name.
 ALIASES: dict[str, dict[str, str]] = {
     "voc": {"15-5s": "15-1", **{plop: awt for awt, plop in _AWT_ORDER_NAMES.items()}},  # PLOP's task names
     "ade": {"50-50": "50"},
     "cityscapes": {},
     "cityscapes_domain": {},
+    "coco": {},
+    "coco-voc": {},
+    "coco_stuff_10k": {},
 }
 # Datasets whose steps add domains (cities) instead of classes: the model keeps one classifier of this many classes.
 DOMAIN_CLASSES: dict[str, int] = {"cityscapes_domain": 19}
+
+
+@dataclass(frozen=True)
+class CrossDataset:
+    """A task whose steps read different datasets in one label space. ``sources``: source name -> reader name (the
+    names ``--data_roots`` uses); ``train``: the source of each step's training and validation images; ``tests``:
+    the sources whose val split tests the steps from the one given on (a test set without any class learnt so far
+    would be empty), the first one in the run's results CSV, each other one in its own CSV
+    ``..._{name}@{source}.csv``."""
+
+    space: str  # the reader whose classes the model predicts
+    sources: dict[str, str]
+    train: tuple[str, ...]
+    tests: tuple[tuple[str, int], ...]  # (source, first step it tests)
+    disjoint: bool = True  # the protocol is the disjoint filter (--overlap refused): what makes step 0 VOC-free
+
+
+# COCO-to-VOC (WILSON): step 0 on COCO (images holding a VOC class are dropped: the disjoint filter sees them as
+# future classes), step 1 on VOC train_aug in COCO's ids; COCO val tests every step, VOC val (which holds VOC classes
+# only) the steps from 1 on.
+CROSS_DATASETS: dict[str, CrossDataset] = {
+    "coco-voc": CrossDataset(space="coco", sources={"coco": "coco", "voc": "voc_as_coco"}, train=("coco", "voc"),
+                             tests=(("coco", 0), ("voc", 1))),
+}
+# Flags a dataset sets unless given (the reference's argument parser forced them: WILSON's modify_command_options).
+DATASET_DEFAULTS: dict[str, dict[str, object]] = {
+    "coco-voc": {"backbone": "wider_resnet38_a2", "output_stride": 8, "crop_size": 448, "crop_size_val": 512},
+}
+
+
+def train_source(dataset: str, step: int) -> str:
+    """The source of ``step``'s training and validation images (the dataset itself unless it is cross-dataset)."""
+    cross = CROSS_DATASETS.get(dataset)
+    return dataset if cross is None else cross.train[min(step, len(cross.train) - 1)]
+
+
+def test_sources(dataset: str, step: int | None = None) -> dict[str, str]:
+    """``{source: reader}`` of the test sets (of ``step``: those that test it), the first one the run's results CSV
+    (``{dataset: dataset}`` for a dataset of one source)."""
+    cross = CROSS_DATASETS.get(dataset)
+    if cross is None:
+        return {dataset: dataset}
+    return {name: cross.sources[name] for name, first in cross.tests if step is None or step >= first}
+
+
+def data_sources(dataset: str) -> dict[str, str]:
+    """``{source: reader}`` of every dataset a run of ``dataset`` reads."""
+    cross = CROSS_DATASETS.get(dataset)
+    return {dataset: dataset} if cross is None else dict(cross.sources)
+
+
+def label_space(dataset: str) -> str:
+    """The reader whose classes (count, names, palette) the model of ``dataset`` predicts."""
+    cross = CROSS_DATASETS.get(dataset)
+    return dataset if cross is None else cross.space
 
 
 def dataset_names() -> list[str]:

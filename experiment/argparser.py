@@ -10,7 +10,8 @@ import argparse
 from methods import add_extension_args, add_method_args
 from models import BACKBONES
 from utils.flags import (DEFAULT_PARAM_GROUPS, IGNORED, INVERTED, NOT_IMPLEMENTED, ArgumentParser, date_name,
-                         iterations_or_auto, mark, momentum_value, nonnegative_float, nonnegative_int, path_value,
+                         iterations_or_auto, mark, momentum_value, named_path, nonnegative_float, nonnegative_int,
+                         path_value,
                          plain_name, positive_float, positive_int)
 
 __all__ = ["ArgumentParser", "IGNORED", "get_argparser"]
@@ -40,8 +41,14 @@ def _add_performance(parser: argparse.ArgumentParser) -> None:
 def _add_dataset(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("dataset")
     g.add_argument("--data_root", type=path_value, default="data", help="dataset root (VOC: the PascalVOC12 folder)")
+    g.add_argument("--data_roots", type=named_path, nargs="+", default=(), metavar="SOURCE=PATH",
+                   help="cross-dataset tasks: the folder of each source dataset (coco-voc: coco=PATH voc=PATH); a "
+                        "source not named here is looked for under --data_root (coco/, voc/ or PascalVOC12/)")
     g.add_argument("--dataset", default="voc",
-                   help="voc, ade, cityscapes (class-incremental) or cityscapes_domain (PLOP's domain-incremental)")
+                   help="voc, ade, cityscapes, coco, coco_stuff_10k (class-incremental), cityscapes_domain (PLOP's "
+                        "domain-incremental) or coco-voc (WILSON's COCO-to-VOC: step 0 on COCO, step 1 on VOC, both "
+                        "tested; sets --backbone wider_resnet38_a2 --output_stride 8 --crop_size 448 "
+                        "--crop_size_val 512 unless given, as WILSON's parser forced)")
     g.add_argument("--num_classes", type=int, default=None, help="(ignored: always taken from the dataset)")
     g.add_argument("--dont_predict_bg", action="store_true", help=IGNORED + "background switch, never read")
     g.add_argument("--ignore_test_bg", action="store_true",
@@ -56,7 +63,7 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--test_unseen", default="background", choices=["background", "ignore"],
                    help="test pixels of classes not seen yet at an intermediate step: background = counted as "
                         "background (MiB/PLOP/AWT), ignore = left out of the metrics (SSUL); the last step has none")
-    mark(g, resume_free=("data_root", "cache_root", "test_unseen"))
+    mark(g, resume_free=("data_root", "data_roots", "cache_root", "test_unseen"))
 
 
 def _add_training(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +79,8 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grad_accum", type=positive_int, default=1,
                    help="gradient accumulation: effective batch = batch_size x processes x grad_accum")
     g.add_argument("--crop_size", type=positive_int, default=512, help="training crop, and the evaluation centre crop unless --crop_val")
+    g.add_argument("--crop_size_val", type=positive_int, default=None,
+                   help="evaluation resize + centre crop (WILSON's flag; default: --crop_size)")
     g.add_argument("--buffer_size", type=int, default=0, help=IGNORED + "(no exemplar memory in AWT)")
     g.add_argument("--lr", type=positive_float, nargs="+", default=[0.007], help="learning rate, one per --step or one for all")
     g.add_argument("--lr_old", type=positive_float, default=None, help="old classifiers get lr_old x lr")

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from dataset.incremental import build_step_datasets
+from dataset.incremental import build_step_datasets, extra_test_sets
 from dataset.synthetic import is_synthetic
 from dataset.tasks import classes_per_step
 from methods import MethodStack
@@ -21,7 +21,7 @@ from utils.errors import UserError
 from utils.threads import cpu_budget, threads_for
 
 __all__ = ["classes_for_step", "model_spec", "pretrained_path", "build_model", "select_device", "resolve_precision",
-           "build_step_datasets"]
+           "build_step_datasets", "extra_test_sets"]
 
 
 def classes_for_step(cfg, step: int) -> list[int]:

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Sequence
 
+from dataset.tasks import DATASET_DEFAULTS
 from experiment.argparser import get_argparser
 from methods import METHODS
 from methods.options import check_flag_owners
@@ -128,16 +129,18 @@ def parse_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentPar
     parser = parser or get_argparser()
     method, dataset = _method_from_argv(parser, argv)
     defaults = {a.dest: a.default for a in parser._actions}
-    preset = METHODS[method].preset_for(dataset) if method is not None else {}
+    data_preset = DATASET_DEFAULTS.get(dataset, {})
+    preset = {**data_preset, **(METHODS[method].preset_for(dataset) if method is not None else {})}
     parser.set_defaults(**preset)
     given = given_dests(parser, argv)
     preset_set = {k for k, v in preset.items() if k not in given and v != defaults.get(k)}
     # flags of plugins that are off are refused before the strict parse, so that their values cannot hide the reason
     said = check_flag_owners(parser, parser.parse_known_args(argv)[0], given | preset_set, preset_set=preset_set)
     ns = parser.parse_args(argv)
-    if method is not None:
-        said += [f"--{key} {getattr(ns, key)} overrides the {method} preset value {value}"
-                 for key, value in preset.items() if key in given and getattr(ns, key) != value]
+    said += [f"--{key} {getattr(ns, key)} overrides the {method} preset value {value}" if key not in data_preset
+             else f"--{key} {getattr(ns, key)} overrides --dataset {dataset}'s {value} (the reference forced it: a "
+                  "recipe difference)"
+             for key, value in preset.items() if key in given and getattr(ns, key) != value]
     if warn and notes is not None:
         notes.extend(said)
     elif warn:

@@ -6,7 +6,8 @@ import os
 import tempfile
 
 from dataset.readers import READERS
-from dataset.tasks import classes_per_step, num_steps
+from dataset.incremental import source_roots
+from dataset.tasks import CROSS_DATASETS, classes_per_step, data_sources, dataset_names, num_steps
 from experiment.builders import check_model, model_spec, pretrained_path
 from experiment.checkpoints import check_resume_request, check_step_checkpoints
 from experiment.config import step_lrs
@@ -52,11 +53,15 @@ def _check_data_root(cfg) -> None:
     root = str(cfg.data_root)
     if os.path.exists(root) and not os.path.isdir(root):
         raise UserError(f"--data_root {root!r} is a file, not a folder: point it to the dataset folder")
+    readers = data_sources(cfg.dataset)
+    roots = source_roots(cfg.dataset, root, cfg.data_roots)
     if os.path.isdir(root) and not os.listdir(root):
+        hint = READERS[readers[next(iter(readers))]].hint(root)
         raise UserError(f"data root {root!r} is an empty folder: download the dataset there, point --data_root to it "
-                        f"or {READERS[cfg.dataset].hint(root)}")
-    READERS[cfg.dataset](root, "train")
-    READERS[cfg.dataset](root, "val")
+                        f"or {hint}")
+    for source, reader in readers.items():
+        READERS[reader](roots[source], "train")
+        READERS[reader](roots[source], "val")
 
 
 def _check_channel_masks(cfg, channels: int, method: MethodStack) -> None:
@@ -73,8 +78,12 @@ def _check_channel_masks(cfg, channels: int, method: MethodStack) -> None:
 
 
 def _check_protocol(cfg) -> None:
-    if cfg.dataset not in READERS:
-        raise UserError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(sorted(READERS))}")
+    if cfg.dataset not in dataset_names():
+        raise UserError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(sorted(dataset_names()))}")
+    cross = CROSS_DATASETS.get(cfg.dataset)
+    if cross is not None and cross.disjoint and cfg.overlap:
+        raise UserError(f"--dataset {cfg.dataset} uses the disjoint filter by definition (a step's images hold no "
+                        "class of a later step: step 0 of coco-voc has no VOC pixel); drop --overlap")
     n = num_steps(cfg.dataset, cfg.task)
     bad = [s for s in cfg.step if not 0 <= s < n]
     if bad:

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from dataset import tasks as task_tables
-from dataset.readers import READERS
+from dataset.readers import space_reader
 from metrics import summary
-from metrics.results import read_run_record
+from metrics.results import TEST_SEPARATOR, read_run_record
 from utils.errors import UserError
 
 DEFAULT_COLUMNS = "remapped"
@@ -49,8 +49,8 @@ def _datasets() -> tuple[str, ...]:
 
 
 def _num_classes(dataset: str) -> int:
-    """All classes of ``dataset`` (background included): the single step of its offline task."""
-    return sum(task_tables.classes_per_step(dataset, "offline", 0))
+    """All classes of ``dataset`` (background included): the classes of the reader its models predict."""
+    return space_reader(dataset).NUM_CLASSES
 
 
 def get_task_labels(dataset: str, task: str, step: int) -> tuple[list[int], list[int]]:
@@ -67,7 +67,7 @@ def canonical_task(dataset: str, task: str) -> str:
 
 def class_names(dataset: str) -> list[str]:
     """Class names for the per-class table, from the dataset's reader."""
-    return list(READERS[dataset].CLASS_NAMES)
+    return list(space_reader(dataset).CLASS_NAMES)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -91,6 +91,7 @@ class Run:
     miou: dict[int, float | None] = field(default_factory=dict)         # step -> the CSV's mIoU column
     train_ids: dict[int, str] = field(default_factory=dict)  # step -> the training its row was tested from
     synthetic: bool = False                                  # trained on data of dataset/synthetic.py
+    test_set: str = ""                                       # the test source (cross-dataset tasks: coco, voc)
     @property
     def last_step(self) -> int:
         return max(self.values)
@@ -172,6 +173,7 @@ def read_run(path: str, label: str | None = None, columns: str = "auto") -> Run:
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     date, dataset, task, name = parse_filename(path)
+    name, _, test_set = name.partition(TEST_SEPARATOR)
     n = _num_classes(dataset)
     total = num_steps(dataset, task)
     auto_label, protocol = method_label(name)
@@ -223,7 +225,7 @@ def read_run(path: str, label: str | None = None, columns: str = "auto") -> Run:
         raise UserError(f"unknown column order {columns!r} (auto, remapped or original)")
 
     run = Run(path=path, date=date, dataset=dataset, task=task, name=name, label=label or auto_label,
-              protocol=protocol, columns=columns)
+              protocol=protocol, columns=columns, test_set=test_set or next(iter(task_tables.test_sources(dataset))))
     for step in sorted(rows):
         cells = [_cell(c, path) for c in rows[step]]
         order, _ = _step_order(dataset, task, step)
@@ -341,7 +343,8 @@ def setting_of(run: Run) -> str:
     """The setting's name as the papers write it (``50-50``, not the task ``50``)."""
     aliases = {canonical: alias for alias, canonical in task_tables.ALIASES[run.dataset].items()
                if not alias.startswith("15-5s")}  # PLOP's names of the VOC orders stay aliases only
-    return aliases.get(run.task, run.task)
+    setting = aliases.get(run.task, run.task)
+    return f"{setting} @{run.test_set}" if run.dataset in task_tables.CROSS_DATASETS else setting
 
 
 def pooled_orders_label(orders: str) -> str:

@@ -11,10 +11,15 @@ from utils.errors import UserError
 from utils.io import atomic_write_text
 
 
-def results_csv_path(results_dir: str, date: str, dataset: str, task: str, name: str) -> str:
-    """``results/{date}_{dataset}_{task}_{name}.csv`` (date defaults to today, as YYYY-MM-DD)."""
+TEST_SEPARATOR = "@"  # ``..._{name}@{source}.csv``: the results of a cross-dataset task's other test sets
+
+
+def results_csv_path(results_dir: str, date: str, dataset: str, task: str, name: str, test: str = "") -> str:
+    """``results/{date}_{dataset}_{task}_{name}.csv`` (date defaults to today, as YYYY-MM-DD); ``test``: a test source
+    after a cross-dataset task's first, ``..._{name}@{test}.csv``."""
     date = date or datetime.date.today().isoformat()
-    return os.path.join(results_dir, f"{date}_{dataset}_{task}_{name}.csv")
+    suffix = f"{TEST_SEPARATOR}{test}" if test else ""
+    return os.path.join(results_dir, f"{date}_{dataset}_{task}_{name}{suffix}.csv")
 
 
 def csv_row(step: int, class_iou: dict, n_seen: int, num_classes: int, miou: float) -> str:

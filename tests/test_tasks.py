@@ -1,6 +1,6 @@
 import pytest
 
-from dataset import READERS
+from dataset.readers import space_reader
 from dataset.tasks import (TASKS, canonical_task, classes_per_step, get_task_labels, is_domain_incremental,
                            new_class_indices, num_steps, order, task_names)
 from utils.errors import UserError
@@ -11,7 +11,7 @@ ALL = [(d, t) for d in TASKS if not is_domain_incremental(d) for t in TASKS[d]]
 
 @pytest.mark.parametrize("dataset,task", ALL)
 def test_steps_partition_the_classes(dataset, task):
-    n = READERS[dataset].NUM_CLASSES
+    n = space_reader(dataset).NUM_CLASSES
     table = TASKS[dataset][task]
     assert sorted(table) == list(range(len(table)))
     seen = [c for step in table.values() for c in step]
@@ -63,7 +63,7 @@ def test_lists_are_copies():
     assert get_task_labels("voc", "15-1", 1) == ([16], list(range(16)))
 
 
-@pytest.mark.parametrize("args,needle", [(("coco", "15-1", 0), "valid datasets"), (("voc", "15-2", 0), "15-1a"),
+@pytest.mark.parametrize("args,needle", [(("mapillary", "15-1", 0), "valid datasets"), (("voc", "15-2", 0), "15-1a"),
                                          (("voc", "15-1", 6), "0..5"), (("ade", "50", -1), "0..2")])
 def test_unknown_names(args, needle):
     with pytest.raises(UserError, match=needle):

@@ -216,6 +216,14 @@ def date_name(text: str) -> str:
     return text if text == "" else plain_name(text)
 
 
+def named_path(text: str) -> tuple[str, str]:
+    """argparse type: ``NAME=PATH`` (``--data_roots coco=/data/coco``)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (e.g. coco=/data/coco), got {text!r}")
+    return name.strip(), path_value(path)
+
+
 def path_value(text: str) -> str:
     """argparse type: a file or folder path, not empty (an empty path would silently mean the current folder or
     nothing at all), without control characters."""
