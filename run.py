@@ -283,7 +283,7 @@ def run_record(cfg, step: int, lr: float, recipe: Recipe | None, norm_layers: st
             "effective_batch": effective_batch(cfg), "batch_size": cfg.batch_size, "processes": get_world_size(),
             "grad_accum": cfg.grad_accum, "overlap": bool(cfg.overlap), "random_seed": cfg.random_seed,
             "recipe": recipe.id if recipe else None, "data": data_kind(cfg.data_root),
-            "norm_act": cfg.norm_act, "norm_layers": norm_layers,
+            "norm_act": cfg.norm_act, "norm_layers": norm_layers, "backbone": cfg.backbone,
             "selected_on": selected_on(cfg),
             "train_id": uuid.uuid4().hex[:16], "command": command_line()}
 

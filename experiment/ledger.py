@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 
-from dataset.tasks import canonical_task, num_steps
+from dataset.tasks import CROSS_DATASETS, canonical_task, num_steps, test_sources
 from experiment.recipes import Recipe, load_recipes
 from metrics import report, summary
 from metrics.results import read_run_record
@@ -46,6 +46,7 @@ class Row:
     ref: str
     gpus: int
     note: str
+    test: str = ""  # the test source of a cross-dataset task (coco-voc: coco or voc); "" = its first
 
     @property
     def task(self) -> str:
@@ -72,7 +73,7 @@ def load_ledger(path: str = LEDGER_FILE) -> tuple[Row, ...]:
                         protocol=r.get("protocol", "overlap"), method=r["method"], wrapper=r["wrapper"],
                         command=r["command"], name=r["name"],
                         published={k: float(r[k]) for k in METRICS if k in r}, src=r["src"], ref=r.get("ref", ""),
-                        gpus=int(r.get("gpus", 2)), note=r.get("note", "")))
+                        gpus=int(r.get("gpus", 2)), note=r.get("note", ""), test=r.get("test", "")))
     ids = [r.id for r in rows]
     if len(set(ids)) != len(ids):
         raise UserError(f"{path}: duplicate row ids {sorted({i for i in ids if ids.count(i) > 1})}")
@@ -95,8 +96,9 @@ def _newest(runs: list[report.Run]) -> report.Run | None:
 def find_run(row: Row, runs) -> report.Run | None:
     """The newest run of the row's dataset, task, protocol and name."""
     task = canonical_task(row.dataset, row.task)
+    test = row.test or next(iter(test_sources(row.dataset)))
     return _newest([r for r in runs if r.dataset == row.dataset and r.task == task and r.protocol == row.protocol
-                    and r.name == row.run_name])
+                    and r.name == row.run_name and r.test_set == test])
 
 
 def flags(row: Row, run: report.Run) -> list[str]:
@@ -117,6 +119,8 @@ def flags(row: Row, run: report.Run) -> list[str]:
             out.append(f"epochs {rec.get('epochs')}≠{recipe.epochs_at(step)} (step {step})")
         if rec.get("task") and canonical_task(row.dataset, rec["task"]) != recipe.task:
             out.append(f"class order {rec['task']}≠{recipe.task}")
+        if rec.get("backbone") and rec["backbone"] != recipe.backbone:
+            out.append(f"backbone {rec['backbone']}≠{recipe.backbone}")
         if rec.get("selected_on") == "the test images":
             out.append("selected on the test images")
     return list(dict.fromkeys(out))  # each difference once, in step order
@@ -151,7 +155,8 @@ def _triple(values: dict, keys=("old", "new", "all"), decimals: int | None = 1) 
 
 
 def _setting(row: Row) -> str:
-    return f"{row.dataset} {row.setting}" + (" disj." if row.protocol == "disjoint" else "")
+    test = f" @{row.test or next(iter(test_sources(row.dataset)))}" if row.dataset in CROSS_DATASETS else ""
+    return f"{row.dataset} {row.setting}{test}" + (" disj." if row.protocol == "disjoint" else "")
 
 
 def render_ledger(rows, runs, decimals: int = 1) -> str:

@@ -40,6 +40,9 @@ class Recipe:
     flags: tuple[str, ...]
     later_flags: tuple[str, ...]
     crop: int = 512  # training crop and evaluation centre crop (SSUL: 513)
+    first_flags: tuple[str, ...] = ()  # added at step 0 only (WILSON's BCE step 0)
+    backbone: str = "resnet101"
+    protocols: tuple[str, ...] = ("overlap", "disjoint")  # the first one is run_setting.sh's default
 
     @property
     def task(self) -> str:
@@ -56,7 +59,7 @@ class Recipe:
         return self.epochs[0] if step == 0 else self.epochs[1]
 
     def flags_at(self, step: int) -> tuple[str, ...]:
-        return self.flags + (self.later_flags if step > 0 else ())
+        return self.flags + (self.later_flags if step > 0 else self.first_flags)
 
     def describe(self) -> str:
         where = self.source or f"no published script ({self.note})"
@@ -91,7 +94,9 @@ def load_recipes(path: str = RECIPES_FILE) -> dict[tuple[str, str, str], Recipe]
                     batch=int(row["batch"]),
                     flags=tuple(f.replace("{method}", method).replace("{base}", method.removesuffix("_AWT"))
                                 for f in row["flags"]),
-                    later_flags=tuple(row.get("later_flags", ())), crop=int(row.get("crop", 512)))
+                    later_flags=tuple(row.get("later_flags", ())), crop=int(row.get("crop", 512)),
+                    first_flags=tuple(row.get("first_flags", ())), backbone=row.get("backbone", "resnet101"),
+                    protocols=tuple(row.get("protocols", ("overlap", "disjoint"))))
     return table
 
 
@@ -130,10 +135,13 @@ def shell(recipe: Recipe) -> str:
               "RECIPE_TASK": recipe.task, "RECIPE_STEPS": str(num_steps(recipe.dataset, recipe.task)),
               "RECIPE_LR0": repr(recipe.lr[0]), "RECIPE_LR": repr(recipe.lr[1]),
               "RECIPE_EPOCHS0": str(recipe.epochs[0]), "RECIPE_EPOCHS": str(recipe.epochs[1]),
-              "RECIPE_BATCH": str(recipe.batch), "RECIPE_CROP": str(recipe.crop)}
+              "RECIPE_BATCH": str(recipe.batch), "RECIPE_CROP": str(recipe.crop), "RECIPE_BACKBONE": recipe.backbone,
+              "RECIPE_OVERLAP": "1" if recipe.protocols[0] == "overlap" else "0",
+              "RECIPE_PROTOCOLS": " ".join(recipe.protocols)}
     lines = [f"{k}={shlex.quote(v)}" for k, v in values.items()]
     lines.append("RECIPE_FLAGS=(" + " ".join(shlex.quote(f) for f in recipe.flags) + ")")
     lines.append("RECIPE_LATER_FLAGS=(" + " ".join(shlex.quote(f) for f in recipe.later_flags) + ")")
+    lines.append("RECIPE_FIRST_FLAGS=(" + " ".join(shlex.quote(f) for f in recipe.first_flags) + ")")
     return "\n".join(lines)
 
 

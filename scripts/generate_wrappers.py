@@ -20,9 +20,10 @@ from dataset.tasks import ORDER_SETS, num_steps  # noqa: E402
 from experiment.recipes import load_recipes  # noqa: E402
 
 DATASET_TITLE = {"voc": "Pascal VOC 2012", "ade": "ADE20K", "cityscapes": "Cityscapes (class-incremental)",
-                 "cityscapes_domain": "Cityscapes (domain-incremental: new cities at each step)"}
+                 "cityscapes_domain": "Cityscapes (domain-incremental: new cities at each step)",
+                 "coco-voc": "COCO-to-VOC (WILSON: step 0 on COCO, step 1 on VOC; COCO val and VOC val)"}
 EXAMPLE_ROOT = {"voc": "PascalVOC12", "ade": "ADEChallengeData2016", "cityscapes": "cityscapes",
-                "cityscapes_domain": "cityscapes"}
+                "cityscapes_domain": "cityscapes", "coco-voc": "data (holding coco/ and voc/)"}
 ORDER_METHODS = ["FT", "MiB", "MiB_base", "MiB_AWT", "PLOP", "PLOP_AWT"]  # wrappers over the 15-1 class orders
 
 
@@ -40,6 +41,9 @@ def wrapper(recipe) -> str:
     origin = (f"# Mirrors {recipe.source}.\n" if recipe.source else
               f"# {recipe.note[0].upper() + recipe.note[1:]}.\n")
     later = f"; from step 1 also {' '.join(recipe.later_flags)}" if recipe.later_flags else ""
+    later += f"; at step 0 also {' '.join(recipe.first_flags)}" if recipe.first_flags else ""
+    if recipe.backbone != "resnet101" or recipe.protocols != ("overlap", "disjoint"):
+        later += f"\n#   backbone {recipe.backbone}, crop {recipe.crop}, protocol {' or '.join(recipe.protocols)}"
     return (
         "#!/usr/bin/env bash\n"
         f"# {DATASET_TITLE[recipe.dataset]} {recipe.setting} ({steps} step{'s' if steps > 1 else ''}), "

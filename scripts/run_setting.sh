@@ -4,7 +4,7 @@
 #
 #   bash scripts/run_setting.sh DATASET SETTING METHOD_NAME [extra run.py flags...]
 #
-#   DATASET      voc | ade | cityscapes | cityscapes_domain
+#   DATASET      voc | ade | cityscapes | cityscapes_domain | coco-voc
 #   SETTING      a setting of the recipe table (15-1, 15-1a, 100-50, 50-50, 14-1, 11-1, ...)
 #   METHOD_NAME  FT LWF LWF-MC ILT EWC RW PI MiB MiB_base MiB_AWT PLOP PLOP_AWT SSUL SSUL-M SSUL_AWT RCIL RCIL_AWT
 #                ... (those with a recipe for the setting: scripts/recipes.toml)
@@ -14,7 +14,8 @@
 # interrupted setting continues where it stopped; run.py itself resumes inside an interrupted step.
 # Environment variables override the recipe (defaults in brackets; scripts/README.md):
 #   DATA_ROOT [data]  NB_GPU [1]  BATCH_SIZE [recipe batch/(NB_GPU*GRAD_ACCUM)]  GRAD_ACCUM [1]  LR0, LR [recipe]
-#   EPOCHS0, EPOCHS [recipe; EPOCHS alone sets both]  CROP [recipe: 512, SSUL 513]  BACKBONE [resnet101]  OVERLAP [1] / DISJOINT [0]
+#   EPOCHS0, EPOCHS [recipe; EPOCHS alone sets both]  CROP [recipe: 512, SSUL 513]  BACKBONE [recipe: resnet101;
+#   COCO-to-VOC wider_resnet38_a2]  OVERLAP [recipe: 1; coco-voc 0] / DISJOINT [0]
 #   ATT [recipe's --att]  AMP_LEVEL [O1]  NAME [METHOD_NAME, +_disjoint]  OUTPUT_DIR [runs]: every output under it
 #   (CHECKPOINT_DIR [OUTPUT_DIR/checkpoints], RESULTS_DIR [OUTPUT_DIR/results], LOG_DIR [OUTPUT_DIR/logs],
 #   CHANNELS_DIR [OUTPUT_DIR/channels] move one of them)  DATE [see README]  NUM_WORKERS [run.py default]  STEP0_FROM [unset]  REDO [0]
@@ -63,15 +64,18 @@ echo "run_setting.sh: $DATASET $SETTING $METHOD_NAME follows recipe $RECIPE_ID: 
 EPOCHS0=${EPOCHS0:-${EPOCHS:-$RECIPE_EPOCHS0}}
 EPOCHS=${EPOCHS:-$RECIPE_EPOCHS}
 CROP=${CROP:-$RECIPE_CROP}
-BACKBONE=${BACKBONE:-resnet101}
+BACKBONE=${BACKBONE:-$RECIPE_BACKBONE}
 LR0=${LR0:-$RECIPE_LR0}
 LR=${LR:-$RECIPE_LR}
 AMP_LEVEL=${AMP_LEVEL:-O1}
 METHOD_FLAGS=("${RECIPE_FLAGS[@]}")
 if [[ -n ${ATT:-} ]]; then METHOD_FLAGS+=(--att "$ATT"); fi
 
-OVERLAP=${OVERLAP:-1}
+OVERLAP=${OVERLAP:-$RECIPE_OVERLAP}
 if [[ ${DISJOINT:-0} == 1 ]]; then OVERLAP=0; fi
+if [[ $OVERLAP == 1 && " $RECIPE_PROTOCOLS " != *" overlap "* ]]; then
+    die "$DATASET $SETTING has the $RECIPE_PROTOCOLS protocol only; unset OVERLAP"
+fi
 PROTOCOL_FLAGS=()
 SUFFIX=""
 if [[ $OVERLAP == 1 ]]; then PROTOCOL_FLAGS=(--overlap); else SUFFIX="_disjoint"; fi
@@ -139,7 +143,7 @@ for (( step = FIRST; step < NSTEPS; step++ )); do
         echo "run_setting.sh: step $step has a checkpoint but no row in $CSV: testing it" >&2
         STATE_FLAGS=(--test)
     fi
-    if (( step == 0 )); then lr=$LR0; epochs=$EPOCHS0; STEP_FLAGS=(); else lr=$LR; epochs=$EPOCHS; STEP_FLAGS=(${RECIPE_LATER_FLAGS[@]+"${RECIPE_LATER_FLAGS[@]}"}); fi
+    if (( step == 0 )); then lr=$LR0; epochs=$EPOCHS0; STEP_FLAGS=(${RECIPE_FIRST_FLAGS[@]+"${RECIPE_FIRST_FLAGS[@]}"}); else lr=$LR; epochs=$EPOCHS; STEP_FLAGS=(${RECIPE_LATER_FLAGS[@]+"${RECIPE_LATER_FLAGS[@]}"}); fi
     PREV_FLAGS=()
     if (( step == 1 )) && [[ -n ${STEP0_FROM:-} ]]; then PREV_FLAGS=(--step_ckpt "$STEP0_FROM"); fi
     run "${LAUNCH[@]}" run.py \

@@ -17,6 +17,7 @@ from dataset.labelmaps import coco_category_to_train, coco_class_names, coco_thi
 from dataset.synthetic import generate
 from dataset.tasks import get_task_labels
 from experiment.config import parse_config
+from experiment.ledger import find_run, flags as ledger_flags, load_ledger
 from metrics.report import load_runs, render
 from models import BACKBONES
 from models.wide_resnet import load_wide_resnet
@@ -162,15 +163,23 @@ def test_wilson_coco_sh_step0_parses_with_the_forced_model():
 @pytest.mark.slow
 def test_coco_voc_runs_both_steps_and_tests_both_datasets(coco_voc, tmp_path, capsys):
     import run
-    extra = ["--crop_size_val", "24", "--output_stride", "16", "--bce", "--lr", "0.01"]
+    extra = ["--crop_size_val", "24", "--output_stride", "16", "--lr", "0.01", "--method", "MiB", "--name",
+             "MiB_disjoint"]
     assert run.main(smoke_args(coco_voc, tmp_path, dataset="coco-voc", task="voc", steps=(0, 1), extra=extra)) == 0
     results = tmp_path / "results"
-    coco_csv, voc_csv = results / "test_coco-voc_voc_Experiment.csv", results / "test_coco-voc_voc_Experiment@voc.csv"
+    coco_csv, voc_csv = results / "test_coco-voc_voc_MiB_disjoint.csv", results / "test_coco-voc_voc_MiB_disjoint@voc.csv"
     assert [ln.split(",")[0] for ln in coco_csv.read_text().split()] == ["0", "1"]
     assert [ln.split(",")[0] for ln in voc_csv.read_text().split()] == ["1"], "VOC val tests from step 1 on"
     assert all(len(ln.split(",")) == 83 for ln in coco_csv.read_text().split())
-    table = render(load_runs([str(results)]))
+    runs = load_runs([str(results)])
+    table = render(runs)
     assert "voc @coco" in table and "voc @voc" in table
+    # the ledger finds each test set's run and names the backbone that differs from WILSON's
+    rows = {row.id: row for row in load_ledger()}
+    for test in ("coco", "voc"):
+        found = find_run(rows[f"wilson-t3-mib-{test}"], runs)
+        assert found is not None and found.test_set == test
+        assert "backbone resnet18≠wider_resnet38_a2" in ledger_flags(rows[f"wilson-t3-mib-{test}"], found)
     # a rerun skips both steps: every test set has its row
     ckpts = sorted((tmp_path / "ckpt").glob("*.pth"))
     stamps = [p.stat().st_mtime_ns for p in ckpts]

@@ -13,7 +13,7 @@ from conftest import ROOT
 
 RUNNER = os.path.join(ROOT, "scripts", "run_setting.sh")
 WRAPPERS = sorted(glob.glob(os.path.join(ROOT, "scripts", d, "*.sh"))
-                  for d in ("voc", "ade", "cityscapes", "cityscapes_domain"))
+                  for d in ("voc", "ade", "cityscapes", "cityscapes_domain", "coco-voc"))
 WRAPPERS = [w for group in WRAPPERS for w in group]
 SETTING_WRAPPERS = [w for w in WRAPPERS if not w.endswith("-orders.sh")]
 
@@ -112,16 +112,18 @@ def test_every_wrapper_runs_its_recipe_row(tmp_path):
             assert (cfg.dataset, cfg.task) == (dataset, recipe.task)
             assert cfg.lr == [recipe.lr_at(step)] and cfg.epochs == recipe.epochs_at(step), (path, step)
             assert cfg.batch_size * cfg.grad_accum == recipe.batch and cfg.crop_size == recipe.crop
-            assert cfg.backbone == expected.backbone and cfg.overlap is True and cfg.opt_level == "O1"
-            assert cfg.backbone == "resnet101" or "--backbone" in recipe.flags  # the papers' unless a recipe says
-            assert cfg.name == method_name
+            assert cfg.backbone == expected.backbone and cfg.opt_level == "O1"
+            assert cfg.backbone == recipe.backbone or "--backbone" in recipe.flags  # the papers' unless a flag says
+            assert cfg.overlap is (recipe.protocols[0] == "overlap")  # the recipe's protocol by default
+            suffix = "" if cfg.overlap else "_disjoint"
+            assert cfg.name == method_name + suffix
             for flag in recipe.flags_at(step):
                 if flag.startswith("--"):
                     dest = flag[2:]
                     assert getattr(cfg, dest) == getattr(expected, dest), (path, step, dest)
             if step == 0:
                 assert cfg.pod_options == expected.pod_options  # later-step flags stay off step 0
-        assert report[-1] == str(tmp_path / "results" / f"d_{dataset}_{recipe.task}_{method_name}.csv")
+        assert report[-1] == str(tmp_path / "results" / f"d_{dataset}_{recipe.task}_{method_name}{suffix}.csv")
 
 
 def test_published_values_of_selected_wrappers(tmp_path):
