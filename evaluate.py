@@ -25,9 +25,10 @@ from PIL import Image
 
 from dataset.erase import EraseClass
 from dataset.readers import space_reader
-from dataset.tasks import order
+from dataset.tasks import order, test_sources
 from experiment.argparser import get_argparser
-from experiment.builders import build_model, build_step_datasets, cpu_threads, resolve_precision, select_device
+from experiment.builders import (build_model, build_step_datasets, cpu_threads, extra_test_sets, resolve_precision,
+                                 select_device)
 from experiment.checkpoints import ckpt_path, load_weights
 from experiment.config import parse_config, replace
 from experiment.validate import check_writable
@@ -49,6 +50,9 @@ def get_parser() -> argparse.ArgumentParser:
                             usage="%(prog)s [run.py flags] [--split val|train] [--out_dir DIR [--save_samples N]]")
     g = parser.add_argument_group("evaluate")
     g.add_argument("--split", default="val", choices=["val", "train"], help="data split to evaluate on")
+    g.add_argument("--test_source", default=None,
+                   help="cross-dataset tasks: the source whose images to evaluate (coco-voc: coco or voc; default: "
+                        "the first, as run.py's main results CSV)")
     g.add_argument("--out_dir", type=path_value, default=None, help="folder for metrics.json and PNG panels")
     g.add_argument("--save_samples", type=nonnegative_int, default=8, help="PNG panels written to --out_dir")
     g.add_argument("--erase_class", type=int, default=None, metavar="K",
@@ -88,6 +92,18 @@ def strict_json(value):
     return value
 
 
+def test_dataset(cfg, step: int):
+    """The cumulative test set of ``step``: the first test source's, or ``--test_source``'s."""
+    sources = list(test_sources(cfg.dataset, step))
+    if cfg.test_source is None or cfg.test_source == sources[0]:
+        return build_step_datasets(cfg, step)[2]
+    extra = extra_test_sets(cfg, step)
+    if cfg.test_source not in extra:
+        raise UserError(f"--test_source {cfg.test_source}: --dataset {cfg.dataset} tests step {step} on "
+                        f"{', '.join(sources)}")
+    return extra[cfg.test_source]
+
+
 def evaluate_checkpoint(cfg, method) -> dict:
     """Load the step's checkpoint, evaluate it on the chosen split, optionally write pictures (``method``: the
     call's method stack)."""
@@ -96,7 +112,7 @@ def evaluate_checkpoint(cfg, method) -> dict:
     model = build_model(cfg, step, pretrained=False, method=method).to(device)
     load_weights(model, cfg.ckpt or ckpt_path(cfg, step), strict=cfg.strict_weights, what="step checkpoint", cfg=cfg)
     data_cfg = replace(cfg, val_on_trainset=cfg.split == "train")
-    test_ds = method.wrap_dataset("test", build_step_datasets(data_cfg, step)[2], step)
+    test_ds = method.wrap_dataset("test", test_dataset(data_cfg, step), step)
     erased = None
     if cfg.erase_class is not None and cfg.images_with is not None:
         raise UserError("--erase_class and --images_with exclude each other: run one evaluation with each")

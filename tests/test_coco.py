@@ -2,6 +2,7 @@
 and WILSON's Wide-ResNet-38."""
 from __future__ import annotations
 
+import json
 import os
 import shlex
 
@@ -180,6 +181,15 @@ def test_coco_voc_runs_both_steps_and_tests_both_datasets(coco_voc, tmp_path, ca
         found = find_run(rows[f"wilson-t3-mib-{test}"], runs)
         assert found is not None and found.test_set == test
         assert "backbone resnet18≠wider_resnet38_a2" in ledger_flags(rows[f"wilson-t3-mib-{test}"], found)
+    # evaluate.py tests the step's checkpoint on either source, with the numbers run.py wrote
+    import evaluate
+    args = smoke_args(coco_voc, tmp_path, dataset="coco-voc", task="voc", steps=(1,), extra=extra)
+    for test, csv in (("voc", voc_csv), ("coco", coco_csv)):
+        out = tmp_path / f"eval_{test}"
+        assert evaluate.main(args + ["--test_source", test, "--out_dir", str(out), "--save_samples", "0"]) == 0
+        written = float(csv.read_text().split()[-1].split(",")[-1])
+        assert json.loads((out / "metrics.json").read_text())["mIoU"] == pytest.approx(written, abs=1e-9)
+    assert evaluate.main(args + ["--test_source", "ade"]) == 2
     # a rerun skips both steps: every test set has its row
     ckpts = sorted((tmp_path / "ckpt").glob("*.pth"))
     stamps = [p.stat().st_mtime_ns for p in ckpts]
