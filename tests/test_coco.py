@@ -240,3 +240,12 @@ def test_wide_resnet_loads_the_reference_file_layout(tmp_path):
     torch.save({"state_dict": state}, path)
     with pytest.raises(UserError, match="missing 1: bn_out.weight"):
         load_wide_resnet(body, str(path))
+
+
+@pytest.mark.parametrize("method,needle", [("RCIL", "no block option"), ("SSUL", "no torchvision-layout variant")])
+def test_methods_that_need_another_backbone_are_refused_in_one_line(synthetic_voc, tmp_path, capsys, method, needle):
+    import run
+    args = smoke_args(synthetic_voc, tmp_path, extra=["--backbone", "wider_resnet16_a2", "--method", method])
+    assert run.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert needle in err[-1] and err[-1].startswith("error:")
