@@ -139,14 +139,15 @@ PARALLEL_FROM = 2000  # label files: below, one thread (a thread pool costs more
 
 def scan_presence(reader: Reader, threads: int | None = None) -> np.ndarray:
     """bool ``(len(reader), 256)`` from one pass over the label files. Large splits (COCO's 118,287 labels) are
-    decoded by a thread pool (PNG decoding releases the GIL) and say how far they are (k/n in the log)."""
+    decoded by a thread pool (PNG decoding releases the GIL) and say how far they are (k/n in the log); ``threads``
+    overrides the choice (1: one thread)."""
     def one(sample):
         return label_presence(sample[1], reader.LABEL_LUT, reader.NUM_CLASSES, reader.RAW_VALID)
 
     n = len(reader.samples)
-    if n < PARALLEL_FROM:
+    threads = threads or (min(16, os.cpu_count() or 1) if n >= PARALLEL_FROM else 1)
+    if threads == 1:
         return np.stack([one(s) for s in reader.samples])
-    threads = threads or min(16, os.cpu_count() or 1)
     out = np.zeros((n, 256), dtype=bool)
     step = max(1, n // 10)
     log.info("indexing the classes of %d %s %s labels once (%d threads; cached afterwards)", n, reader.NAME,

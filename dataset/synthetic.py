@@ -411,8 +411,9 @@ class _COCOStuff10kLayout:
 
 # Each layout: real class count, default image counts, width/height, and how its files are written; a layout of
 # several datasets (COCO-to-VOC) lists its parts.
-LAYOUTS = {"voc": _VOCLayout, "ade": _ADELayout, "cityscapes": _CityscapesLayout, "coco": _COCOLayout,
-           "coco_stuff_10k": _COCOStuff10kLayout, "coco-voc": (_COCOLayout, _VOCinCOCOLayout)}
+LAYOUTS = {"voc": _VOCLayout, "ade": _ADELayout, "cityscapes": _CityscapesLayout,
+           "coco": (_COCOLayout, _VOCinCOCOLayout), "coco-voc": (_COCOLayout, _VOCinCOCOLayout),
+           "coco_stuff_10k": _COCOStuff10kLayout}  # coco writes the VOC part too: --dataset coco and coco-voc read it
 
 
 def _parts(layout: str) -> tuple:

@@ -131,9 +131,10 @@ def test_data_roots_name_the_sources(coco_voc, tmp_path):
 def test_parallel_presence_scan_equals_the_sequential_one(coco_voc, monkeypatch):
     import dataset.incremental as incremental
     reader = COCOReader(coco_voc, "train")
-    sequential = scan_presence(reader)
-    monkeypatch.setattr(incremental, "PARALLEL_FROM", 10)
+    sequential = scan_presence(reader, threads=1)
     assert np.array_equal(scan_presence(reader, threads=2), sequential)
+    monkeypatch.setattr(incremental, "PARALLEL_FROM", 10)  # the default: a pool from this many labels on
+    assert np.array_equal(scan_presence(reader), sequential)
 
 
 def test_coco_stuff_10k_reader(tmp_path):
