@@ -80,6 +80,17 @@ class Reader:
         img, lbl = self.samples[index]
         return load_pair(img, lbl, self.LABEL_LUT, self.NUM_CLASSES, self.RAW_VALID)
 
+    def load_image(self, index: int) -> Image.Image:
+        """The RGB image of sample ``index`` alone: its label file is not opened (weak steps)."""
+        path = self.samples[index][0]
+        try:
+            return _decode(path, "image").convert("RGB")
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"cannot convert image {path!r} to RGB ({type(exc).__name__}: {exc}); replace the "
+                            "file") from None
+
     def aux_path(self, name: str, index: int) -> str:
         """Where the ``name`` map of sample ``index`` lives (readers listing ``name`` in ``AUX``)."""
         raise UserError(f"{self.NAME} has no {name} maps")

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from dataset.base import Reader, _decode, _label_array, check_raw_values
@@ -304,6 +305,64 @@ class IncrementalSegmentation(Dataset):
         return self.reader.samples[int(self.idxs[index])]
 
 
+class WeakSegmentation(IncrementalSegmentation):
+    """The training images of a weak step (WILSON's protocol): no label file is opened. Items: ``(image, label,
+    {"img_labels": float32 (C - 1,)})`` where the label is 255 everywhere (transformed with the image so that crops
+    keep their shape) and ``img_labels[k - 1]`` is 1 when remapped class ``k`` is a class of this step present in the
+    image's full ground truth (the class index of the split, or ``img_labels_file``), 0 for old classes.
+
+    ``img_labels_file``: a ``.npy`` array (images of the split x classes 1..N-1 in the reader's ids; WILSON's
+    ``voc_1h_labels_train.npy``). A step in which a new class is in every training image has no negative image for an
+    image-level loss: refused unless ``allow_single``."""
+
+    def __init__(self, reader: Reader, *, presence_dir: str | None = None, img_labels_file: str | None = None,
+                 allow_single: bool = False, step: int = 0, **kwargs):
+        super().__init__(reader, presence_dir=presence_dir, **kwargs)
+        if self.aux:
+            raise UserError("a weak step's training images carry no per-pixel maps (saliency): drop --weakly or the "
+                            "option that needs them")
+        present = (_image_labels_file(img_labels_file, reader) if img_labels_file
+                   else class_presence(reader, presence_dir))[self.idxs]
+        self.img_labels = np.zeros((len(self.idxs), len(self.order) - 1), dtype=np.float32)
+        for c in self.labels:
+            self.img_labels[:, self.order.index(c) - 1] = present[:, c]
+        everywhere = [c for c in self.labels if present[:, c].all()]
+        if everywhere and not allow_single:
+            name = reader.CLASS_NAMES[everywhere[0]] if everywhere[0] < len(reader.CLASS_NAMES) else everywhere[0]
+            raise UserError(f"weak step {step}: every one of its {len(self.idxs)} training images holds class "
+                            f"{everywhere[0]} ({name}), so an image-level loss has no negative image of it (a "
+                            "single-class step: WILSON collapses there, RaSP's runs on VOC 15-1 end at 0.35 / 0.57 "
+                            "mIoU disjoint / overlap); choose a task with several classes per step or pass "
+                            "--weak_allow_single to run it anyway")
+
+    def __getitem__(self, index: int):
+        image = self.reader.load_image(int(self.idxs[index]))
+        image, label = (self.transform or ToTensor())(image, Image.new("L", image.size, IGNORE_INDEX))
+        if not torch.is_tensor(label):
+            label = torch.from_numpy(np.asarray(label, dtype=np.uint8))
+        return image, torch.full(label.shape, IGNORE_INDEX, dtype=torch.uint8), {
+            "img_labels": torch.from_numpy(self.img_labels[index])}
+
+    def with_aux(self, names: Sequence[str]) -> "IncrementalSegmentation":
+        raise UserError(f"a weak step's training images carry no per-pixel maps ({', '.join(names)}): drop --weakly "
+                        "or the option that needs them")
+
+
+def _image_labels_file(path: str, reader: Reader) -> np.ndarray:
+    """bool ``(len(reader), 256)`` from an image-label array ``(len(reader), NUM_CLASSES - 1)``."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--img_labels {path}: cannot be read as a .npy array ({exc})") from None
+    expected = (len(reader), reader.NUM_CLASSES - 1)
+    if array.shape != expected:
+        raise UserError(f"--img_labels {path}: shape {array.shape}, expected {expected} (one row per image of the "
+                        f"{reader.NAME} {reader.split} listing, one column per class 1..{reader.NUM_CLASSES - 1})")
+    out = np.zeros((len(reader), 256), dtype=bool)
+    out[:, 1:reader.NUM_CLASSES] = np.asarray(array, dtype=np.float64) > 0.5
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- builder
 def _cross_val_split(train: IncrementalSegmentation, seed: int, description: str) -> IncrementalSegmentation:
     """Reference ``--cross_val``: ``random_split(train, [int(0.8 n), n - int(0.8 n)])``; ``train`` keeps the first
@@ -339,7 +398,8 @@ def source_roots(dataset: str, root: str, data_roots=()) -> dict[str, str]:
 def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bool, data_masking: str = "current",
                    crop_size: int, crop_val: bool = True, cache_root: str = "data", test_on_val: bool = False,
                    val_on_trainset: bool = False, cross_val: bool = False, seed: int = 42, augment: str = "reference",
-                   test_unseen: str = "background", data_roots=(), crop_size_val: int | None = None):
+                   test_unseen: str = "background", data_roots=(), crop_size_val: int | None = None,
+                   weak: bool = False, img_labels_file: str | None = None, weak_allow_single: bool = False):
     """``(train, val, test)`` for one step, as the reference ``get_dataset``.
 
     train: train split, ``overlap`` filtering, masked; val: val split, overlap filtering, masked the same way
@@ -348,7 +408,8 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
     ``cross_val``: the reference's ``random_split`` of the train dataset, 80 % train / 20 % val, drawn from a
     generator seeded with ``seed`` (= the reference's global RNG right after ``torch.manual_seed(random_seed)``);
     the val part keeps the train transform and masking, as in the reference. A cross-dataset task reads the step's
-    training source (``data_roots``: ``{source: folder}``); its other test sets come from :func:`build_test_sets`."""
+    training source (``data_roots``: ``{source: folder}``); its other test sets come from :func:`extra_test_sets`.
+    ``weak``: the training set is a :class:`WeakSegmentation` (image-level labels only)."""
     task = canonical_task(dataset, task)
     source = train_source(dataset, step)
     roots = source_roots(dataset, root, data_roots)
@@ -369,10 +430,12 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
                                 crop_size=crop_size, crop_val=crop_val, val_on_trainset=val_on_trainset,
                                 cross_val=cross_val, seed=seed, describe=describe, augment=augment)
 
-    train = IncrementalSegmentation(
+    weak_args = (dict(img_labels_file=img_labels_file, allow_single=weak_allow_single, step=step)
+                 if weak and step > 0 else {})
+    train = (WeakSegmentation if weak_args else IncrementalSegmentation)(
         train_reader, labels=labels, labels_old=labels_old, overlap=overlap, masking=data_masking, train=True,
         transform=TRAIN_PRESETS[augment](crop_size), idxs_path=os.path.join(folder, f"train-{step}.npy"),
-        presence_dir=presence_dir, test_on_val=test_on_val, description=describe("train"))
+        presence_dir=presence_dir, test_on_val=test_on_val, description=describe("train"), **weak_args)
     if cross_val:
         val = _cross_val_split(train, seed, describe("cross-validation"))
     else:
@@ -455,4 +518,5 @@ def build_step_datasets(cfg, step: int):
                           cache_root=cfg.cache_root, test_on_val=cfg.test_on_val,
                           val_on_trainset=cfg.val_on_trainset, cross_val=cfg.cross_val, seed=cfg.random_seed,
                           augment=cfg.train_augment, test_unseen=cfg.test_unseen, data_roots=cfg.data_roots,
-                          crop_size_val=cfg.crop_size_val)
+                          crop_size_val=cfg.crop_size_val, weak=cfg.weakly, img_labels_file=cfg.img_labels,
+                          weak_allow_single=cfg.weak_allow_single)

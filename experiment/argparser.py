@@ -63,6 +63,16 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--test_unseen", default="background", choices=["background", "ignore"],
                    help="test pixels of classes not seen yet at an intermediate step: background = counted as "
                         "background (MiB/PLOP/AWT), ignore = left out of the metrics (SSUL); the last step has none")
+    g.add_argument("--weakly", action="store_true",
+                   help="WILSON's weak incremental steps: every step >= 1 trains on image-level labels only (each "
+                        "training image yields an all-ignore label map and a multi-hot vector of the step's classes "
+                        "present in its full ground truth); step 0, validation and test keep pixel labels")
+    g.add_argument("--img_labels", type=path_value, default=None, metavar="FILE",
+                   help="with --weakly: image labels from a .npy array (images of the train split x classes 1..N-1 "
+                        "in the dataset's ids, as WILSON's voc_1h_labels_train.npy) instead of the label files")
+    g.add_argument("--weak_allow_single", action="store_true",
+                   help="with --weakly: run a weak step in which a new class is in every training image (a "
+                        "single-class step has no negative image for the image-level loss; WILSON collapses there)")
     mark(g, resume_free=("data_root", "data_roots", "cache_root", "test_unseen"))
 
 

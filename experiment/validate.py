@@ -88,6 +88,13 @@ def _check_protocol(cfg) -> None:
     bad = [s for s in cfg.step if not 0 <= s < n]
     if bad:
         raise UserError(f"--step {bad[0]} is outside task {cfg.task} of {cfg.dataset}, which has steps 0..{n - 1}")
+    if not cfg.weakly:
+        for flag in ("img_labels", "weak_allow_single"):
+            if getattr(cfg, flag):
+                raise UserError(f"--{flag} sets how weak steps read their image labels; add --weakly or drop it")
+    elif cfg.cross_val:
+        raise UserError("--cross_val validates on training images, whose pixel labels a weak step (--weakly) must "
+                        "not read: drop --cross_val")
     if cfg.val_every_iters and not cfg.select_best_on_val:
         raise UserError(f"--val_every_iters {cfg.val_every_iters} validates for the model selection only; add "
                         "--select_best_on_val (or drop --val_every_iters)")

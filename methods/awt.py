@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from dataset.incremental import build_step_datasets
 from dataset.tasks import canonical_task, classes_per_step, new_class_indices
 from methods.attribution import AGGREGATIONS, channel_importance, resolve_target, unwrap
-from methods.base import INIT_BY_TRANSFER, Extension, StepContext, TransferSource
+from methods.base import INIT_BY_TRANSFER, Capabilities, Extension, StepContext, TransferSource
 from methods.channel_masks import classifier_fingerprint, load_mask, write_mask
 from methods.registry import register_extension
 from methods.transfer import init_new_classifier
@@ -415,6 +415,9 @@ def prepare_new_classifier(cfg, step: int, model, model_old, device, *, dataset=
 
 @register_extension
 class AWT(Extension):
+    capabilities = Capabilities(weak_refusal=(
+        "its channel scores need the new classes' pixels (--mask_att), which a weak step does not have, and "
+        "scoring on whole images or on a localizer's pseudo-masks is not built yet"))
     """Initialises the new classifier at every step > 0 from the method's transfer source (by default the background
     classifier): on the channels AWT attributes (``--att``), on random channels (``--random_channels``) or everywhere
     (MiB's ``--init_balanced`` / ``--orig_init``, for methods that do not initialise it themselves); see

@@ -184,6 +184,8 @@ class Capabilities:
     classifier_init: str = INIT_BY_TRANSFER
     classifier: str = "conv1x1"  # the per-step classifier kind its models have (a key of modules CLASSIFIERS)
     exemplar_memory: bool = False  # keeps old images (its --mem_size, one flag shared by every such method)
+    weak_steps: bool = False  # can train a step from image-level labels only (--weakly: every pixel label is 255)
+    weak_refusal: str = "it trains on pixel labels"  # why not, for the one-line refusal
 
 
 @functools.lru_cache(maxsize=None)

@@ -168,6 +168,12 @@ def check_capabilities(cfg: Any, method_cls: type[Method], extensions: list[type
         if ext.needs_classifier is not None and kind != ext.needs_classifier:
             raise UserError(f"{ext.switch_hint()} needs {ext.needs_classifier} classifiers; --method "
                             f"{method_cls.name} has {kind} classifiers (remove {ext.switch_hint()})")
+    if getattr(cfg, "weakly", False):
+        for cls in [method_cls, *extensions]:
+            if not cls.capabilities.weak_steps:
+                raise UserError(f"--weakly trains steps >= 1 on image-level labels only (every pixel label is "
+                                f"ignored), which {cls.name} cannot use: {cls.capabilities.weak_refusal}; drop "
+                                "--weakly or use a method with weak-step support")
     dataset = getattr(cfg, "dataset", None)
     if dataset is not None and is_domain_incremental(dataset):
         for cls in [method_cls, *extensions]:
