@@ -96,9 +96,10 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr_old", type=positive_float, default=None, help="old classifiers get lr_old x lr")
     g.add_argument("--momentum", type=momentum_value, default=0.9, help="SGD momentum (Nesterov)")
     g.add_argument("--weight_decay", type=nonnegative_float, default=1e-4, help="weight decay")
-    g.add_argument("--lr_policy", default="poly", choices=["poly", "step", "warm_poly"],
-                   help="poly (per iteration), step, or warm_poly (SSUL, DKD and STAR on ADE20K: poly times a linear "
-                        "warm-up from 0.001 x lr over the first --warmup_fraction of the iterations)")
+    g.add_argument("--lr_policy", default="poly", choices=["poly", "step", "warm_poly", "warmup"],
+                   help="poly (per iteration), step, warm_poly (SSUL, DKD and STAR on ADE20K: poly times a linear "
+                        "warm-up from 0.001 x lr over the first --warmup_fraction of the iterations) or warmup "
+                        "(WILSON: constant for --pseudo_ep epochs, then poly counted from iteration 0)")
     g.add_argument("--warmup_fraction", type=nonnegative_float, default=0.1,
                    help="warm_poly: the share of the iterations the warm-up lasts (SSUL 0.1; DKD and STAR 0.2, "
                         "which --method DKD/STAR sets on ADE20K)")

@@ -19,7 +19,7 @@ from dataset.tasks import DATASET_DEFAULTS
 from experiment.argparser import get_argparser
 from methods import METHODS
 from methods.options import check_flag_owners
-from methods.stack import resolve_plugins
+from methods.stack import default_method, resolve_plugins
 from models import BACKBONES
 from utils.errors import UserError
 from utils.flags import ArgumentParser
@@ -61,6 +61,8 @@ def _method_from_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> t
         pre.add_argument(*action.option_strings, dest=dest, type=action.type, choices=action.choices,
                          default=None if dest == "method" else action.default)
     known, _ = pre.parse_known_args(list(argv))
+    if known.method is None and _given(parser, argv, "weakly"):
+        known.method = default_method(True)  # its preset applies, as with --method
     return known.method, known.dataset
 
 

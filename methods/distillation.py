@@ -44,7 +44,9 @@ class KnowledgeDistillation(LossTerm):
                             help="MiB unbiased KD (new-model background absorbs the new classes)"),
                 requires=CLASS_INCREMENTAL)
         parser.add_argument("--alpha", type=positive_float, default=1.0,
-                            help="old logits are multiplied by alpha before the softmax in KD; also focal-loss alpha")
+                            help="old logits are multiplied by alpha before the softmax in KD; also focal-loss alpha; "
+                                 "with --method WILSON (or --weakly): the weight of the one-hot part of WILSON's soft "
+                                 "pseudo-labels (WILSON's meaning of --alpha; its default there is 0.5)")
         parser.add_argument("--kd_scheduling", action="store_true", default=False,
                             help="multiply the KD loss by sqrt(classes seen / new classes)")
         parser.add_argument("--kd_need_labels", action="store_true", default=False,

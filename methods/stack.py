@@ -37,9 +37,17 @@ class InitPlan:
     by: str | None = None
 
 
+def default_method(weakly: bool) -> str:
+    """The method of a command line without ``--method``: the one that learns weak steps when ``--weakly`` is given
+    (WILSON's published lines name no method), else the flag-enabled terms."""
+    if weakly:
+        return next(name for name, cls in METHODS.items() if cls.capabilities.weak_steps)
+    return DEFAULT_METHOD
+
+
 def resolve_plugins(cfg: Any) -> tuple[type[Method], list[type[Extension]]]:
     """The ``--method`` plugin class and the extension classes its flags enable, without building them."""
-    method_cls = METHODS[getattr(cfg, "method", None) or DEFAULT_METHOD]
+    method_cls = METHODS[getattr(cfg, "method", None) or default_method(getattr(cfg, "weakly", False))]
     return method_cls, [cls for cls in EXTENSIONS.values() if cls.enabled(cfg, method_cls)]
 
 

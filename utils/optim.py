@@ -70,12 +70,19 @@ WARMUP_FACTOR = 0.001  # warm_poly starts at this share of the lr (SSUL, DKD, ST
 def build_scheduler(optimizer, cfg, max_iters: int):
     """Poly (``(1 - it/max_iters)^power``, stepped per iteration; with ``--lr_min`` never below it, as SSUL),
     warm_poly (SSUL, DKD, STAR on ADE: poly times a linear warm-up from 0.001 over the first --warmup_fraction of the
-    iterations) or
-    StepLR."""
+    iterations), warmup (WILSON: the lr stays constant for the first --pseudo_ep epochs, then follows poly counted
+    from iteration 0, so it drops to (1 - pseudo_ep/epochs)^power at the switch) or StepLR."""
     total = max(max_iters, 1)
     lr_min = float(getattr(cfg, "lr_min", 0.0) or 0.0)
     if cfg.lr_policy == "poly" and lr_min == 0.0:  # the reference's schedule, unchanged
         return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=cfg.lr_power)
+    if cfg.lr_policy == "warmup":  # WILSON's WarmUpPolyLR: constant while the localizer warms up, then poly
+        start = total * int(getattr(cfg, "pseudo_ep", 0)) // max(int(cfg.epochs), 1)  # measured from iteration 0
+
+        def constant_then_poly(it: int) -> float:
+            return 1.0 if it < start else (1.0 - min(it, total) / total) ** cfg.lr_power
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, constant_then_poly)
     if cfg.lr_policy in ("poly", "warm_poly"):
         warmup = int(total * float(getattr(cfg, "warmup_fraction", 0.1))) if cfg.lr_policy == "warm_poly" else 0
 

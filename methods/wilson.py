@@ -1,0 +1,185 @@
+"""WILSON (Cermelli et al., CVPR 2022): incremental steps learnt from image-level labels (``--weakly``; spec:
+weak-steps.md section 2). A localizer on the encoder features learns the step's classes from the image labels
+(nGWP + focal penalty, l_CLS) and the old classes from the old model (l_LOC); from epoch ``--pseudo_ep`` on, its
+label-masked softmax, mixed with the old model's outputs, gives the segmentation head soft pseudo-labels (l_SEG), and
+its PAMR-refined masks train it further (self-training). The encoder is distilled with ``--loss_de`` (ILT's term).
+
+The localizer is this plugin's module, fresh at every weak step, in its own parameter group at ``--lr_pseudo``; the
+step checkpoint stays a plain segmentation model (the localizer's weights go to the plugin's state for resuming).
+WILSON's published command lines carry no ``--method``: ``--weakly`` selects this method.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from methods.base import Batch, Capabilities, LossTerm, StepContext
+from methods.presets import TermMethod
+from methods.registry import register_method
+from methods.wilson_losses import (CAM_MODES, balanced_self_training_loss, image_label_loss, localization_prior_loss,
+                                   mask_by_image_labels, pseudo_gtmask, segmentation_loss, soft_targets)
+from modules.norm import NORM_ACT
+from modules.wilson import build_localizer, denormalize, pamr
+from utils.errors import UserError
+from utils.flags import nonnegative_float, nonnegative_int, positive_float
+
+log = logging.getLogger(__name__)
+
+LABEL_FREE_TERMS = ("ilt",)  # registered terms that read no pixel label (the encoder distillation, --loss_de)
+DROPPED_AT_WEAK_STEPS = ("classification",)  # replaced by l_SEG on pseudo-labels
+STEP_CLASSIFICATION_FLAGS = ("unce", "icarl")  # options of that term that act at steps > 0 only
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the loss term needs to know of the training loop: the current epoch (0-based)."""
+
+    epoch: int = 0
+
+
+class WilsonLoss(LossTerm):
+    """l_CLS + l_LOC always; from epoch ``pseudo_ep`` on l_SEG and the localizer's self-training (before it, 0 times
+    the segmentation logits, as the reference, so that the head still takes part in the backward pass)."""
+
+    name = "wilson"
+    order = 20
+    needs_old_model = True
+    needs_features = True
+
+    def __init__(self, *, localizer: nn.Module, progress: Progress, alpha: float, cam: str, l_seg: float,
+                 pseudo_ep: int, affinity: bool):
+        self.localizer, self.progress = localizer, progress
+        self.alpha, self.cam, self.l_seg, self.pseudo_ep, self.affinity = alpha, cam, l_seg, pseudo_ep, affinity
+
+    def __call__(self, batch: Batch) -> dict[str, Tensor]:
+        body = batch.extras["body"]
+        img_all = batch.aux["img_labels"].float()
+        labels_new = img_all[:, -batch.n_new:]
+        old_small = batch.extras_old["sem_logits_small"].float()
+        logits_small = batch.extras["sem_logits_small"]
+        self.localizer.eval()
+        with torch.no_grad():
+            z_eval = self.localizer(body).float()
+        self.localizer.train()
+        z = self.localizer(body).float()
+        out = {"loss_cls": image_label_loss(z, labels_new, self.cam), "loss_loc": localization_prior_loss(z, old_small)}
+        if self.progress.epoch < self.pseudo_ep:
+            out["loss_seg"] = 0 * logits_small.mean()
+            return out
+        with torch.no_grad():
+            m = z_eval.softmax(1)
+            refined = m
+            if self.affinity:
+                image = F.interpolate(denormalize(batch.images.float()), size=m.shape[-2:], mode="bilinear",
+                                      align_corners=True)
+                refined = pamr(image, m)
+            target, q = soft_targets(mask_by_image_labels(m, img_all), old_small, self.alpha)
+            pseudo = pseudo_gtmask(mask_by_image_labels(refined, img_all))
+        out["loss_seg"] = self.l_seg * segmentation_loss(logits_small.float(), target, q, labels_new)
+        out["loss_self"] = balanced_self_training_loss(z, pseudo, img_all)
+        return out
+
+
+@register_method
+class WILSON(TermMethod):
+    """WILSON's weak steps; step 0 trains on pixel labels with the registered terms (``--bce`` in WILSON's scripts)."""
+
+    name = "WILSON"
+    description = "image-level labels at steps > 0 (--weakly): localizer, PAMR, soft pseudo-labels (CVPR 2022)"
+    preset = {"alpha": 0.5}
+    capabilities = Capabilities(domain_incremental=False, default_param_groups=False, weak_steps=True)
+
+    @staticmethod
+    def add_args(group: argparse._ActionsContainer) -> None:
+        group.add_argument("--affinity", action="store_true", default=False,
+                           help="refine the localizer's maps with PAMR before the self-training masks (on in every "
+                                "published WILSON script)")
+        group.add_argument("--pseudo_ep", type=nonnegative_int, default=5,
+                           help="epoch (0-based) from which the pseudo-labels train the segmentation head and the "
+                                "localizer's self-training starts (before: l_CLS + l_LOC only); also where "
+                                "--lr_policy warmup starts decaying")
+        group.add_argument("--lr_pseudo", type=positive_float, default=0.01,
+                           help="the localizer's learning rate (absolute, not a multiple of --lr)")
+        group.add_argument("--lr_head", type=positive_float, default=10.0,
+                           help="the head's and the classifiers' lr = --lr x this at weak steps (1 at step 0)")
+        group.add_argument("--cam", default="ngwp", choices=CAM_MODES,
+                           help="image-level pooling of the localizer maps for l_CLS: ngwp (+ focal penalty), att, "
+                                "gap")
+        group.add_argument("--l_seg", type=nonnegative_float, default=1.0, help="weight of l_SEG")
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        if not getattr(cfg, "weakly", False) and any(step > 0 for step in cfg.step):
+            raise UserError("--method WILSON learns steps > 0 from image-level labels: add --weakly (or use another "
+                            "method for pixel labels)")
+        for flag in STEP_CLASSIFICATION_FLAGS:
+            if getattr(cfg, flag, False):
+                raise UserError(f"--{flag} changes the pixel-label loss of steps > 0, which WILSON's weak steps "
+                                "replace with l_SEG on pseudo-labels (it would do nothing): drop it")
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self.progress = Progress()
+        self.localizer: nn.Module | None = None
+
+    def weak(self, step: int) -> bool:
+        return step > 0 and bool(getattr(self.cfg, "weakly", False))
+
+    # ---- model -----------------------------------------------------------------------------------------------------
+    def prepare_model(self, ctx: StepContext) -> None:
+        if not self.weak(ctx.step):
+            self.localizer = None
+            return
+        with torch.random.fork_rng(devices=[]):  # its own seed: the run's random stream is left as it was
+            torch.manual_seed(self.cfg.random_seed + ctx.step)
+            self.localizer = build_localizer(ctx.model.body.out_channels, sum(ctx.classes),
+                                             NORM_ACT[self.cfg.norm_act]).to(ctx.device)
+
+    def param_groups(self, model: nn.Module, lr: float, step: int) -> list[dict]:
+        head_lr = lr * (self.options.lr_head if self.weak(step) else 1.0)
+        wd = self.cfg.weight_decay
+
+        def trainable(params):
+            return [p for p in params if p.requires_grad]
+
+        groups = [{"params": trainable(model.body.parameters()), "lr": lr, "weight_decay": wd},
+                  {"params": trainable(model.head.parameters()), "lr": head_lr, "weight_decay": wd},
+                  {"params": trainable(model.cls.parameters()), "lr": head_lr, "weight_decay": wd}]
+        if self.localizer is not None:
+            groups.append({"params": trainable(self.localizer.parameters()), "lr": self.options.lr_pseudo,
+                           "weight_decay": wd})
+        return [g for g in groups if g["params"]]
+
+    # ---- losses ----------------------------------------------------------------------------------------------------
+    def terms(self, ctx: StepContext) -> list[LossTerm]:
+        terms = super().terms(ctx)
+        if not self.weak(ctx.step):
+            return terms
+        reading = [t.name for t in terms if t.name not in LABEL_FREE_TERMS + DROPPED_AT_WEAK_STEPS]
+        if reading:
+            raise UserError(f"the {reading[0]} loss term reads pixel labels, which a weak step (--weakly) does not "
+                            "have: drop the flag that enables it (WILSON's steps use --loss_de only)")
+        kept = [t for t in terms if t.name in LABEL_FREE_TERMS]
+        return kept + [WilsonLoss(localizer=self.localizer, progress=self.progress, alpha=self.cfg.alpha,
+                                  cam=self.options.cam, l_seg=self.options.l_seg, pseudo_ep=self.options.pseudo_ep,
+                                  affinity=self.options.affinity)]
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------------
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        self.progress.epoch = epoch
+
+    def after_step(self, ctx: StepContext) -> None:
+        self.progress.epoch = 0
+
+    def state_dict(self) -> dict:
+        return {"localizer": self.localizer.state_dict()} if self.localizer is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.localizer is not None and "localizer" in state:
+            self.localizer.load_state_dict(state["localizer"])
