@@ -78,6 +78,7 @@ TASKS: dict[str, dict[str, dict[int, list[int]]]] = {
         "offline": _steps(range(21)),
         "19-1": _steps(range(20), [20]),
         "15-5": _steps(range(16), range(16, 21)),
+        "10-10": _steps(range(11), range(11, 21)),  # WILSON's second weak setting
         "15-1": _base_then_singles(15, 20),
         "10-1": _base_then_singles(10, 20),
         "5-3": _base_then_chunks(5, 20, 3),
