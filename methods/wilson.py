@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 LABEL_FREE_TERMS = ("ilt",)  # registered terms that read no pixel label (the encoder distillation, --loss_de)
 DROPPED_AT_WEAK_STEPS = ("classification",)  # replaced by l_SEG on pseudo-labels
 STEP_CLASSIFICATION_FLAGS = ("unce", "icarl")  # options of that term that act at steps > 0 only
+PRIORS = ("learned", "ce", "fixed", "none")
 
 
 @dataclasses.dataclass
@@ -53,9 +54,32 @@ class WilsonLoss(LossTerm):
     needs_features = True
 
     def __init__(self, *, localizer: nn.Module, progress: Progress, alpha: float, cam: str, l_seg: float,
-                 pseudo_ep: int, affinity: bool):
+                 pseudo_ep: int, affinity: bool, prior: str = "learned", l_self: float = 1.0):
         self.localizer, self.progress = localizer, progress
         self.alpha, self.cam, self.l_seg, self.pseudo_ep, self.affinity = alpha, cam, l_seg, pseudo_ep, affinity
+        self.prior, self.l_self = prior, l_self
+
+    def with_prior(self, z: Tensor, old_small: Tensor) -> Tensor:
+        """The localizer maps with the background and old channels as ``--wilson_prior`` says (paper Table 4):
+        learned (its own, trained by l_LOC), fixed (the old model's logits), none (constants: background 1, old
+        classes 0, as SS's constant background logit; a reconstruction, no released code)."""
+        n_old = old_small.shape[1]
+        if self.prior == "fixed":
+            return torch.cat([old_small, z[:, n_old:]], 1)
+        if self.prior == "none":
+            constant = torch.zeros_like(z[:, :n_old])
+            constant[:, 0] = 1.0
+            return torch.cat([constant, z[:, n_old:]], 1)
+        return z
+
+    def prior_loss(self, z: Tensor, old_small: Tensor) -> Tensor:
+        """l_LOC (learned), its CE variant (Table 4's "learned + CE": softmax CE of the localizer's old channels
+        against the old model's argmax), nothing for fixed and none."""
+        if self.prior == "learned":
+            return localization_prior_loss(z, old_small)
+        if self.prior == "ce":
+            return F.cross_entropy(z[:, :old_small.shape[1]], old_small.argmax(1))
+        return z.new_zeros(())
 
     def __call__(self, batch: Batch) -> dict[str, Tensor]:
         body = batch.extras["body"]
@@ -65,10 +89,11 @@ class WilsonLoss(LossTerm):
         logits_small = batch.extras["sem_logits_small"]
         self.localizer.eval()
         with torch.no_grad():
-            z_eval = self.localizer(body).float()
+            z_eval = self.with_prior(self.localizer(body).float(), old_small)
         self.localizer.train()
-        z = self.localizer(body).float()
-        out = {"loss_cls": image_label_loss(z, labels_new, self.cam), "loss_loc": localization_prior_loss(z, old_small)}
+        raw = self.localizer(body).float()
+        z = self.with_prior(raw, old_small)
+        out = {"loss_cls": image_label_loss(z, labels_new, self.cam), "loss_loc": self.prior_loss(raw, old_small)}
         if self.progress.epoch < self.pseudo_ep:
             out["loss_seg"] = 0 * logits_small.mean()
             return out
@@ -82,7 +107,8 @@ class WilsonLoss(LossTerm):
             target, q = soft_targets(mask_by_image_labels(m, img_all), old_small, self.alpha)
             pseudo = pseudo_gtmask(mask_by_image_labels(refined, img_all))
         out["loss_seg"] = self.l_seg * segmentation_loss(logits_small.float(), target, q, labels_new)
-        out["loss_self"] = balanced_self_training_loss(z, pseudo, img_all)
+        if self.l_self > 0:
+            out["loss_self"] = self.l_self * balanced_self_training_loss(z, pseudo, img_all)
         return out
 
 
@@ -112,6 +138,13 @@ class WILSON(TermMethod):
                            help="image-level pooling of the localizer maps for l_CLS: ngwp (+ focal penalty), att, "
                                 "gap")
         group.add_argument("--l_seg", type=nonnegative_float, default=1.0, help="weight of l_SEG")
+        group.add_argument("--l_self", type=nonnegative_float, default=1.0,
+                           help="weight of the localizer's self-training (0: none, as the CAM-only baseline)")
+        group.add_argument("--wilson_prior", default="learned", choices=PRIORS,
+                           help="the localizer's background and old channels (paper Table 4; only 'learned' is in "
+                                "WILSON's released code, the others are reconstructions): learned (trained by "
+                                "l_LOC), ce (trained by softmax CE against the old model's argmax), fixed (the old "
+                                "model's logits, no l_LOC), none (constant background 1 and old classes 0, no l_LOC)")
 
     @classmethod
     def check(cls, cfg: Any) -> None:
@@ -168,7 +201,8 @@ class WILSON(TermMethod):
         kept = [t for t in terms if t.name in LABEL_FREE_TERMS]
         return kept + [WilsonLoss(localizer=self.localizer, progress=self.progress, alpha=self.cfg.alpha,
                                   cam=self.options.cam, l_seg=self.options.l_seg, pseudo_ep=self.options.pseudo_ep,
-                                  affinity=self.options.affinity)]
+                                  affinity=self.options.affinity, prior=self.options.wilson_prior,
+                                  l_self=self.options.l_self)]
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     def begin_epoch(self, epoch: int, epochs: int) -> None:

@@ -146,3 +146,18 @@ def test_what_a_weak_step_cannot_do_is_refused_in_one_line(voc, step0, tmp_path,
     assert run.main(_weak_args(voc, tmp_path, step0, extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("error:")
+
+
+def test_table4_priors_replace_the_old_channels_as_documented():
+    z = torch.randn(2, 7, 3, 3)
+    old = torch.randn(2, 4, 3, 3)
+    term = lambda prior: WilsonLoss(localizer=None, progress=None, alpha=0.5, cam="ngwp", l_seg=1.0,  # noqa: E731
+                                    pseudo_ep=0, affinity=False, prior=prior)
+    assert torch.equal(term("learned").with_prior(z, old), z)
+    fixed = term("fixed").with_prior(z, old)
+    assert torch.equal(fixed[:, :4], old) and torch.equal(fixed[:, 4:], z[:, 4:])
+    none = term("none").with_prior(z, old)
+    assert (none[:, 0] == 1).all() and (none[:, 1:4] == 0).all() and torch.equal(none[:, 4:], z[:, 4:])
+    assert term("none").prior_loss(z, old) == 0 and term("fixed").prior_loss(z, old) == 0
+    expected = torch.nn.functional.cross_entropy(z[:, :4], old.argmax(1))
+    assert torch.equal(term("ce").prior_loss(z, old), expected)

@@ -1,0 +1,102 @@
+"""WILSON's weak step against a CAM-only baseline and against MiB with pixel labels, on synthetic VOC 15-5
+(weak-steps.md section 6.6, scaled to a CPU), several seeds of the weak step; every run starts from the same step 0
+(FT with BCE, as WILSON's scripts, trained once with the first seed).
+
+    python scripts/weak_comparison.py --out runs/weak_comparison --size 48 --epochs0 6   # synthetic VOC, CPU
+
+Runs: WILSON (WILSON's flags: --weakly --alpha 0.5 --loss_de 1 --lr_policy warmup --affinity), CAM-only (the same
+weak step with --cam gap --wilson_prior none --l_self 0 --alpha 1 and no PAMR: the localizer's own pseudo-labels
+without prior, refinement or self-training) and MiB on the pixel labels of the same step (the upper reference).
+Writes ``{out}/table.md`` (old / new / all after step 1, mean ± std over the seeds, and each seed) and
+``{out}/results.json``; finished runs are read back, not retrained.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import run  # noqa: E402
+from dataset.synthetic import generate  # noqa: E402
+from metrics.report import read_run, step_scores  # noqa: E402
+from metrics.results import results_csv_path  # noqa: E402
+
+WEAK = ["--weakly", "--loss_de", "1", "--lr_policy", "warmup"]
+RUNS = {"WILSON": WEAK + ["--alpha", "0.5", "--affinity"],
+        "CAM-only": WEAK + ["--alpha", "1", "--cam", "gap", "--wilson_prior", "none", "--l_self", "0"],
+        "MiB (pixel labels)": ["--method", "MiB"]}
+
+
+def common(data: str, out: str, seed: int, size: int) -> list[str]:
+    return ["--dataset", "voc", "--task", "15-5", "--overlap", "--data_root", data, "--backbone", "resnet18",
+            "--no_pretrained", "--norm_act", "abn", "--crop_size", str(size), "--batch_size", "8", "--num_workers",
+            "0", "--no_progress", "--random_seed", str(seed), "--output_dir", out, "--date", "cmp"]
+
+
+def scores(out: str, name: str) -> dict:
+    path = results_csv_path(os.path.join(out, "results"), "cmp", "voc", "15-5", name)
+    values = step_scores(read_run(path), 1)
+    return {k: (None if values[k] is None else 100 * values[k]) for k in ("old", "new", "all")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--size", type=int, default=64, help="image and crop size of the synthetic data")
+    p.add_argument("--epochs0", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=8, help="epochs of the weak step (pseudo_ep = epochs / 8, as the spec)")
+    p.add_argument("--lr", type=float, default=0.01, help="lr of step 1 (10x WILSON's 0.001: few iterations here)")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    data = os.path.join(args.out, "data")
+    if not os.path.isdir(data):
+        generate(data, "voc", size=args.size, n_train=600, n_val=150, seed=0,
+                 cooccur=[(16, 18), (18, 20), (18, 9)])
+    results: dict = {}
+    pseudo_ep = max(1, args.epochs // 8)
+    for seed in args.seeds:
+        out = os.path.join(args.out, f"seed{seed}")
+        base = common(data, out, seed, args.size)
+        # one step 0 (seed of the first run) for every seed: the seeds vary the weak step, whose comparison this is
+        first = os.path.join(args.out, f"seed{args.seeds[0]}")
+        step0 = os.path.join(first, "checkpoints", "15-5-voc_FT_bce_0.pth")
+        if not os.path.isfile(step0):
+            assert run.main(common(data, first, args.seeds[0], args.size) + [
+                "--step", "0", "--bce", "--lr", "0.05", "--epochs", str(args.epochs0), "--name", "FT_bce"]) == 0
+        for label, flags in RUNS.items():
+            name = label.split(" ")[0].replace("-", "_")
+            path = results_csv_path(os.path.join(out, "results"), "cmp", "voc", "15-5", name)
+            if not os.path.isfile(path):
+                step = ["--step", "1", "--lr", str(args.lr), "--epochs", str(args.epochs), "--name", name,
+                        "--step_ckpt", step0, *flags]
+                if "--weakly" in flags:
+                    step += ["--pseudo_ep", str(pseudo_ep)]
+                assert run.main(base + step) == 0
+            results.setdefault(label, {})[seed] = scores(out, name)
+    lines = ["| run | old | new | all | per seed (all) |", "|---|---:|---:|---:|---|"]
+    for label, per_seed in results.items():
+        cells = []
+        for key in ("old", "new", "all"):
+            values = [v[key] for v in per_seed.values() if v[key] is not None]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}" if values else "–")
+        seeds = ", ".join(f"{v['all']:.1f}" for v in per_seed.values())
+        lines.append(f"| {label} | {' | '.join(cells)} | {seeds} |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as handle:
+        handle.write(table)
+    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=1)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
