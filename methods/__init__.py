@@ -17,10 +17,10 @@ from methods import awt as _awt  # noqa: F401
 from methods import ssul as _ssul  # noqa: F401
 from methods import rcil as _rcil  # noqa: F401
 from methods import dropclass as _dropclass  # noqa: F401
-from methods import wilson as _wilson  # noqa: F401
 from methods import nest as _nest  # noqa: F401
 from methods import dkd as _dkd  # noqa: F401
 from methods import star as _star  # noqa: F401
+from methods import wilson as _wilson  # noqa: F401
 from methods.base import Batch, Extension, LossTerm, Method, StepContext, TrainInputs, TransferSource, pixel_mean
 from methods.criterion import (UNSUPPORTED, Criterion, add_extension_args, add_method_args, build_criterion,
                                build_terms, check_supported)

@@ -27,6 +27,7 @@ LATER_PRESETS = {  # methods with their own plugins (docs/ssul.md, docs/rcil.md)
     "SSUL-M": {"lr_min": 1e-06},
     "RCIL": {"loss_kd": 100, "unce": True, "unkd": True},
     "DKD": {}, "DKD-M": {}, "STAR": {}, "STAR-M": {},  # ADE20K: warm-up poly (their preset_for, tests/test_dkd_star.py)
+    "WILSON": {"alpha": 0.5},  # WILSON's meaning and default of --alpha (docs/wilson.md)
 }
 
 
