@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import torch
@@ -151,6 +152,10 @@ class WILSON(TermMethod):
         if not getattr(cfg, "weakly", False) and any(step > 0 for step in cfg.step):
             raise UserError("--method WILSON learns steps > 0 from image-level labels: add --weakly (or use another "
                             "method for pixel labels)")
+        if getattr(cfg, "weakly", False) and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            raise UserError("WILSON's weak steps run in one process for now: its localizer is not synchronised "
+                            "across torchrun's processes yet (each would train its own); run without torchrun, or "
+                            "use --grad_accum for the batch")
         for flag in STEP_CLASSIFICATION_FLAGS:
             if getattr(cfg, flag, False):
                 raise UserError(f"--{flag} changes the pixel-label loss of steps > 0, which WILSON's weak steps "
