@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dataset.readers import space_reader
-from dataset.tasks import order, test_sources
+from dataset.tasks import extra_test_sources, first_test_source, order, test_sources
 from experiment.builders import (build_model, build_step_datasets, classes_for_step, cpu_threads, data_kind,
                                  extra_test_sets, log_folder, norm_fallback_note, resolve_precision, select_device)
 from experiment.checkpoints import (checkpoint_content, ckpt_path, load_previous_into, load_previous_step,
@@ -82,8 +82,7 @@ def build_loaders(cfg, step: int, device: torch.device, method: MethodStack):
 
 def results_paths(cfg, step: int) -> dict[str, str]:
     """The results CSV of each test set of ``step``, ``{"": the run's CSV, source: ..._{name}@{source}.csv}``."""
-    first = next(iter(test_sources(cfg.dataset)))
-    extra = [source for source in test_sources(cfg.dataset, step) if source != first]
+    extra = extra_test_sources(cfg.dataset, step)
     return {test: results_csv_path(cfg.results_dir, cfg.date, cfg.dataset, cfg.task, cfg.name, test)
             for test in ["", *extra]}
 
@@ -316,7 +315,7 @@ def test_step(cfg, step: int, model, test_loaders: dict, precision, device, boar
     old/new/all summary (rank 0). Returns the first test set's numbers."""
     check_finite_model(model, f"the model of step {step}", "no result is computed from it; retrain the step")
     paths, first = results_paths(cfg, step), None
-    primary = next(iter(test_sources(cfg.dataset))) if len(test_sources(cfg.dataset)) > 1 else ""
+    primary = first_test_source(cfg.dataset) if len(test_sources(cfg.dataset)) > 1 else ""
     for test, loader in test_loaders.items():
         where = f" on {test}" if test else ""
         cm = train.evaluate(model, loader, n_classes=sum(model.classes), device=device, precision=precision,

@@ -122,6 +122,17 @@ class Reader:
         return f"{name} map {path} does not exist"
 
     @classmethod
+    def label_map_lines(cls) -> list[str]:
+        """What the reader makes of each label-file value, for ``python -m dataset.inspect``."""
+        if cls.LABEL_LUT is None:
+            return [f"label values are the train ids 0..{cls.NUM_CLASSES - 1}; 255 = ignored"] + [
+                f"  {i:3d} {name}" for i, name in enumerate(cls.CLASS_NAMES)]
+        lut = np.asarray(cls.LABEL_LUT)
+        return ["label value -> train id (name)"] + [
+            f"  {raw:3d} -> {int(lut[raw]):3d} ({cls.CLASS_NAMES[int(lut[raw])] if lut[raw] != 255 else 'ignored'})"
+            for raw in range(256) if lut[raw] != 255 or raw == 255]
+
+    @classmethod
     def colorize(cls, label: np.ndarray) -> np.ndarray:
         """(H, W) train ids (255 = ignore) -> (H, W, 3) uint8 colours; every value 0..255 has a colour."""
         return full_palette(cls.PALETTE)[np.asarray(label, dtype=np.uint8)]

@@ -28,7 +28,8 @@ import os
 import numpy as np
 
 from dataset.base import Reader, spread_palette
-from dataset.labelmaps import coco_class_names, coco_raw_lut, coco_stuff_171_names, voc_to_coco_lut
+from dataset.labelmaps import (coco_class_names, coco_raw_lut, coco_stuff_171_names, coco_things, voc_to_coco,
+                               voc_to_coco_lut)
 from dataset.voc import VOCReader
 from utils.errors import UserError
 
@@ -72,6 +73,15 @@ class COCOReader(Reader):
         return [(os.path.join(images, s + ".jpg"), os.path.join(labels, s + ".png")) for s in stems]
 
 
+    @classmethod
+    def label_map_lines(cls) -> list[str]:
+        lines = ["COCO-Stuff pixel value -> COCO category id -> train id (name); 255 = ignored"]
+        lines += [f"  {raw:3d} -> {cat:2d} -> " + (f"{train:2d} ({name})" if train != 255 else f"255 (unused id: {name})")
+                  for raw, cat, train, name in coco_things()]
+        return lines + ["   91..181 (stuff) -> 0 (background)", "  255 -> 255 (unlabelled, ignored)",
+                        "  182..254 -> refused (not COCO-Stuff values)"]
+
+
 class VOCasCOCOReader(VOCReader):
     """VOC images and labels, labels in COCO's train ids (for COCO-to-VOC)."""
 
@@ -86,6 +96,12 @@ class VOCasCOCOReader(VOCReader):
     def _list(self) -> list[tuple[str, str]]:
         self.root = _child(self.root, ("voc", "PascalVOC12"), "splits")
         return super()._list()
+
+    @classmethod
+    def label_map_lines(cls) -> list[str]:
+        return ["VOC value -> COCO category id -> train id (VOC name -> COCO name); 255 = ignored"] + [
+            f"  {voc:2d} -> {cat:2d} -> {int(cls.LABEL_LUT[voc]):2d} ({VOCReader.CLASS_NAMES[voc]} -> "
+            f"{cls.CLASS_NAMES[int(cls.LABEL_LUT[voc])]})" for voc, cat in voc_to_coco().items()]
 
     @classmethod
     def hint(cls, root: str) -> str:

@@ -28,7 +28,8 @@ from torch.utils.data import Dataset
 from dataset.base import Reader, _decode, _label_array, check_raw_values
 from dataset.cityscapes_domain import DomainIncremental, city_indices
 from dataset.readers import READERS
-from dataset.tasks import CROSS_DATASETS, canonical_task, data_sources, get_task_labels, test_sources, train_source
+from dataset.tasks import (CROSS_DATASETS, canonical_task, data_sources, extra_test_sources, first_test_source,
+                           get_task_labels, train_source)
 from dataset.transform import TRAIN_PRESETS, ToTensor, eval_preset
 from utils.constants import BACKGROUND, IGNORE_INDEX
 from utils.errors import UserError
@@ -337,10 +338,9 @@ class WeakSegmentation(IncrementalSegmentation):
 
     def __getitem__(self, index: int):
         image = self.reader.load_image(int(self.idxs[index]))
-        image, label = (self.transform or ToTensor())(image, Image.new("L", image.size, IGNORE_INDEX))
-        if not torch.is_tensor(label):
-            label = torch.from_numpy(np.asarray(label, dtype=np.uint8))
-        return image, torch.full(label.shape, IGNORE_INDEX, dtype=torch.uint8), {
+        image, _ = (self.transform or ToTensor())(image, Image.new("L", image.size, IGNORE_INDEX))
+        # a fresh map: a padding crop fills the transformed blank with background
+        return image, torch.full(image.shape[-2:], IGNORE_INDEX, dtype=torch.uint8), {
             "img_labels": torch.from_numpy(self.img_labels[index])}
 
     def with_aux(self, names: Sequence[str]) -> "IncrementalSegmentation":
@@ -443,8 +443,7 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
             val_reader, labels=labels, labels_old=labels_old, overlap=True, masking=data_masking, train=False,
             transform=eval_preset(eval_crop, crop_val), idxs_path=os.path.join(folder, f"val-{step}.npy"),
             presence_dir=presence_dir, description=describe("val"))
-    first = next(iter(test_sources(dataset)))
-    test = _test_set(dataset, task, step, first, roots, folder, cache_root, eval_crop, crop_val, val_on_trainset,
+    test = _test_set(dataset, task, step, first_test_source(dataset), roots, folder, cache_root, eval_crop, crop_val, val_on_trainset,
                      test_on_val, test_unseen, describe)
     return train, val, test
 
@@ -456,7 +455,7 @@ def _test_set(dataset, task, step, source, roots, folder, cache_root, eval_crop,
     reader_cls = READERS[data_sources(dataset)[source]]
     labels, labels_old = get_task_labels(dataset, task, step)
     split = "train" if val_on_trainset else "val"
-    suffix = "" if source == next(iter(test_sources(dataset))) else f"-{source}"
+    suffix = "" if source == first_test_source(dataset) else f"-{source}"
     where = f" of {source}" if dataset in CROSS_DATASETS else ""
     return IncrementalSegmentation(
         reader_cls(roots[source], split), labels=labels_old + labels, labels_old=(), overlap=True,
@@ -469,8 +468,7 @@ def _test_set(dataset, task, step, source, roots, folder, cache_root, eval_crop,
 def extra_test_sets(cfg, step: int) -> dict[str, IncrementalSegmentation]:
     """The test sets of ``step`` after the first (the one of :func:`build_step_datasets`), ``{source: dataset}``:
     empty unless ``--dataset`` is a cross-dataset task."""
-    first = next(iter(test_sources(cfg.dataset)))
-    sources = [source for source in test_sources(cfg.dataset, step) if source != first]
+    sources = extra_test_sources(cfg.dataset, step)
     if not sources:
         return {}
     task = canonical_task(cfg.dataset, cfg.task)

@@ -176,6 +176,17 @@ def test_sources(dataset: str, step: int | None = None) -> dict[str, str]:
     return {name: cross.sources[name] for name, first in cross.tests if step is None or step >= first}
 
 
+def first_test_source(dataset: str) -> str:
+    """The test source whose results go to the run's own CSV (the dataset itself unless it is cross-dataset)."""
+    return next(iter(test_sources(dataset)))
+
+
+def extra_test_sources(dataset: str, step: int) -> list[str]:
+    """The test sources of ``step`` after the first: each writes ``..._{name}@{source}.csv``."""
+    first = first_test_source(dataset)
+    return [source for source in test_sources(dataset, step) if source != first]
+
+
 def data_sources(dataset: str) -> dict[str, str]:
     """``{source: reader}`` of every dataset a run of ``dataset`` reads."""
     cross = CROSS_DATASETS.get(dataset)

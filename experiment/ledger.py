@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 
-from dataset.tasks import CROSS_DATASETS, canonical_task, num_steps, test_sources
+from dataset.tasks import CROSS_DATASETS, canonical_task, first_test_source, num_steps
 from experiment.recipes import Recipe, load_recipes
 from metrics import report, summary
 from metrics.results import read_run_record
@@ -96,7 +96,7 @@ def _newest(runs: list[report.Run]) -> report.Run | None:
 def find_run(row: Row, runs) -> report.Run | None:
     """The newest run of the row's dataset, task, protocol and name."""
     task = canonical_task(row.dataset, row.task)
-    test = row.test or next(iter(test_sources(row.dataset)))
+    test = row.test or first_test_source(row.dataset)
     return _newest([r for r in runs if r.dataset == row.dataset and r.task == task and r.protocol == row.protocol
                     and r.name == row.run_name and r.test_set == test])
 
@@ -155,7 +155,7 @@ def _triple(values: dict, keys=("old", "new", "all"), decimals: int | None = 1) 
 
 
 def _setting(row: Row) -> str:
-    test = f" @{row.test or next(iter(test_sources(row.dataset)))}" if row.dataset in CROSS_DATASETS else ""
+    test = f" @{row.test or first_test_source(row.dataset)}" if row.dataset in CROSS_DATASETS else ""
     return f"{row.dataset} {row.setting}{test}" + (" disj." if row.protocol == "disjoint" else "")
 
 

@@ -225,7 +225,7 @@ def read_run(path: str, label: str | None = None, columns: str = "auto") -> Run:
         raise UserError(f"unknown column order {columns!r} (auto, remapped or original)")
 
     run = Run(path=path, date=date, dataset=dataset, task=task, name=name, label=label or auto_label,
-              protocol=protocol, columns=columns, test_set=test_set or next(iter(task_tables.test_sources(dataset))))
+              protocol=protocol, columns=columns, test_set=test_set or task_tables.first_test_source(dataset))
     for step in sorted(rows):
         cells = [_cell(c, path) for c in rows[step]]
         order, _ = _step_order(dataset, task, step)
