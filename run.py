@@ -141,6 +141,7 @@ def build_setup(cfg, step: int, lr: float, model, model_old, train_loader, train
     ctx = ctx or StepContext(step=step, classes=classes_for_step(cfg, step), model=model, method=method)
     ctx.model, ctx.model_old, ctx.device, ctx.train_loader = model, model_old, device, train_loader
     ctx.trainer_state, ctx.world_size, ctx.autocast = trainer_state, get_world_size(), precision.autocast
+    ctx.optimizer = optimizer
     criterion = method.criterion(ctx)
     setup = EpochSetup(criterion=criterion, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                        precision=precision, n_old=ctx.n_old, n_new=ctx.n_new, grad_accum=cfg.grad_accum,

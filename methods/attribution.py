@@ -373,10 +373,14 @@ class ScoreAccumulator:
 
 def attribution_masks(labels: Tensor, size: tuple[int, int], groups: list[list[int]] | None) -> Tensor:
     """(B, K, h, w) 0/1 masks: group k = pixels whose label is in ``groups[k]``, nearest-downsampled to ``size``;
-    ``groups`` None = the whole image (no --mask_att)."""
+    ``groups`` None = the whole image (no --mask_att). ``labels`` (B, C - 1) are image labels of classes 1..C-1 (a
+    weak step): group k = the whole image when it holds a class of ``groups[k]``, else nothing."""
     b = labels.shape[0]
     if groups is None:
         return torch.ones(b, 1, *size, device=labels.device)
+    if labels.dim() == 2:
+        present = torch.stack([labels[:, [c - 1 for c in g]].amax(1) > 0 for g in groups], 1).float()
+        return present[:, :, None, None].expand(-1, -1, *size).contiguous()
     full = torch.stack([torch.isin(labels, torch.tensor(g, device=labels.device)) for g in groups], 1).float()
     return F.interpolate(full, size=tuple(size), mode="nearest")
 
@@ -385,7 +389,7 @@ def channel_importance(model_old, batches: Iterable, new_classes: Sequence[int],
                        mask_att: bool = True, per_class: bool = False, accumulate_classes: bool = False,
                        method: str = "exact", n_steps: int = 50, internal_batch_size: int = 8, cfg=None,
                        device=None, total_images: int | None = None, source: TransferSource | None = None,
-                       max_images: int | None = None) -> AttributionResult:
+                       max_images: int | None = None, empty_advice: str | None = None) -> AttributionResult:
     """Signed channel scores of the old model's background logit for the step's new classes.
 
     ``batches`` yields ``(images (B,3,H,W), labels (B,H,W))`` with labels in the remapped index space;
@@ -393,7 +397,8 @@ def channel_importance(model_old, batches: Iterable, new_classes: Sequence[int],
     classes or ``[N_new, C]`` with ``per_class`` (without ``mask_att`` a per-class split is meaningless: refused).
     Images whose (downsampled) mask is empty are skipped and counted; if a group has no image left -> UserError.
     ``max_images``: the reference's cap (:class:`ScoreAccumulator`); ``batches`` is read only as far as needed.
-    ``total_images``: how many images ``batches`` holds, for the progress lines (none without it)."""
+    ``total_images``: how many images ``batches`` holds, for the progress lines (none without it).
+    ``empty_advice``: what to do when a group has no pixel at all (default: about the grid, for pixel labels)."""
     if per_class and not mask_att:
         raise UserError("per-class channel masks need --mask_att (without it every class sees the whole image)")
     new_classes = [int(c) for c in new_classes]
@@ -423,7 +428,8 @@ def channel_importance(model_old, batches: Iterable, new_classes: Sequence[int],
     empty = [new_classes[k] if per_class else "new" for k in range(acc.k) if int(used[k]) == 0]
     if empty:
         what = f"class(es) {empty}" if per_class else "the new classes"
+        advice = empty_advice or ("use more images (--att_max_images), a larger --crop_size, or the union mask "
+                                  "(attribute.py)")
         raise UserError(f"all {n_images} attributed images were skipped for {what}: their pixels cover no cell of "
-                        f"the {tuple(attributions.shape[-2:])} attribution grid (nearest downsampling); use more "
-                        "images (--att_max_images), a larger --crop_size, or the union mask (attribute.py)")
+                        f"the {tuple(attributions.shape[-2:])} attribution grid (nearest downsampling); {advice}")
     return AttributionResult(scores=scores, n_used=used, n_skipped=skipped, n_images=n_images)

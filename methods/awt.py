@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from dataset.incremental import build_step_datasets
+from dataset.transform import images_to_device
 from dataset.tasks import canonical_task, classes_per_step, new_class_indices
 from methods.attribution import AGGREGATIONS, channel_importance, resolve_target, unwrap
 from methods.base import INIT_BY_TRANSFER, Capabilities, Extension, StepContext, TransferSource
@@ -24,9 +25,15 @@ from methods.transfer import init_new_classifier
 from utils.data import seeded_rng
 from utils.dist import broadcast_object, is_distributed, is_main_process
 from utils.errors import UserError
+from utils.optim import forget_state_of_changed
 from utils.flags import CLASS_INCREMENTAL, IGNORED, TRANSFER_INIT, mark
 
 log = logging.getLogger(__name__)
+WEAK_MASKS = ("whole", "localizer")
+DEFAULT_WEAK_MASKS = "whole"
+LOCALIZER_EMPTY = ("the localizer's masks name none of these pixels yet (every pixel below its confidence cut-offs or "
+                   "claimed by two classes): start pseudo-supervision later (--pseudo_ep), or use --awt_weak whole; "
+                   "the step continues from its last in-step checkpoint when rerun")
 
 
 def add_awt_args(g: argparse._ActionsContainer) -> None:
@@ -76,6 +83,13 @@ def add_awt_args(g: argparse._ActionsContainer) -> None:
     g.add_argument("--att_per_class", action="store_true", default=False,
                    help="run.py: use (and compute if missing) one channel mask per new class, as written by "
                         "attribute_class.py, instead of one mask for the union of the new classes")
+    g.add_argument("--awt_weak", default=None, choices=WEAK_MASKS,
+                   help="AWT at a weak step (--weakly), whose images have no new-class pixels: whole = attribute "
+                        "whole images, with --mask_att per group the images whose image label holds its classes "
+                        "(at the start of the step); localizer = the weak-step method's pseudo-masks of the new "
+                        "classes (WILSON's localizer), so the initialisation waits for the start of epoch "
+                        "--pseudo_ep, before which the new classifier receives no gradient (docs/awt.md); default: "
+                        f"{DEFAULT_WEAK_MASKS}")
     mark(g, resume_free=("att_plot",),
          requires={"att": CLASS_INCREMENTAL, "random_channels": CLASS_INCREMENTAL,
                    "init_balanced": (CLASS_INCREMENTAL, TRANSFER_INIT), "orig_init": (CLASS_INCREMENTAL, TRANSFER_INIT)})
@@ -135,6 +149,12 @@ def validate_awt_args(cfg) -> None:
         raise UserError(f"--ig_batch_size must be positive, got {cfg.ig_batch_size}")
     if cfg.att_max_images is not None and cfg.att_max_images < 1:
         raise UserError(f"--att_max_images must be positive, got {cfg.att_max_images}")
+    if cfg.awt_weak is not None and not getattr(cfg, "weakly", False):
+        raise UserError(f"--awt_weak {cfg.awt_weak} chooses AWT's masks at weak steps, and this run has none (no "
+                        "--weakly): drop it")
+    if cfg.awt_weak is not None and (att <= 0 or cfg.random_channels or cfg.no_att):
+        raise UserError(f"--awt_weak {cfg.awt_weak} chooses the masks of AWT's attribution, which this run does not "
+                        "compute (it needs --att in (0, 100] without --random_channels / --no_att): drop it")
 
 
 def num_selected_channels(att: float, channels: int) -> int:
@@ -206,14 +226,18 @@ def channels_path(cfg, step: int, *, per_class: bool = False) -> str:
     """Where the channel mask of ``step`` lives; a function of the configuration only.
 
     ``{channels_dir}/{task}-{dataset}_{name}/step{t}_{union|class}_att{att}_{aggregation}[_sim][_nomask][_cum]_{key}.pt``
-    where ``_sim`` marks NeST's similarity scores (``--attribution similarity``), ``_nomask`` marks attributions over whole images (no ``--mask_att``), ``_cum`` per-class masks with
+    where ``_sim`` marks NeST's similarity scores (``--attribution similarity``), ``_nomask`` marks attributions over
+    whole images (no ``--mask_att``), ``_weakwhole`` / ``_weaklocalizer`` a weak step's (``--awt_weak``), ``_cum`` per-class masks with
     ``--att_accumulate_classes`` and ``key`` is an 8-hex hash of the data settings (seed, crop, image cap, overlap,
     label masking, data root)."""
     kind = "class" if per_class else "union"
     parts = [f"step{int(step)}", kind, f"att{float(cfg.att):g}", aggregation_name(cfg)]
     if cfg.attribution == "similarity":  # other channels than the attribution's: another file
         parts.append("sim")
-    if not cfg.mask_att:
+    weak = weak_mode(cfg, step)
+    if weak == "localizer" or (weak and cfg.mask_att):  # other masks than the pixel labels': another file
+        parts.append(f"weak{weak}")
+    elif not cfg.mask_att:
         parts.append("nomask")
     if per_class and cfg.att_accumulate_classes:
         parts.append("cum")
@@ -226,8 +250,24 @@ def _collate_list(items):
     return items
 
 
+def weak_mode(cfg, step: int) -> str | None:
+    """``--awt_weak`` at a weak step (``--weakly``, step >= 1), None at a step with pixel labels."""
+    if not getattr(cfg, "weakly", False) or int(step) < 1:
+        return None
+    return str(cfg.awt_weak or DEFAULT_WEAK_MASKS)
+
+
+def _targets(item) -> Tensor:
+    """What an item gives the attribution masks: its label map, or at a weak step (its label all 255) its image
+    labels (C - 1,), which :func:`attribution_masks` turns into whole-image masks."""
+    if len(item) > 2 and isinstance(item[2], dict) and "img_labels" in item[2]:
+        return torch.as_tensor(item[2]["img_labels"])
+    return torch.as_tensor(item[1])
+
+
 def attribution_batches(dataset, *, batch_size: int, seed: int) -> Iterable:
-    """Batches ``(images, labels)`` of a seeded permutation of ``dataset``, loaded as they are consumed.
+    """Batches ``(images, targets)`` of a seeded permutation of ``dataset``, loaded as they are consumed; targets are
+    label maps (B, H, W), or image labels (B, C - 1) for the items of a weak step.
 
     No worker processes (the random training transform draws from the main process's seeded RNG, so the mask does
     not depend on --num_workers); images of different sizes go to different batches."""
@@ -237,10 +277,19 @@ def attribution_batches(dataset, *, batch_size: int, seed: int) -> Iterable:
                         collate_fn=_collate_list)
     for items in loader:
         by_size: dict = {}
-        for image, label in items:
-            by_size.setdefault(tuple(image.shape[-2:]), []).append((image, label))
+        for item in items:
+            by_size.setdefault(tuple(item[0].shape[-2:]), []).append((item[0], _targets(item)))
         for group in by_size.values():
-            yield torch.stack([g[0] for g in group]), torch.stack([torch.as_tensor(g[1]) for g in group])
+            yield torch.stack([g[0] for g in group]), torch.stack([g[1] for g in group])
+
+
+def labelled_batches(batches: Iterable, labeler: Callable, device) -> Iterable:
+    """``(images, img_labels)`` batches turned into ``(images, label maps)`` by a weak-step method's ``labeler``."""
+    for images, img_labels in batches:
+        if img_labels.dim() != 2:
+            raise UserError("--awt_weak localizer needs the image labels of a weak step's items (--weakly)")
+        images = images_to_device(images, device)
+        yield images, labeler(images, img_labels.to(device))
 
 
 def _n_new(cfg, step: int) -> int:
@@ -248,8 +297,9 @@ def _n_new(cfg, step: int) -> int:
 
 
 def compute_mask(cfg, step: int, model_old, device, *, per_class: bool = False, dataset=None,
-                 source: TransferSource | None = None):
-    """Attribute with the step's training set (training transform) seeded by ``--random_seed``.
+                 source: TransferSource | None = None, labeler: Callable | None = None):
+    """Attribute with the step's training set (training transform) seeded by ``--random_seed``; ``labeler``: the
+    weak-step method's pixel labels from image labels (``--awt_weak localizer``), else the items' own targets.
 
     Returns ``(mask, result, meta)``: bool ``[C]`` (union) or ``[N_new, C]`` (per class), the scores and the
     metadata written next to the mask."""
@@ -262,12 +312,18 @@ def compute_mask(cfg, step: int, model_old, device, *, per_class: bool = False, 
         dataset = build_step_datasets(cfg, step)[0]
     new_classes = new_class_indices(cfg.dataset, cfg.task, step)
     method = cfg.attribution
+    weak = weak_mode(cfg, step)
+    if weak == "localizer" and labeler is None:
+        raise UserError("--awt_weak localizer takes the masks of the weak-step method's localizer, which exists only "
+                        "while run.py trains the step: let run.py compute the mask, or use --awt_weak whole")
+    mask_att = bool(cfg.mask_att) or weak == "localizer"
     ig_steps, max_images = resolved_ig_steps(cfg), resolved_max_images(cfg)
     aggregation = aggregation_name(cfg)
     kind = "per class" if per_class else "union"
     log.info("AWT step %d: %s attribution (%s%s) of the step-%d model, %s of new classes %s, aggregation %s, "
              "%s images", step, method, {"exact": "closed form", "similarity": "no gradient"}.get(method, f"Captum, {ig_steps} steps"),
-             "" if cfg.mask_att else ", whole images", step - 1, kind, new_classes, aggregation,
+             {"whole": ", weak step: image labels", "localizer": ", weak step: the localizer's masks"}.get(
+                 weak, "" if mask_att else ", whole images"), step - 1, kind, new_classes, aggregation,
              "all" if max_images is None else f"capped at position {max_images - 1}")
     t0 = time.time()
     model_old = unwrap(model_old)
@@ -277,11 +333,14 @@ def compute_mask(cfg, step: int, model_old, device, *, per_class: bool = False, 
         with seeded_rng(int(cfg.random_seed)):  # same mask in attribute.py and run.py; training RNG untouched
             batches = attribution_batches(dataset, batch_size=1 if method == "captum" else cfg.batch_size,
                                           seed=cfg.random_seed)
+            if labeler is not None:
+                batches = labelled_batches(batches, labeler, device)
             result = channel_importance(model_old, batches, new_classes, aggregation=aggregation,
-                                        mask_att=bool(cfg.mask_att), per_class=per_class,
+                                        mask_att=mask_att, per_class=per_class,
                                         accumulate_classes=bool(cfg.att_accumulate_classes), method=method,
                                         n_steps=ig_steps, internal_batch_size=cfg.ig_batch_size, cfg=cfg,
                                         device=device, source=source, max_images=max_images,
+                                        empty_advice=LOCALIZER_EMPTY if weak == "localizer" else None,
                                         total_images=len(dataset) if max_images is None else min(len(dataset),
                                                                                                   max_images))
     finally:
@@ -295,7 +354,7 @@ def compute_mask(cfg, step: int, model_old, device, *, per_class: bool = False, 
     meta = {"step": int(step), "kind": "class" if per_class else "union", "att": float(cfg.att),
             "selected": num_selected_channels(cfg.att, mask.shape[-1]), "aggregation": aggregation,
             "attribution": method, "ig_steps": ig_steps if method == "captum" else None,
-            "mask_att": bool(cfg.mask_att), "accumulate_classes": bool(per_class and cfg.att_accumulate_classes),
+            "mask_att": mask_att, "weak_masks": weak, "accumulate_classes": bool(per_class and cfg.att_accumulate_classes),
             "new_classes": list(new_classes), "max_images": max_images, "random_seed": int(cfg.random_seed),
             "crop_size": int(cfg.crop_size), "dataset": cfg.dataset, "task": cfg.task, "name": cfg.name,
             "old_classifier_sha1": classifier_fingerprint(model_old, source), "seconds": round(seconds, 3)}
@@ -320,38 +379,40 @@ def _channels(model, source: TransferSource | None) -> int:
     return int(resolve_target(model, source).layer.in_channels)
 
 
-def _compute_or_load_local(cfg, step, model_old, device, per_class, dataset=None, source=None):
+def _compute_or_load_local(cfg, step, model_old, device, per_class, dataset=None, source=None, labeler=None):
     path = channels_path(cfg, step, per_class=per_class)
     channels = _channels(model_old, source)
     n_new = _n_new(cfg, step) if per_class else None
-    if os.path.isfile(path):
+    if os.path.isfile(path) and labeler is None:  # the localizer's masks depend on the training so far: recomputed
         mask = load_mask(path, channels, n_new, model_old=model_old, source=source)
         log.info("AWT step %d: loaded channel mask %s (%d of %d channels)", step, path,
                  int(mask.reshape(-1, channels)[0].sum()), channels)
         return mask, path
     mask, result, meta = compute_mask(cfg, step, model_old, device, per_class=per_class, dataset=dataset,
-                                      source=source)
+                                      source=source, labeler=labeler)
     write_mask(path, mask, result, meta, plot=bool(cfg.att_plot))
     log.info("AWT step %d: wrote channel mask %s", step, path)
     return mask, path
 
 
 def compute_or_load_mask(cfg, step: int, model_old, device, *, per_class: bool | None = None,
-                         dataset=None, source: TransferSource | None = None) -> Tensor | None:
+                         dataset=None, source: TransferSource | None = None,
+                         labeler: Callable | None = None) -> Tensor | None:
     """The AWT channel mask of ``step`` for run.py: loaded from :func:`channels_path` when the file exists
-    (size validated), else computed with the step's training set and written. None when AWT is not requested
+    (size validated), else computed with the step's training set and written; always computed with a ``labeler``
+    (:func:`compute_mask`). None when AWT is not requested
     (``--no_att`` or ``--att 0``). Under DDP rank 0 computes/writes, the others wait and load the same file."""
     validate_awt_args(cfg)
     if cfg.no_att or float(cfg.att) <= 0:
         return None
     if not is_distributed():
         return _compute_or_load_local(cfg, step, model_old, device, resolve_per_class(cfg, step, per_class),
-                                      dataset, source)[0]
+                                      dataset, source, labeler)[0]
     status, error, mask = None, None, None
     if is_main_process():
         try:
             pc = resolve_per_class(cfg, step, per_class)
-            mask, path = _compute_or_load_local(cfg, step, model_old, device, pc, dataset, source)
+            mask, path = _compute_or_load_local(cfg, step, model_old, device, pc, dataset, source, labeler)
             status = ("ok", path, pc)
         except BaseException as exc:  # noqa: BLE001 - reported to every rank, then re-raised
             error = exc
@@ -369,10 +430,12 @@ def compute_or_load_mask(cfg, step: int, model_old, device, *, per_class: bool |
 
 
 def prepare_new_classifier(cfg, step: int, model, model_old, device, *, dataset=None,
-                           transfer_source: Callable | None = None, plan: dict | None = None) -> dict | None:
+                           transfer_source: Callable | None = None, plan: dict | None = None,
+                           labeler: Callable | None = None) -> dict | None:
     """Initialise the new classifier of ``model`` at ``step`` > 0 (after the previous weights are loaded) following
     ``plan`` (default: :func:`classifier_init_plan` of ``cfg``); returns the plan used (with the mask) or None when
-    it stays random.
+    it stays random. ``labeler``: a weak-step method's pixel labels for the attribution masks (``--awt_weak
+    localizer``).
 
     ``transfer_source(model) -> TransferSource`` names the classifier row to transfer from and to attribute (the
     method's ``Method.transfer_source``); None: the background row of ``cls[0]``.
@@ -392,7 +455,8 @@ def prepare_new_classifier(cfg, step: int, model, model_old, device, *, dataset=
         if model_old is None:
             raise UserError(f"AWT (--att {cfg.att:g}) at step {step} needs the previous-step model")
         old_source = transfer_source(unwrap(model_old)) if transfer_source else None
-        mask = compute_or_load_mask(cfg, step, model_old, device, dataset=dataset, source=old_source)
+        mask = compute_or_load_mask(cfg, step, model_old, device, dataset=dataset, source=old_source,
+                                    labeler=labeler)
         if mask is None:  # pragma: no cover - att > 0 always yields a mask or an error
             raise UserError(f"AWT (--att {cfg.att:g}) could not produce a channel mask for step {step}")
         if mask.dim() == 2 and mask.shape[0] == 1:
@@ -415,17 +479,20 @@ def prepare_new_classifier(cfg, step: int, model, model_old, device, *, dataset=
 
 @register_extension
 class AWT(Extension):
-    capabilities = Capabilities(weak_refusal=(
-        "its channel scores need the new classes' pixels (--mask_att), which a weak step does not have, and "
-        "scoring on whole images or on a localizer's pseudo-masks is not built yet"))
     """Initialises the new classifier at every step > 0 from the method's transfer source (by default the background
     classifier): on the channels AWT attributes (``--att``), on random channels (``--random_channels``) or everywhere
     (MiB's ``--init_balanced`` / ``--orig_init``, for methods that do not initialise it themselves); see
-    :func:`classifier_init_plan`."""
+    :func:`classifier_init_plan`. At a weak step (``--weakly``) the attribution masks come from the image labels or
+    the weak-step method's pseudo-masks (``--awt_weak``); with the latter the initialisation waits for them."""
 
+    capabilities = Capabilities(weak_steps=True)
     name = "AWT"
     switches = ("att", "init_balanced", "orig_init", "random_channels", "no_att")
     transfer_hint = "--att 25 --mask_att, or --random_channels"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.deferred: tuple | None = None  # (ctx, labeler, plan, transfer source) until the labeler is ready
 
     @staticmethod
     def add_args(group: argparse._ActionsContainer) -> None:
@@ -454,5 +521,37 @@ class AWT(Extension):
         stack = ctx.method
         plan = stack.init_plan.transfer if stack is not None else classifier_init_plan(self.cfg)
         transfer = stack.transfer_source if stack is not None else None
+        if weak_mode(self.cfg, ctx.step) == "localizer" and plan is not None and plan["mask_source"] == "attribution":
+            self.deferred = (ctx, self._labeler(ctx), plan, transfer)
+            log.info("step %d: AWT initialises the new classifier at the start of epoch %d, from the localizer's "
+                     "masks (--awt_weak localizer); it receives no gradient before", ctx.step,
+                     self.deferred[1].ready_epoch + 1)
+            return True
         return prepare_new_classifier(self.cfg, ctx.step, ctx.model, ctx.model_old, ctx.device,
                                       dataset=ctx.train_dataset, transfer_source=transfer, plan=plan) is not None
+
+    def _labeler(self, ctx: StepContext):
+        labeler = ctx.method.weak_labeler(ctx) if ctx.method is not None else None
+        if labeler is None:
+            name = ctx.method.method.name if ctx.method is not None else "this method"
+            raise UserError(f"--awt_weak localizer takes the new classes' masks from the weak-step method, and "
+                            f"{name} makes none: use --awt_weak whole")
+        if labeler.ready_epoch >= self.cfg.epochs:
+            raise UserError(f"--awt_weak localizer initialises the new classifier when the localizer's masks are "
+                            f"ready, at epoch {labeler.ready_epoch + 1} (--pseudo_ep {labeler.ready_epoch}), which a "
+                            f"{self.cfg.epochs}-epoch step never reaches: lower --pseudo_ep or use --awt_weak whole")
+        return labeler
+
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        if self.deferred is None or epoch != self.deferred[1].ready_epoch:
+            return
+        ctx, labeler, plan, transfer = self.deferred
+        params = [p for c in unwrap(ctx.model).cls for p in c.parameters()]
+        before = {p: p.detach().clone() for p in params}
+        prepare_new_classifier(self.cfg, ctx.step, ctx.model, ctx.model_old, ctx.device, dataset=ctx.train_dataset,
+                               transfer_source=transfer, plan=plan, labeler=labeler.labels)
+        reset = forget_state_of_changed(ctx.optimizer, before)
+        log.info("step %d: optimiser state of the %d re-initialised classifier weights reset", ctx.step, reset)
+
+    def after_step(self, ctx: StepContext) -> None:
+        self.deferred = None

@@ -80,6 +80,8 @@ class StepContext:
     # holds the model after every plugin phase, which is then skipped
     no_auto_resume: bool = False  # --no_auto_resume: a plugin phase starts over too
     amp_dtype: Any = None  # the autocast dtype of the run (None: fp32); fp16 needs a gradient scaler
+    optimizer: Any = None  # the step's optimiser (set with the criterion): a plugin that re-initialises weights
+    # during the step resets their optimiser state
 
     @property
     def n_old(self) -> int:
@@ -95,6 +97,17 @@ class StepContext:
     def n_classes(self) -> int:
         """Classes seen so far, this step included (PLOP's ``nb_current_classes``)."""
         return sum(self.classes)
+
+
+@dataclass(frozen=True)
+class WeakLabeler:
+    """Pixel labels a weak-step method makes from image labels once it has learnt enough (e.g. WILSON's localizer
+    after its warm-up): ``labels(images, img_labels)`` with normalised images (B, 3, H, W) and image labels (B, C - 1)
+    on the device returns int64 (B, h, w) in the step's class ids, 255 where it names no class. Valid from the start
+    of epoch ``ready_epoch`` (0-based); other plugins use it (AWT's ``--awt_weak localizer``)."""
+
+    ready_epoch: int
+    labels: Callable[[Tensor, Tensor], Tensor]
 
 
 class LossTerm:
@@ -282,6 +295,10 @@ class Method:
         """Initialise the new classifier at step > 0 (called when the stack's init plan gives it the job); True
         when it did."""
         return False
+
+    def weak_labeler(self, ctx: StepContext) -> WeakLabeler | None:
+        """Pixel labels from image labels at a weak step (None: the method makes none)."""
+        return None
 
     def after_init(self, ctx: StepContext) -> None:
         """After the new classifier is initialised (step > 0, every plugin, before the optimiser exists): e.g.

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from dataset.tasks import is_domain_incremental
 from methods.base import (INIT_BY_TRANSFER, INIT_OWN_THEN_TRANSFER, Extension, LossTerm, Method, StepContext,
-                          TrainInputs, TransferSource)
+                          TrainInputs, TransferSource, WeakLabeler)
 from methods.criterion import Criterion, check_supported
 from methods.registry import EXTENSIONS, METHODS
 from utils.errors import UserError
@@ -93,6 +93,9 @@ class MethodStack:
     def prepare_model(self, ctx: StepContext) -> None:
         for plugin in self.plugins:
             plugin.prepare_model(ctx)
+
+    def weak_labeler(self, ctx: StepContext) -> WeakLabeler | None:
+        return self.method.weak_labeler(ctx)
 
     def prepare_old_model(self, model_old: nn.Module, step: int) -> None:
         for plugin in self.plugins:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.base import Batch, Capabilities, LossTerm, StepContext
+from methods.base import Batch, Capabilities, LossTerm, StepContext, WeakLabeler
 from methods.presets import TermMethod
 from methods.registry import register_method
 from methods.wilson_losses import (CAM_MODES, balanced_self_training_loss, image_label_loss, localization_prior_loss,
@@ -45,6 +45,50 @@ class Progress:
     epoch: int = 0
 
 
+def with_prior(z: Tensor, old_small: Tensor, prior: str) -> Tensor:
+    """The localizer maps with the background and old channels as ``--wilson_prior`` says (paper Table 4): learned
+    (its own, trained by l_LOC), fixed (the old model's logits), none (constants: background 1, old classes 0, as
+    SS's constant background logit; a reconstruction, no released code)."""
+    n_old = old_small.shape[1]
+    if prior == "fixed":
+        return torch.cat([old_small, z[:, n_old:]], 1)
+    if prior == "none":
+        constant = torch.zeros_like(z[:, :n_old])
+        constant[:, 0] = 1.0
+        return torch.cat([constant, z[:, n_old:]], 1)
+    return z
+
+
+def localizer_eval_maps(localizer: nn.Module, body: Tensor, old_small: Tensor, prior: str) -> Tensor:
+    """The softmax of the localizer in evaluation mode (with the prior), without gradient; its mode is kept. WILSON
+    reads it before the training forward, so its normalisation statistics are those of the previous iteration."""
+    was_training = localizer.training
+    localizer.eval()
+    try:
+        with torch.no_grad():
+            return with_prior(localizer(body).float(), old_small, prior).softmax(1)
+    finally:
+        localizer.train(was_training)
+
+
+def refine(m: Tensor, images: Tensor, affinity: bool) -> Tensor:
+    """PAMR of the maps ``m`` on the de-normalised images (``m`` itself without ``affinity``)."""
+    if not affinity:
+        return m
+    with torch.no_grad():
+        image = F.interpolate(denormalize(images.float()), size=m.shape[-2:], mode="bilinear", align_corners=True)
+        return pamr(image, m)
+
+
+def pseudo_label_map(refined: Tensor, img_labels_all: Tensor) -> Tensor:
+    """int64 (B, h, w): the class of the self-training masks (``pseudo_gtmask`` of the label-masked, refined maps),
+    255 where no class or several are positive."""
+    positive = pseudo_gtmask(mask_by_image_labels(refined, img_labels_all))
+    labels = positive.argmax(1)
+    labels[positive.sum(1) < 1] = 255
+    return labels
+
+
 class WilsonLoss(LossTerm):
     """l_CLS + l_LOC always; from epoch ``pseudo_ep`` on l_SEG and the localizer's self-training (before it, 0 times
     the segmentation logits, as the reference, so that the head still takes part in the backward pass)."""
@@ -59,19 +103,6 @@ class WilsonLoss(LossTerm):
         self.localizer, self.progress = localizer, progress
         self.alpha, self.cam, self.l_seg, self.pseudo_ep, self.affinity = alpha, cam, l_seg, pseudo_ep, affinity
         self.prior, self.l_self = prior, l_self
-
-    def with_prior(self, z: Tensor, old_small: Tensor) -> Tensor:
-        """The localizer maps with the background and old channels as ``--wilson_prior`` says (paper Table 4):
-        learned (its own, trained by l_LOC), fixed (the old model's logits), none (constants: background 1, old
-        classes 0, as SS's constant background logit; a reconstruction, no released code)."""
-        n_old = old_small.shape[1]
-        if self.prior == "fixed":
-            return torch.cat([old_small, z[:, n_old:]], 1)
-        if self.prior == "none":
-            constant = torch.zeros_like(z[:, :n_old])
-            constant[:, 0] = 1.0
-            return torch.cat([constant, z[:, n_old:]], 1)
-        return z
 
     def prior_loss(self, z: Tensor, old_small: Tensor) -> Tensor:
         """l_LOC (learned), its CE variant (Table 4's "learned + CE": softmax CE of the localizer's old channels
@@ -88,23 +119,15 @@ class WilsonLoss(LossTerm):
         labels_new = img_all[:, -batch.n_new:]
         old_small = batch.extras_old["sem_logits_small"].float()
         logits_small = batch.extras["sem_logits_small"]
-        self.localizer.eval()
-        with torch.no_grad():
-            z_eval = self.with_prior(self.localizer(body).float(), old_small)
-        self.localizer.train()
+        m = localizer_eval_maps(self.localizer, body, old_small, self.prior)
         raw = self.localizer(body).float()
-        z = self.with_prior(raw, old_small)
+        z = with_prior(raw, old_small, self.prior)
         out = {"loss_cls": image_label_loss(z, labels_new, self.cam), "loss_loc": self.prior_loss(raw, old_small)}
         if self.progress.epoch < self.pseudo_ep:
             out["loss_seg"] = 0 * logits_small.mean()
             return out
+        refined = refine(m, batch.images, self.affinity)
         with torch.no_grad():
-            m = z_eval.softmax(1)
-            refined = m
-            if self.affinity:
-                image = F.interpolate(denormalize(batch.images.float()), size=m.shape[-2:], mode="bilinear",
-                                      align_corners=True)
-                refined = pamr(image, m)
             target, q = soft_targets(mask_by_image_labels(m, img_all), old_small, self.alpha)
             pseudo = pseudo_gtmask(mask_by_image_labels(refined, img_all))
         out["loss_seg"] = self.l_seg * segmentation_loss(logits_small.float(), target, q, labels_new)
@@ -193,6 +216,27 @@ class WILSON(TermMethod):
             groups.append({"params": trainable(self.localizer.parameters()), "lr": self.options.lr_pseudo,
                            "weight_decay": wd})
         return [g for g in groups if g["params"]]
+
+    def weak_labeler(self, ctx: StepContext) -> WeakLabeler | None:
+        """The localizer's self-training masks as pixel labels, valid once pseudo-supervision starts (``--pseudo_ep``):
+        the current model's encoder and the old model in evaluation mode (no statistics updated), no gradient."""
+        if not self.weak(ctx.step):
+            return None
+
+        def labels(images: Tensor, img_labels: Tensor) -> Tensor:
+            model, model_old = ctx.model, ctx.model_old
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad(), ctx.autocast():
+                    body = model(images, ret_intermediate=True)[1]["body"]
+                    old_small = model_old(images, ret_intermediate=True)[1]["sem_logits_small"]
+            finally:
+                model.train(was_training)
+            m = localizer_eval_maps(self.localizer, body, old_small.float(), self.options.wilson_prior)
+            return pseudo_label_map(refine(m, images, self.options.affinity), img_labels.float())
+
+        return WeakLabeler(ready_epoch=int(self.options.pseudo_ep), labels=labels)
 
     # ---- losses ----------------------------------------------------------------------------------------------------
     def terms(self, ctx: StepContext) -> list[LossTerm]:

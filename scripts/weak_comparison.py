@@ -6,7 +6,8 @@
 
 Runs: WILSON (WILSON's flags: --weakly --alpha 0.5 --loss_de 1 --lr_policy warmup --affinity), CAM-only (the same
 weak step with --cam gap --wilson_prior none --l_self 0 --alpha 1 and no PAMR: the localizer's own pseudo-labels
-without prior, refinement or self-training) and MiB on the pixel labels of the same step (the upper reference).
+without prior, refinement or self-training), MiB on the pixel labels of the same step (the upper reference), and
+WILSON with AWT (--att 25 --mask_att) in both weak-step modes (--awt_weak whole / localizer).
 Writes ``{out}/table.md`` (old / new / all after step 1, mean ± std over the seeds, and each seed) and
 ``{out}/results.json``; finished runs are read back, not retrained.
 """
@@ -28,9 +29,13 @@ from metrics.report import read_run, step_scores  # noqa: E402
 from metrics.results import results_csv_path  # noqa: E402
 
 WEAK = ["--weakly", "--loss_de", "1", "--lr_policy", "warmup"]
-RUNS = {"WILSON": WEAK + ["--alpha", "0.5", "--affinity"],
-        "CAM-only": WEAK + ["--alpha", "1", "--cam", "gap", "--wilson_prior", "none", "--l_self", "0"],
-        "MiB (pixel labels)": ["--method", "MiB"]}
+WILSON = WEAK + ["--alpha", "0.5", "--affinity"]
+AWT = ["--att", "25", "--mask_att"]
+RUNS = {"WILSON": ("WILSON", WILSON),  # label: (run name, flags of the weak step)
+        "CAM-only": ("CAM_only", WEAK + ["--alpha", "1", "--cam", "gap", "--wilson_prior", "none", "--l_self", "0"]),
+        "MiB (pixel labels)": ("MiB", ["--method", "MiB"]),
+        "WILSON + AWT (whole)": ("WILSON_AWT_whole", WILSON + AWT + ["--awt_weak", "whole"]),
+        "WILSON + AWT (localizer)": ("WILSON_AWT_localizer", WILSON + AWT + ["--awt_weak", "localizer"])}
 
 
 def common(data: str, out: str, seed: int, size: int) -> list[str]:
@@ -70,8 +75,7 @@ def main(argv=None) -> int:
         if not os.path.isfile(step0):
             assert run.main(common(data, first, args.seeds[0], args.size) + [
                 "--step", "0", "--bce", "--lr", "0.05", "--epochs", str(args.epochs0), "--name", "FT_bce"]) == 0
-        for label, flags in RUNS.items():
-            name = label.split(" ")[0].replace("-", "_")
+        for label, (name, flags) in RUNS.items():
             path = results_csv_path(os.path.join(out, "results"), "cmp", "voc", "15-5", name)
             if not os.path.isfile(path):
                 step = ["--step", "1", "--lr", str(args.lr), "--epochs", str(args.epochs), "--name", name,

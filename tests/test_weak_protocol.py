@@ -104,9 +104,5 @@ def test_flags_that_need_pixel_labels_or_weak_steps_are_refused(voc):
         _check_protocol(parse_config(base_args + ["--weak_allow_single"]))
     with pytest.raises(UserError, match="MiB cannot use: it trains on pixel labels"):
         build_method(parse_config(base_args + ["--weakly", "--method", "MiB"]))
-    with pytest.raises(UserError, match="new classes' pixels \\(--mask_att\\)"):
-        from methods.stack import check_capabilities, resolve_plugins
-        cfg = parse_config(base_args + ["--weakly", "--att", "25", "--mask_att"])
-        method_cls, extensions = resolve_plugins(cfg)
-        check_capabilities(cfg, type("Weak", (method_cls,), {"capabilities": method_cls.capabilities.__class__(
-            weak_steps=True)}), extensions)
+    stack = build_method(parse_config(base_args + ["--weakly", "--att", "25", "--mask_att"]))
+    assert stack.names == ["WILSON", "AWT"]  # AWT at weak steps takes its masks from the image labels

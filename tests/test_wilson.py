@@ -13,7 +13,7 @@ from PIL import Image
 from dataset.synthetic import generate
 from experiment.config import parse_config
 from methods import build_method
-from methods.wilson import WILSON, WilsonLoss
+from methods.wilson import WILSON, WilsonLoss, with_prior
 from tests.conftest import interrupt_at_epoch, smoke_args
 
 # fcdl94/WILSON run.sh and coco.sh (the weak step's line; paths and the launcher left out)
@@ -89,7 +89,8 @@ def test_groups_and_the_warmup_schedule_follow_the_reference(voc):
 @pytest.mark.slow
 def test_no_pixel_label_reaches_a_term_and_label_pixels_do_not_matter(voc, step0, tmp_path, monkeypatch):
     """Every batch the weak step's terms see has all-255 labels; rewriting the pixels of its training labels (same
-    class sets: each label flipped left-right) leaves the trained weights bit-identical."""
+    class sets: each label flipped left-right) leaves the trained weights bit-identical, AWT's mask from image labels
+    (--awt_weak whole, the default) included."""
     import run
     seen = []
     original = WilsonLoss.__call__
@@ -100,7 +101,8 @@ def test_no_pixel_label_reaches_a_term_and_label_pixels_do_not_matter(voc, step0
         return original(self, batch)
 
     monkeypatch.setattr(WilsonLoss, "__call__", spy)
-    assert run.main(_weak_args(voc, tmp_path / "a", step0)) == 0
+    awt = ["--att", "25", "--mask_att"]
+    assert run.main(_weak_args(voc, tmp_path / "a", step0, awt)) == 0
     assert seen and all(seen)
     data = tmp_path / "flipped"
     shutil.copytree(voc, data)
@@ -109,7 +111,9 @@ def test_no_pixel_label_reaches_a_term_and_label_pixels_do_not_matter(voc, step0
         flipped = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         assert not np.array_equal(np.asarray(flipped), np.asarray(image)) or np.asarray(image).max() == 0
         flipped.save(label)
-    assert run.main(_weak_args(str(data), tmp_path / "b", step0)) == 0
+    assert run.main(_weak_args(str(data), tmp_path / "b", step0, awt)) == 0
+    masks = [next((tmp_path / run_ / "channels").rglob("step1_union_att25_*_weakwhole_*[0-9a-f].pt")) for run_ in "ab"]
+    assert torch.equal(torch.load(masks[0], weights_only=True), torch.load(masks[1], weights_only=True))
     a = torch.load(tmp_path / "a" / "ckpt" / "15-5-voc_OURS_1.pth", weights_only=True)["model_state"]
     b = torch.load(tmp_path / "b" / "ckpt" / "15-5-voc_OURS_1.pth", weights_only=True)["model_state"]
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -139,7 +143,6 @@ def test_weak_step_killed_and_resumed_gives_the_same_bytes(voc, step0, tmp_path,
 @pytest.mark.parametrize("extra,message", [
     (["--unce"], "--unce changes the pixel-label loss of steps > 0"),
     (["--pseudo", "entropy"], "the pseudo loss term reads pixel labels"),
-    (["--att", "25", "--mask_att"], "--mask_att"),
 ])
 def test_what_a_weak_step_cannot_do_is_refused_in_one_line(voc, step0, tmp_path, capsys, extra, message):
     import run
@@ -153,10 +156,10 @@ def test_table4_priors_replace_the_old_channels_as_documented():
     old = torch.randn(2, 4, 3, 3)
     term = lambda prior: WilsonLoss(localizer=None, progress=None, alpha=0.5, cam="ngwp", l_seg=1.0,  # noqa: E731
                                     pseudo_ep=0, affinity=False, prior=prior)
-    assert torch.equal(term("learned").with_prior(z, old), z)
-    fixed = term("fixed").with_prior(z, old)
+    assert torch.equal(with_prior(z, old, "learned"), z)
+    fixed = with_prior(z, old, "fixed")
     assert torch.equal(fixed[:, :4], old) and torch.equal(fixed[:, 4:], z[:, 4:])
-    none = term("none").with_prior(z, old)
+    none = with_prior(z, old, "none")
     assert (none[:, 0] == 1).all() and (none[:, 1:4] == 0).all() and torch.equal(none[:, 4:], z[:, 4:])
     assert term("none").prior_loss(z, old) == 0 and term("fixed").prior_loss(z, old) == 0
     expected = torch.nn.functional.cross_entropy(z[:, :4], old.argmax(1))

@@ -96,3 +96,21 @@ def build_scheduler(optimizer, cfg, max_iters: int):
         lambdas = [lambda it, base=group["lr"]: factor(it, base) for group in optimizer.param_groups]
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_decay_step, gamma=cfg.lr_decay_factor)
+
+
+def forget_state_of_changed(optimizer: torch.optim.Optimizer | None, before: dict) -> int:
+    """Zero the optimiser's per-element state (momentum, Adam moments) where a parameter's value differs from
+    ``before[param]`` (a copy taken before it was re-initialised in the middle of a step), so that the old
+    momentum does not push the new values; returns how many elements were reset."""
+    if optimizer is None:
+        return 0
+    reset = 0
+    for param, old in before.items():
+        changed = param.detach() != old
+        if not bool(changed.any()):
+            continue
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.masked_fill_(changed, 0)
+        reset += int(changed.sum())
+    return reset
