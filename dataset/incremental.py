@@ -306,18 +306,26 @@ class IncrementalSegmentation(Dataset):
         return self.reader.samples[int(self.idxs[index])]
 
 
+def weak_old_labels(cfg) -> bool:
+    """Whether a weak step's image labels name the old classes too: ``--weak_old_labels``, or WILSON's ``--no_mask``
+    with ``--weakly`` (its meaning there)."""
+    return bool(getattr(cfg, "weakly", False) and (getattr(cfg, "weak_old_labels", False)
+                                                   or getattr(cfg, "no_mask", False)))
+
+
 class WeakSegmentation(IncrementalSegmentation):
     """The training images of a weak step (WILSON's protocol): no label file is opened. Items: ``(image, label,
     {"img_labels": float32 (C - 1,)})`` where the label is 255 everywhere (transformed with the image so that crops
     keep their shape) and ``img_labels[k - 1]`` is 1 when remapped class ``k`` is a class of this step present in the
-    image's full ground truth (the class index of the split, or ``img_labels_file``), 0 for old classes.
+    image's full ground truth (the class index of the split, or ``img_labels_file``), 0 for old classes (present old
+    classes too with ``old_labels``: WILSON's Table 5 variant).
 
     ``img_labels_file``: a ``.npy`` array (images of the split x classes 1..N-1 in the reader's ids; WILSON's
     ``voc_1h_labels_train.npy``). A step in which a new class is in every training image has no negative image for an
     image-level loss: refused unless ``allow_single``."""
 
     def __init__(self, reader: Reader, *, presence_dir: str | None = None, img_labels_file: str | None = None,
-                 allow_single: bool = False, step: int = 0, **kwargs):
+                 allow_single: bool = False, step: int = 0, old_labels: bool = False, **kwargs):
         super().__init__(reader, presence_dir=presence_dir, **kwargs)
         if self.aux:
             raise UserError("a weak step's training images carry no per-pixel maps (saliency): drop --weakly or the "
@@ -325,8 +333,9 @@ class WeakSegmentation(IncrementalSegmentation):
         present = (_image_labels_file(img_labels_file, reader) if img_labels_file
                    else class_presence(reader, presence_dir))[self.idxs]
         self.img_labels = np.zeros((len(self.idxs), len(self.order) - 1), dtype=np.float32)
-        for c in self.labels:
-            self.img_labels[:, self.order.index(c) - 1] = present[:, c]
+        for c in list(self.labels) + (list(self.labels_old) if old_labels else []):
+            if c != 0:
+                self.img_labels[:, self.order.index(c) - 1] = present[:, c]
         everywhere = [c for c in self.labels if present[:, c].all()]
         if everywhere and not allow_single:
             name = reader.CLASS_NAMES[everywhere[0]] if everywhere[0] < len(reader.CLASS_NAMES) else everywhere[0]
@@ -399,7 +408,8 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
                    crop_size: int, crop_val: bool = True, cache_root: str = "data", test_on_val: bool = False,
                    val_on_trainset: bool = False, cross_val: bool = False, seed: int = 42, augment: str = "reference",
                    test_unseen: str = "background", data_roots=(), crop_size_val: int | None = None,
-                   weak: bool = False, img_labels_file: str | None = None, weak_allow_single: bool = False):
+                   weak: bool = False, img_labels_file: str | None = None, weak_allow_single: bool = False,
+                   weak_old_labels: bool = False):
     """``(train, val, test)`` for one step, as the reference ``get_dataset``.
 
     train: train split, ``overlap`` filtering, masked; val: val split, overlap filtering, masked the same way
@@ -430,7 +440,8 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
                                 crop_size=crop_size, crop_val=crop_val, val_on_trainset=val_on_trainset,
                                 cross_val=cross_val, seed=seed, describe=describe, augment=augment)
 
-    weak_args = (dict(img_labels_file=img_labels_file, allow_single=weak_allow_single, step=step)
+    weak_args = (dict(img_labels_file=img_labels_file, allow_single=weak_allow_single, step=step,
+                      old_labels=weak_old_labels)
                  if weak and step > 0 else {})
     train = (WeakSegmentation if weak_args else IncrementalSegmentation)(
         train_reader, labels=labels, labels_old=labels_old, overlap=overlap, masking=data_masking, train=True,
@@ -517,4 +528,4 @@ def build_step_datasets(cfg, step: int):
                           val_on_trainset=cfg.val_on_trainset, cross_val=cfg.cross_val, seed=cfg.random_seed,
                           augment=cfg.train_augment, test_unseen=cfg.test_unseen, data_roots=cfg.data_roots,
                           crop_size_val=cfg.crop_size_val, weak=cfg.weakly, img_labels_file=cfg.img_labels,
-                          weak_allow_single=cfg.weak_allow_single)
+                          weak_allow_single=cfg.weak_allow_single, weak_old_labels=weak_old_labels(cfg))

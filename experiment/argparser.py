@@ -70,6 +70,9 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--img_labels", type=path_value, default=None, metavar="FILE",
                    help="with --weakly: image labels from a .npy array (images of the train split x classes 1..N-1 "
                         "in the dataset's ids, as WILSON's voc_1h_labels_train.npy) instead of the label files")
+    g.add_argument("--weak_old_labels", action="store_true",
+                   help="with --weakly: the image labels also name the old classes present (WILSON's Table 5; its "
+                        "flag --no_mask does the same with --weakly), and WILSON's l_CLS covers every class")
     g.add_argument("--weak_allow_single", action="store_true",
                    help="with --weakly: run a weak step in which a new class is in every training image (a "
                         "single-class step has no negative image for the image-level loss; WILSON collapses there)")
@@ -209,7 +212,8 @@ def _add_protocol(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("incremental protocol")
     g.add_argument("--task", default="19-1", help="class split, e.g. 15-1, 100-50, 14-1")
     g.add_argument("--step", type=nonnegative_int, nargs="+", default=[0], help="step(s) to run, in order")
-    g.add_argument("--no_mask", action="store_true", help=NOT_IMPLEMENTED + "keep old-class labels in training")
+    g.add_argument("--no_mask", action="store_true", help=NOT_IMPLEMENTED + "keep old-class labels in training; with --weakly (WILSON's meaning): "
+                                                "= --weak_old_labels")
     g.add_argument("--data_masking", default="current", choices=["current", "current+old", "all", "new"],
                    help="training label masking")
     g.add_argument("--overlap", action="store_true", help="overlapped protocol (default: disjoint)")

@@ -89,7 +89,7 @@ def _check_protocol(cfg) -> None:
     if bad:
         raise UserError(f"--step {bad[0]} is outside task {cfg.task} of {cfg.dataset}, which has steps 0..{n - 1}")
     if not cfg.weakly:
-        for flag in ("img_labels", "weak_allow_single"):
+        for flag in ("img_labels", "weak_allow_single", "weak_old_labels"):
             if getattr(cfg, flag):
                 raise UserError(f"--{flag} sets how weak steps read their image labels; add --weakly or drop it")
     elif cfg.cross_val:
@@ -98,7 +98,7 @@ def _check_protocol(cfg) -> None:
     if cfg.val_every_iters and not cfg.select_best_on_val:
         raise UserError(f"--val_every_iters {cfg.val_every_iters} validates for the model selection only; add "
                         "--select_best_on_val (or drop --val_every_iters)")
-    if cfg.no_mask:
+    if cfg.no_mask and not cfg.weakly:
         raise UserError("--no_mask is not supported (the reference hit 'assert False' for VOC and Cityscapes); "
                         "use --data_masking current+old to keep old-class labels")
     for flag in ("ignore_test_bg", "disable_background"):

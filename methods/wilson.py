@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import torch
@@ -25,8 +24,10 @@ from methods.presets import TermMethod
 from methods.registry import register_method
 from methods.wilson_losses import (CAM_MODES, balanced_self_training_loss, image_label_loss, localization_prior_loss,
                                    mask_by_image_labels, pseudo_gtmask, segmentation_loss, soft_targets)
+from dataset.incremental import weak_old_labels
 from modules.norm import NORM_ACT
 from modules.wilson import build_localizer, denormalize, pamr
+from utils.dist import average_gradients_and_share_buffers
 from utils.errors import UserError
 from utils.flags import nonnegative_float, nonnegative_int, positive_float
 
@@ -99,10 +100,12 @@ class WilsonLoss(LossTerm):
     needs_features = True
 
     def __init__(self, *, localizer: nn.Module, progress: Progress, alpha: float, cam: str, l_seg: float,
-                 pseudo_ep: int, affinity: bool, prior: str = "learned", l_self: float = 1.0):
+                 pseudo_ep: int, affinity: bool, prior: str = "learned", l_self: float = 1.0,
+                 cls_on_all: bool = False):
         self.localizer, self.progress = localizer, progress
         self.alpha, self.cam, self.l_seg, self.pseudo_ep, self.affinity = alpha, cam, l_seg, pseudo_ep, affinity
         self.prior, self.l_self = prior, l_self
+        self.cls_on_all = cls_on_all  # l_CLS over every class (the image labels name the old classes too)
 
     def prior_loss(self, z: Tensor, old_small: Tensor) -> Tensor:
         """l_LOC (learned), its CE variant (Table 4's "learned + CE": softmax CE of the localizer's old channels
@@ -122,7 +125,8 @@ class WilsonLoss(LossTerm):
         m = localizer_eval_maps(self.localizer, body, old_small, self.prior)
         raw = self.localizer(body).float()
         z = with_prior(raw, old_small, self.prior)
-        out = {"loss_cls": image_label_loss(z, labels_new, self.cam), "loss_loc": self.prior_loss(raw, old_small)}
+        out = {"loss_cls": image_label_loss(z, img_all if self.cls_on_all else labels_new, self.cam),
+               "loss_loc": self.prior_loss(raw, old_small)}
         if self.progress.epoch < self.pseudo_ep:
             out["loss_seg"] = 0 * logits_small.mean()
             return out
@@ -134,6 +138,25 @@ class WilsonLoss(LossTerm):
         if self.l_self > 0:
             out["loss_self"] = self.l_self * balanced_self_training_loss(z, pseudo, img_all)
         return out
+
+
+class LocalizerSync(LossTerm):
+    """Under torchrun: the localizer is trained outside the model's DistributedDataParallel, so its gradients are
+    averaged over the ranks before each optimiser step and its statistics taken from rank 0 (as DDP does for the
+    model); every rank keeps the same localizer. No loss of its own."""
+
+    name = "localizer_sync"
+    order = 21
+
+    def __init__(self, localizer: nn.Module):
+        self.localizer = localizer
+
+    def __call__(self, batch: Batch) -> dict[str, Tensor]:
+        return {}
+
+    def after_backward(self, model: nn.Module, grad_scale: float = 1.0) -> dict[str, Tensor]:
+        average_gradients_and_share_buffers(self.localizer)
+        return {}
 
 
 @register_method
@@ -175,10 +198,6 @@ class WILSON(TermMethod):
         if not getattr(cfg, "weakly", False) and any(step > 0 for step in cfg.step):
             raise UserError("--method WILSON learns steps > 0 from image-level labels: add --weakly (or use another "
                             "method for pixel labels)")
-        if getattr(cfg, "weakly", False) and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-            raise UserError("WILSON's weak steps run in one process for now: its localizer is not synchronised "
-                            "across torchrun's processes yet (each would train its own); run without torchrun, or "
-                            "use --grad_accum for the batch")
         for flag in STEP_CLASSIFICATION_FLAGS:
             if getattr(cfg, flag, False):
                 raise UserError(f"--{flag} changes the pixel-label loss of steps > 0, which WILSON's weak steps "
@@ -248,10 +267,12 @@ class WILSON(TermMethod):
             raise UserError(f"the {reading[0]} loss term reads pixel labels, which a weak step (--weakly) does not "
                             "have: drop the flag that enables it (WILSON's steps use --loss_de only)")
         kept = [t for t in terms if t.name in LABEL_FREE_TERMS]
+        if ctx.world_size > 1:
+            kept.append(LocalizerSync(self.localizer))
         return kept + [WilsonLoss(localizer=self.localizer, progress=self.progress, alpha=self.cfg.alpha,
                                   cam=self.options.cam, l_seg=self.options.l_seg, pseudo_ep=self.options.pseudo_ep,
                                   affinity=self.options.affinity, prior=self.options.wilson_prior,
-                                  l_self=self.options.l_self)]
+                                  l_self=self.options.l_self, cls_on_all=weak_old_labels(self.cfg))]
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     def begin_epoch(self, epoch: int, epochs: int) -> None:

@@ -89,6 +89,21 @@ def test_image_labels_from_a_wilson_array(voc, tmp_path):
         _build(voc, tmp_path, img_labels_file=str(path))
 
 
+def test_old_labels_name_the_old_classes_present_as_wilson_no_mask(voc, tmp_path):
+    """WILSON's Table 5 variant (--weak_old_labels, or --no_mask with --weakly): old entries = presence too."""
+    train = _build(voc, tmp_path, weak_old_labels=True)
+    expected = _presence_from_files(train)
+    labels, labels_old = get_task_labels("voc", "15-5", 1)
+    vectors = np.stack([train[i][2]["img_labels"].numpy() for i in range(len(train))])
+    order = [c for c in labels_old if c != 0] + list(labels)
+    assert vectors.tolist() == [[float(expected[i, c]) for c in order] for i in range(len(train))]
+    assert vectors[:, :len(labels_old) - 1].any()  # some old class is present somewhere: the check can fail
+    base_args = ["--dataset", "voc", "--task", "15-5", "--step", "1", "--data_root", voc]
+    assert parse_config(base_args + ["--weakly", "--no_mask"]).no_mask  # accepted with WILSON's meaning
+    with pytest.raises(UserError, match="--no_mask is not supported"):
+        _check_protocol(parse_config(base_args + ["--no_mask"]))
+
+
 def test_a_single_class_step_is_refused_unless_asked(voc, tmp_path):
     with pytest.raises(UserError, match="single-class step.*--weak_allow_single"):
         _build(voc, tmp_path, task="15-1", step=1)

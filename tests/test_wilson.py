@@ -164,10 +164,3 @@ def test_table4_priors_replace_the_old_channels_as_documented():
     assert term("none").prior_loss(z, old) == 0 and term("fixed").prior_loss(z, old) == 0
     expected = torch.nn.functional.cross_entropy(z[:, :4], old.argmax(1))
     assert torch.equal(term("ce").prior_loss(z, old), expected)
-
-
-def test_weak_steps_under_torchrun_are_refused_until_the_localizer_is_synchronised(monkeypatch):
-    from utils.errors import UserError
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="not synchronised across torchrun's processes"):
-        build_method(parse_config(shlex.split(RUN_SH_STEP1)))

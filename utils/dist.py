@@ -55,6 +55,24 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def average_gradients_and_share_buffers(module: torch.nn.Module) -> None:
+    """Make a module trained outside DistributedDataParallel stay identical on every rank: its gradients averaged
+    (one flat all-reduce) and its buffers (normalisation statistics) taken from rank 0, as DDP does for the model."""
+    if not is_distributed():
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def broadcast_object(obj, src: int = 0):
     """Send a picklable object from ``src`` to every rank."""
     if not is_distributed():
