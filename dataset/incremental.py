@@ -306,6 +306,23 @@ class IncrementalSegmentation(Dataset):
         return self.reader.samples[int(self.idxs[index])]
 
 
+def with_label_dir(reader: Reader, folder: str) -> Reader:
+    """A copy of ``reader`` whose labels are ``{folder}/{image name}.png`` in train ids (no label map applied), e.g.
+    the pseudo-masks of ``wsss.py make_masks``; every one must exist."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--train_labels {folder}: no such folder (the label PNGs of the training images, e.g. "
+                        "wsss.py make_masks' masks/)")
+    out = copy.copy(reader)
+    out.samples = [(img, os.path.join(folder, os.path.splitext(os.path.basename(img))[0] + ".png"))
+                   for img, _ in reader.samples]
+    missing = [lbl for _, lbl in out.samples if not os.path.isfile(lbl)]
+    if missing:
+        raise UserError(f"--train_labels {folder}: {len(missing)} of the {len(out.samples)} training images have no "
+                        f"label there (first: {missing[0]}); make them all (wsss.py make_masks) or point elsewhere")
+    out.LABEL_LUT, out.RAW_VALID = None, None  # written in train ids
+    return out
+
+
 def weak_old_labels(cfg) -> bool:
     """Whether a weak step's image labels name the old classes too: ``--weak_old_labels``, or WILSON's ``--no_mask``
     with ``--weakly`` (its meaning there)."""
@@ -409,7 +426,7 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
                    val_on_trainset: bool = False, cross_val: bool = False, seed: int = 42, augment: str = "reference",
                    test_unseen: str = "background", data_roots=(), crop_size_val: int | None = None,
                    weak: bool = False, img_labels_file: str | None = None, weak_allow_single: bool = False,
-                   weak_old_labels: bool = False):
+                   weak_old_labels: bool = False, train_labels: str | None = None):
     """``(train, val, test)`` for one step, as the reference ``get_dataset``.
 
     train: train split, ``overlap`` filtering, masked; val: val split, overlap filtering, masked the same way
@@ -419,7 +436,9 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
     generator seeded with ``seed`` (= the reference's global RNG right after ``torch.manual_seed(random_seed)``);
     the val part keeps the train transform and masking, as in the reference. A cross-dataset task reads the step's
     training source (``data_roots``: ``{source: folder}``); its other test sets come from :func:`extra_test_sets`.
-    ``weak``: the training set is a :class:`WeakSegmentation` (image-level labels only)."""
+    ``weak``: the training set is a :class:`WeakSegmentation` (image-level labels only). ``train_labels``: a folder
+    of label PNGs (train ids, one per training image, named as the image) the training set reads instead of the
+    ground truth (:func:`with_label_dir`)."""
     task = canonical_task(dataset, task)
     source = train_source(dataset, step)
     roots = source_roots(dataset, root, data_roots)
@@ -429,6 +448,9 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
     presence_dir = os.path.join(cache_root, reader_cls.NAME)
     mode = "overlap" if overlap else "disjoint"
     train_reader = reader_cls(roots[source], "train")
+    if train_labels:
+        train_reader = with_label_dir(train_reader, train_labels)
+        folder += "-labels-" + hashlib.sha1(os.path.abspath(train_labels).encode()).hexdigest()[:8]
     val_reader = reader_cls(roots[source], "val")
     eval_crop = crop_size_val or crop_size
 
@@ -528,4 +550,5 @@ def build_step_datasets(cfg, step: int):
                           val_on_trainset=cfg.val_on_trainset, cross_val=cfg.cross_val, seed=cfg.random_seed,
                           augment=cfg.train_augment, test_unseen=cfg.test_unseen, data_roots=cfg.data_roots,
                           crop_size_val=cfg.crop_size_val, weak=cfg.weakly, img_labels_file=cfg.img_labels,
-                          weak_allow_single=cfg.weak_allow_single, weak_old_labels=weak_old_labels(cfg))
+                          weak_allow_single=cfg.weak_allow_single, weak_old_labels=weak_old_labels(cfg),
+                          train_labels=cfg.train_labels)

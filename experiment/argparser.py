@@ -70,9 +70,12 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--img_labels", type=path_value, default=None, metavar="FILE",
                    help="with --weakly: image labels from a .npy array (images of the train split x classes 1..N-1 "
                         "in the dataset's ids, as WILSON's voc_1h_labels_train.npy) instead of the label files")
+    g.add_argument("--train_labels", type=path_value, default=None, metavar="DIR",
+                   help="train on the label PNGs of DIR (train ids, one per training image, named as the image: "
+                        "e.g. wsss.py make_masks' masks/) instead of the ground truth; validation and test keep it")
     g.add_argument("--weak_old_labels", action="store_true",
-                   help="with --weakly: the image labels also name the old classes present (WILSON's Table 5; its "
-                        "flag --no_mask does the same with --weakly), and WILSON's l_CLS covers every class")
+                   help="with --weakly: the image labels also name the old classes present (WILSON's Table 5, which "
+                        "runs it with its no_mask flag), and WILSON's l_CLS covers every class")
     g.add_argument("--weak_allow_single", action="store_true",
                    help="with --weakly: run a weak step in which a new class is in every training image (a "
                         "single-class step has no negative image for the image-level loss; WILSON collapses there)")
