@@ -38,6 +38,9 @@ def plot_path(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.splitlines()[0], epilog="Exit status 2 on bad input.")
     p.add_argument("inputs", nargs="*", help="result CSV files or folders (searched recursively for *.csv)")
+    p.add_argument("--wsss", action="store_true",
+                   help="the inputs are wsss.py run folders: a table of their CAM-seed, pseudo-mask and "
+                        "segmentation mIoU (wsss.json)")
     p.add_argument("--ledger", action="store_true",
                    help="the reproduction ledger (docs/reproduction.md): every published number we can run, ours next "
                         "to it from these CSVs, the difference, and flags where a run did not follow the published "
@@ -76,6 +79,9 @@ def main(argv=None) -> int:
     if not args.inputs and not args.ledger:
         parser.error("give result CSV files or folders (or --ledger)")
     try:
+        if args.wsss:
+            sys.stdout.write(report.render_wsss(args.inputs, args.decimals))
+            return 0
         if args.ledger:
             runs = report.load_runs(args.inputs, None, args.columns, args.dataset, args.task, args.name,
                                     allow_empty=True) if args.inputs else []

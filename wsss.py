@@ -4,7 +4,9 @@ command; every stage writes files the next reads and continues where a killed ru
     python wsss.py train_cam  --dataset voc --data_root PascalVOC12 --out runs/wsss/irn
     python wsss.py make_cam   --dataset voc --data_root PascalVOC12 --out runs/wsss/irn
     python wsss.py make_masks --dataset voc --data_root PascalVOC12 --out runs/wsss/irn
-    python run.py --dataset voc --task offline --step 0 --train_labels runs/wsss/irn/masks ...   # segmentation
+    python wsss.py train_seg  --dataset voc --data_root PascalVOC12 --out runs/wsss/irn -- --epochs 30 ...
+    # = run.py --task offline --step 0 --train_labels runs/wsss/irn/masks (flags after -- go to run.py); its test
+    #   mIoU joins the seed and mask mIoU in wsss.json, which report.py --wsss runs/wsss/irn shows
     # CSD on the classification stage, with the baseline's masks:
     python wsss.py train_cam --csd --csd_masks runs/wsss/irn/masks --out runs/wsss/csd ...
 """
@@ -24,7 +26,7 @@ from utils.logger import setup_logging
 from weaksup.masks import CONF_BG, CONF_FG, SEED_BG
 
 log = logging.getLogger("wsss")
-STAGES = ("train_cam", "make_cam", "make_masks")
+STAGES = ("train_cam", "make_cam", "make_masks", "train_seg")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -71,7 +73,9 @@ def build_net(args, n_classes: int):
 
 
 def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = get_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     setup_logging(False)
     try:
         from weaksup import pipeline
@@ -85,6 +89,8 @@ def main(argv=None) -> int:
         if args.stage == "make_masks":
             pipeline.make_masks(args, reader)
             return 0
+        if args.stage == "train_seg":
+            return pipeline.train_seg(args, run_flags)
         net = build_net(args, reader.NUM_CLASSES - 1).to(device)
         if args.stage == "train_cam":
             pipeline.train_cam(args, net, reader, device)

@@ -590,3 +590,23 @@ def render(runs: Sequence[Run], *, reference_average: bool = False, per_class: b
         parts += ["", "IoU (%) per class at the last tested step (x = not learnt, X = no pixel in the test set):", "",
                   per_class_table(groups, decimals)]
     return "\n".join(parts) + "\n"
+
+
+def render_wsss(folders: Sequence[str], decimals: int = 1) -> str:
+    """Markdown table of weakly-supervised runs (``wsss.py`` folders): CAM-seed, pseudo-mask (with the share of
+    pixels the masks label) and segmentation mIoU, from each folder's ``wsss.json``; "–" for a stage not run yet."""
+    import json
+
+    if not folders:
+        raise UserError("--wsss: give wsss.py run folders (each with a wsss.json)")
+    lines = ["| run | seed mIoU | mask mIoU | mask coverage | segmentation mIoU |", "|---|---:|---:|---:|---:|"]
+    for folder in folders:
+        path = os.path.join(folder, "wsss.json")
+        if not os.path.isfile(path):
+            raise UserError(f"--wsss {folder}: no wsss.json (run wsss.py make_masks with --out {folder})")
+        with open(path, encoding="utf-8") as handle:
+            result = json.load(handle)
+        cells = [f"{result[k]:.{decimals}f}" if isinstance(result.get(k), (int, float)) else "–"
+                 for k in ("seed_miou", "mask_miou", "mask_coverage", "seg_miou")]
+        lines.append(f"| {folder} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -123,10 +123,10 @@ def test_poly_schedule_is_irn_s():
 
 # ------------------------------------------------------------------------------------------------ the pipeline
 @pytest.mark.slow
-def test_three_stages_end_to_end_killed_and_resumed(tmp_path, monkeypatch, caplog):
-    import run
+def test_three_stages_end_to_end_killed_and_resumed(tmp_path, monkeypatch, caplog, capsys):
     import wsss
     from dataset.synthetic import generate
+    from report import main as report_main
     from weaksup import pipeline
 
     data = tmp_path / "voc"
@@ -178,11 +178,9 @@ def test_three_stages_end_to_end_killed_and_resumed(tmp_path, monkeypatch, caplo
     assert 0 < result["seed_miou"] <= 100 and 0 < result["mask_miou"] <= 100 and len(result["seed_iou"]) == 21
     masks = sorted((tmp_path / "irn" / "masks").glob("*.png"))
     assert len(masks) == 48
-    seg = ["--dataset", "voc", "--data_root", str(data), "--task", "offline", "--step", "0", "--backbone", "resnet18",
-           "--no_pretrained", "--norm_act", "abn", "--crop_size", "40", "--batch_size", "2", "--epochs", "1",
-           "--num_workers", "0", "--no_progress", "--output_dir", str(tmp_path / "seg"), "--cache_root",
-           str(tmp_path / "cache"), "--train_labels", str(tmp_path / "irn" / "masks"), "--name", "irn",
-           "--date", "test"]
+    seg = ["--backbone", "resnet18", "--no_pretrained", "--norm_act", "abn", "--crop_size", "40", "--batch_size", "2",
+           "--epochs", "1", "--num_workers", "0", "--no_progress", "--output_dir", str(tmp_path / "seg"),
+           "--name", "irn", "--date", "test"]
     seen = []
     from dataset import base
     real_pair = base.load_pair
@@ -192,9 +190,17 @@ def test_three_stages_end_to_end_killed_and_resumed(tmp_path, monkeypatch, caplo
         return real_pair(img, lbl, *args, **kwargs)
 
     monkeypatch.setattr(base, "load_pair", spy)
-    assert run.main(seg) == 0
+    assert wsss.main(["train_seg", "--dataset", "voc", "--data_root", str(data), "--out", str(tmp_path / "irn"),
+                      "--cache_root", str(tmp_path / "cache"), "--", *seg]) == 0
     trained_on = {p for p in seen if "masks" in p}
     assert trained_on and trained_on <= {str(m) for m in masks}  # the training labels are the pseudo-masks
+    result = json.loads((tmp_path / "irn" / "wsss.json").read_text())
+    assert 0 <= result["seg_miou"] <= 100 and result["seg_results"].endswith("test_voc_offline_irn.csv")
+    capsys.readouterr()
+    assert report_main(["--wsss", str(tmp_path / "irn")]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split("|")
+    assert [c.strip() for c in row[2:6]] == [f"{result[k]:.1f}" for k in ("seed_miou", "mask_miou", "mask_coverage",
+                                                                           "seg_miou")]
 
     # CSD on stage 1 with the baseline's masks: both KL terms act
     with caplog.at_level("INFO"):
