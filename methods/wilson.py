@@ -19,17 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.base import Batch, Capabilities, LossTerm, StepContext, WeakLabeler
+from dataset.incremental import weak_old_labels
+from methods.attribution import unwrap
+from methods.base import Batch, Capabilities, LossTerm, StepContext, TrainInputs, WeakLabeler
 from methods.presets import TermMethod
 from methods.registry import register_method
+from methods.wilson_csd import LocalizerCSD
 from methods.wilson_losses import (CAM_MODES, balanced_self_training_loss, image_label_loss, localization_prior_loss,
                                    mask_by_image_labels, pseudo_gtmask, segmentation_loss, soft_targets)
-from dataset.incremental import weak_old_labels
 from modules.norm import NORM_ACT
 from modules.wilson import build_localizer, denormalize, pamr
 from utils.dist import average_gradients_and_share_buffers
 from utils.errors import UserError
 from utils.flags import nonnegative_float, nonnegative_int, positive_float
+from weaksup.csd import LAMBDA_ORDERS
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +104,12 @@ class WilsonLoss(LossTerm):
 
     def __init__(self, *, localizer: nn.Module, progress: Progress, alpha: float, cam: str, l_seg: float,
                  pseudo_ep: int, affinity: bool, prior: str = "learned", l_self: float = 1.0,
-                 cls_on_all: bool = False):
+                 cls_on_all: bool = False, csd: LocalizerCSD | None = None):
         self.localizer, self.progress = localizer, progress
         self.alpha, self.cam, self.l_seg, self.pseudo_ep, self.affinity = alpha, cam, l_seg, pseudo_ep, affinity
         self.prior, self.l_self = prior, l_self
         self.cls_on_all = cls_on_all  # l_CLS over every class (the image labels name the old classes too)
+        self.csd = csd  # its rows appended after the batch's (``aux["csd"]``) are left out of WILSON's own terms
 
     def prior_loss(self, z: Tensor, old_small: Tensor) -> Tensor:
         """l_LOC (learned), its CE variant (Table 4's "learned + CE": softmax CE of the localizer's old channels
@@ -117,26 +121,32 @@ class WilsonLoss(LossTerm):
         return z.new_zeros(())
 
     def __call__(self, batch: Batch) -> dict[str, Tensor]:
-        body = batch.extras["body"]
-        img_all = batch.aux["img_labels"].float()
+        appended = batch.aux.get("csd")
+        n = appended.n if appended is not None else batch.images.shape[0]
+        body_all = batch.extras["body"]
+        body = body_all[:n]
+        img_all = batch.aux["img_labels"][:n].float()
         labels_new = img_all[:, -batch.n_new:]
-        old_small = batch.extras_old["sem_logits_small"].float()
-        logits_small = batch.extras["sem_logits_small"]
+        old_small = batch.extras_old["sem_logits_small"][:n].float()
+        logits_small = batch.extras["sem_logits_small"][:n]
         m = localizer_eval_maps(self.localizer, body, old_small, self.prior)
-        raw = self.localizer(body).float()
+        raw_all = self.localizer(body_all).float()
+        raw = raw_all[:n]
         z = with_prior(raw, old_small, self.prior)
         out = {"loss_cls": image_label_loss(z, img_all if self.cls_on_all else labels_new, self.cam),
                "loss_loc": self.prior_loss(raw, old_small)}
         if self.progress.epoch < self.pseudo_ep:
             out["loss_seg"] = 0 * logits_small.mean()
             return out
-        refined = refine(m, batch.images, self.affinity)
+        refined = refine(m, batch.images[:n], self.affinity)
         with torch.no_grad():
             target, q = soft_targets(mask_by_image_labels(m, img_all), old_small, self.alpha)
             pseudo = pseudo_gtmask(mask_by_image_labels(refined, img_all))
         out["loss_seg"] = self.l_seg * segmentation_loss(logits_small.float(), target, q, labels_new)
         if self.l_self > 0:
             out["loss_self"] = self.l_self * balanced_self_training_loss(z, pseudo, img_all)
+        if appended is not None:
+            out.update(self.csd.loss(raw_all, appended))
         return out
 
 
@@ -187,6 +197,17 @@ class WILSON(TermMethod):
         group.add_argument("--l_seg", type=nonnegative_float, default=1.0, help="weight of l_SEG")
         group.add_argument("--l_self", type=nonnegative_float, default=1.0,
                            help="weight of the localizer's self-training (0: none, as the CAM-only baseline)")
+        group.add_argument("--csd", action="store_true", default=False,
+                           help="CSD on the localizer (weak-steps.md section 3; unpublished combination): from "
+                                "--pseudo_ep on, each batch's images with two new classes or more get a one-new-class "
+                                "image of the batch (drawn by co-occurrence); its localizer mask's foreground and "
+                                "background are pasted into them and the localizer's maps of both composites are "
+                                "pulled to the source's (KL); docs/wilson.md")
+        group.add_argument("--csd_lambdas", default="fg-bg", choices=tuple(LAMBDA_ORDERS),
+                           help="with --csd: fg-bg = 0.01 on the foreground-paste KL, 0.1 on the background-paste "
+                                "KL; bg-fg = swapped (CSD's supplementary does not say which)")
+        group.add_argument("--csd_pairs", type=nonnegative_int, default=0,
+                           help="with --csd: composites per batch at most (0: a quarter of the batch)")
         group.add_argument("--wilson_prior", default="learned", choices=PRIORS,
                            help="the localizer's background and old channels (paper Table 4; only 'learned' is in "
                                 "WILSON's released code, the others are reconstructions): learned (trained by "
@@ -198,6 +219,11 @@ class WILSON(TermMethod):
         if not getattr(cfg, "weakly", False) and any(step > 0 for step in cfg.step):
             raise UserError("--method WILSON learns steps > 0 from image-level labels: add --weakly (or use another "
                             "method for pixel labels)")
+        if not getattr(cfg, "csd", False) and (cfg.csd_lambdas != "fg-bg" or cfg.csd_pairs):
+            raise UserError("--csd_lambdas / --csd_pairs set CSD's terms: add --csd or drop them")
+        if getattr(cfg, "csd", False) and not getattr(cfg, "weakly", False):
+            raise UserError("--csd acts on WILSON's localizer at weak steps: add --weakly (or drop --csd; for CSD "
+                            "on a weakly-supervised segmentation pipeline see wsss.py)")
         for flag in STEP_CLASSIFICATION_FLAGS:
             if getattr(cfg, flag, False):
                 raise UserError(f"--{flag} changes the pixel-label loss of steps > 0, which WILSON's weak steps "
@@ -207,6 +233,7 @@ class WILSON(TermMethod):
         super().__init__(cfg)
         self.progress = Progress()
         self.localizer: nn.Module | None = None
+        self.csd: LocalizerCSD | None = None
 
     def weak(self, step: int) -> bool:
         return step > 0 and bool(getattr(self.cfg, "weakly", False))
@@ -267,16 +294,37 @@ class WILSON(TermMethod):
             raise UserError(f"the {reading[0]} loss term reads pixel labels, which a weak step (--weakly) does not "
                             "have: drop the flag that enables it (WILSON's steps use --loss_de only)")
         kept = [t for t in terms if t.name in LABEL_FREE_TERMS]
+        self.csd = self.csd_part(ctx) if self.options.csd else None
         if ctx.world_size > 1:
             kept.append(LocalizerSync(self.localizer))
         return kept + [WilsonLoss(localizer=self.localizer, progress=self.progress, alpha=self.cfg.alpha,
                                   cam=self.options.cam, l_seg=self.options.l_seg, pseudo_ep=self.options.pseudo_ep,
                                   affinity=self.options.affinity, prior=self.options.wilson_prior,
-                                  l_self=self.options.l_self, cls_on_all=weak_old_labels(self.cfg))]
+                                  l_self=self.options.l_self, cls_on_all=weak_old_labels(self.cfg), csd=self.csd)]
+
+    def csd_part(self, ctx: StepContext) -> LocalizerCSD:
+        self.step, self.labeler = ctx.step, self.weak_labeler(ctx).labels
+        return LocalizerCSD(img_labels_new=ctx.train_dataset.img_labels[:, -ctx.n_new:], n_old=ctx.n_old,
+                            stride=int(unwrap(ctx.model).output_stride), pairs=self.options.csd_pairs,
+                            lambdas=self.options.csd_lambdas, seed=self.cfg.random_seed)
+
+    def compose_batch(self, inputs: TrainInputs) -> TrainInputs:
+        if self.csd is None or self.progress.epoch < self.options.pseudo_ep:
+            return inputs
+        images, img_labels, appended = self.csd.compose(inputs.images, inputs.aux["img_labels"], self.labeler,
+                                                        self.progress.epoch, self.step)
+        if appended is None:
+            return inputs
+        extra = images.shape[0] - inputs.images.shape[0]
+        labels = torch.cat([inputs.labels, inputs.labels.new_full((extra, *inputs.labels.shape[1:]), 255)])
+        return dataclasses.replace(inputs, images=images, labels=labels,
+                                   aux={**inputs.aux, "img_labels": img_labels, "csd": appended})
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         self.progress.epoch = epoch
+        if self.csd is not None:
+            self.csd.calls = 0  # the draws of an epoch depend on (seed, step, epoch, batch): resumable
 
     def after_step(self, ctx: StepContext) -> None:
         self.progress.epoch = 0

@@ -3,6 +3,7 @@ warm-up (--awt_weak localizer, the initialisation deferred to --pseudo_ep); the 
 the refusals, and run.py killed across the deferred initialisation and resumed to the same bytes."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,3 +164,54 @@ def test_deferred_initialisation_killed_and_resumed_gives_the_same_bytes(voc, st
     assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
     rows = (tmp_path / "full" / "results" / "test_voc_15-5_OURS.csv").read_text()
     assert rows == (tmp_path / "killed" / "results" / "test_voc_15-5_OURS.csv").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ CSD on the localizer
+def test_csd_composes_batches_from_the_localizer_masks():
+    from methods.wilson_csd import LocalizerCSD
+    n_old, stride = 3, 4
+    new = np.array([[1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]], dtype=np.float32)
+    part = LocalizerCSD(img_labels_new=new, n_old=n_old, stride=stride, pairs=0, lambdas="fg-bg", seed=0)
+    images = torch.arange(6 * 3 * 16 * 16, dtype=torch.float32).reshape(6, 3, 16, 16)
+    img_labels = torch.zeros(6, 2 + 3)
+    img_labels[:, 2:] = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]])
+
+    def labeler(x, y):  # sources get class (n_old + their class) in a 2x2 block of the 4x4 grid, background elsewhere
+        out = torch.zeros(x.shape[0], 4, 4, dtype=torch.long)
+        for i in range(x.shape[0]):
+            out[i, 1:3, 1:3] = n_old + int(y[i, 2:].argmax())
+        return out
+
+    composed, labels, appended = part.compose(images, img_labels, labeler, epoch=1, step=1)
+    assert appended.n == 6 and appended.k == 1  # one anchor (row 0, two new classes), a quarter of 6 -> 1
+    source_row = [i for i in range(6) if torch.equal(composed[6], images[i])]
+    assert source_row and source_row[0] in (1, 2, 4, 5)  # a single-new-class image of the batch
+    fg, bg = composed[7], composed[8]
+    (fg_where, bg_where), (fg_shift, bg_shift) = appended.wheres[0], appended.shifts[0]
+    ys, xs = fg_where.nonzero(as_tuple=True)
+    assert len(ys) == 64 and torch.equal(fg[:, ys, xs], composed[6][:, ys - fg_shift[0], xs - fg_shift[1]])
+    assert torch.equal(fg[:, ~fg_where], images[0][:, ~fg_where]) and torch.equal(bg[:, ~bg_where], images[0][:, ~bg_where])
+    assert labels.shape == (9, 5) and torch.equal(labels[6], img_labels[source_row[0]])
+    z = torch.randn(9, 6, 4, 4)
+    losses = part.loss(z, appended)
+    assert losses["loss_csd_fg"] > 0 and set(losses) == {"loss_csd_fg", "loss_csd_bg"}
+
+
+@pytest.mark.slow
+def test_csd_at_a_weak_step_runs_and_reads_no_pixel_label(voc, step0, tmp_path, monkeypatch, caplog):
+    import run
+    from methods.wilson import WilsonLoss
+    seen = []
+    original = WilsonLoss.__call__
+
+    def spy(self, batch):
+        seen.append(bool((batch.labels == 255).all()))
+        return original(self, batch)
+
+    monkeypatch.setattr(WilsonLoss, "__call__", spy)
+    args = [a for a in _args(voc, tmp_path, step0, ["--csd"]) if a not in ("--att", "25", "--mask_att")]
+    with caplog.at_level("INFO"):
+        assert run.main(args) == 0
+    assert seen and all(seen)
+    line = next(r.getMessage() for r in caplog.records if "epoch 3/3 done" in r.getMessage())
+    assert "loss_csd_fg=" in line and float(line.split("loss_csd_fg=")[1].split()[0]) > 0
