@@ -13,16 +13,25 @@ command; every stage writes files the next reads and continues where a killed ru
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 
 import torch
 
+import run
 from dataset.readers import READERS
+from experiment.config import parse_config
+from metrics.report import read_run, step_scores
+from metrics.results import results_csv_path
 from models.registry import BACKBONES
+from utils.checkpoint import safe_load
 from utils.errors import UserError, one_line
+from utils.io import atomic_write_text
 from utils.logger import setup_logging
+from weaksup import pipeline
+from weaksup.cam import CAMNet
 from weaksup.masks import CONF_BG, CONF_FG, SEED_BG
 
 log = logging.getLogger("wsss")
@@ -62,14 +71,36 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_net(args, n_classes: int):
-    from weaksup.cam import CAMNet
-
+def build_net(args, n_classes: int) -> CAMNet:
     family = BACKBONES.get_entry(args.backbone, "--backbone")
     body = family.build(norm_act="bn", output_stride=16)
     if not args.no_pretrained:
         family.load_pretrained(body, os.path.join(args.pretrained_dir, family.pretrained_file("bn")))
     return CAMNet(body, n_classes)
+
+
+def train_seg(args, run_flags: list[str]) -> int:
+    """Stage 4: the framework's segmentation (run.py, task offline, step 0) on ``{out}/masks``; its test mIoU is
+    added to ``{out}/wsss.json`` as ``seg_miou``. ``run_flags``: further run.py flags (backbone, epochs, ...)."""
+    summary = os.path.join(args.out, "wsss.json")
+    if not os.path.isfile(summary):
+        raise UserError(f"train_seg: no {summary}; run make_masks first (same --out)")
+    taken = {"--dataset", "--data_root", "--task", "--step", "--train_labels"} & set(run_flags)
+    if taken:
+        raise UserError(f"train_seg sets {sorted(taken)[0]} itself; drop it from the flags after --")
+    argv = ["--dataset", args.dataset, "--data_root", args.data_root, "--task", "offline", "--step", "0",
+            "--train_labels", os.path.join(args.out, "masks"), "--cache_root", args.cache_root, *run_flags]
+    code = run.main(argv)
+    if code != 0:
+        return code
+    cfg = parse_config(argv)
+    csv = results_csv_path(cfg.results_dir, cfg.date, cfg.dataset, "offline", cfg.name)
+    result = json.loads(open(summary, encoding="utf-8").read())
+    result["seg_miou"] = 100 * step_scores(read_run(csv), 0)["all"]
+    result["seg_results"] = csv
+    atomic_write_text(summary, json.dumps(result, indent=1))
+    log.info("train_seg: segmentation mIoU %.2f %% (%s), recorded in %s", result["seg_miou"], csv, summary)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -78,7 +109,6 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     setup_logging(False)
     try:
-        from weaksup import pipeline
         if args.csd and args.stage != "train_cam":
             raise UserError("--csd acts on train_cam only (the later stages read its CAM network)")
         device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -90,7 +120,7 @@ def main(argv=None) -> int:
             pipeline.make_masks(args, reader)
             return 0
         if args.stage == "train_seg":
-            return pipeline.train_seg(args, run_flags)
+            return train_seg(args, run_flags)
         net = build_net(args, reader.NUM_CLASSES - 1).to(device)
         if args.stage == "train_cam":
             pipeline.train_cam(args, net, reader, device)
@@ -98,7 +128,6 @@ def main(argv=None) -> int:
         weights = os.path.join(args.out, "cam_net.pth")
         if not os.path.isfile(weights):
             raise UserError(f"make_cam: no {weights}; run train_cam first (same --out)")
-        from utils.checkpoint import safe_load
         net.load_state_dict(safe_load(weights, "CAM network")["model"])
         pipeline.make_cam(args, net, reader, device)
         return 0

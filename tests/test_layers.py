@@ -17,10 +17,11 @@ LAYERS = [
     ("dataset",),  # readers, task tables, incremental wrapper, transforms, synthetic data
     ("metrics",),  # confusion matrix, result files, reports
     ("segmentation_module",),  # model assembly (ModelSpec, heads, classifiers)
+    ("weaksup",),  # weakly-supervised segmentation parts: CAM network, masks, CSD, the wsss.py stages
     ("methods",),  # step plugins, loss terms, presets, AWT
     ("train",),  # the engine
     ("experiment",),  # command line, config, builders, validation
-    ("run", "evaluate", "attribute", "attribute_class", "report", "average_csv"),  # entry points
+    ("run", "evaluate", "attribute", "attribute_class", "report", "average_csv", "wsss"),  # entry points
     ("benchmarks", "scripts"),  # tools around the product
 ]
 SKIP_DIRS = {".git", ".venv", "tests", "__pycache__", ".pytest_cache", ".hypothesis", "data", "checkpoints",

@@ -6,7 +6,8 @@
 3. ``make_masks``: CAM seeds and IRN's confident masks -> ``{out}/masks/{image}.png``; seed and mask mIoU against the
    training images' ground truth -> ``{out}/wsss.json``.
 
-Segmentation then trains the framework's DeepLab on the masks: ``run.py --task offline --train_labels {out}/masks``.
+Segmentation then trains the framework's DeepLab on the masks (``wsss.py train_seg``: ``run.py --task offline
+--train_labels {out}/masks``).
 """
 from __future__ import annotations
 
@@ -320,38 +321,9 @@ def make_masks(args, reader) -> dict:
     return result
 
 
-def train_seg(args, run_flags: list[str]) -> int:
-    """Stage 4: the framework's segmentation (run.py, task offline, step 0) on ``{out}/masks``; its test mIoU is
-    added to ``{out}/wsss.json`` as ``seg_miou``. ``run_flags``: further run.py flags (backbone, epochs, ...)."""
-    import run
-    from experiment.config import parse_config
-    from metrics.report import read_run, step_scores
-    from metrics.results import results_csv_path
-
-    summary = os.path.join(args.out, "wsss.json")
-    if not os.path.isfile(summary):
-        raise UserError(f"train_seg: no {summary}; run make_masks first (same --out)")
-    taken = {"--dataset", "--data_root", "--task", "--step", "--train_labels"} & set(run_flags)
-    if taken:
-        raise UserError(f"train_seg sets {sorted(taken)[0]} itself; drop it from the flags after --")
-    argv = ["--dataset", args.dataset, "--data_root", args.data_root, "--task", "offline", "--step", "0",
-            "--train_labels", os.path.join(args.out, "masks"), "--cache_root", args.cache_root, *run_flags]
-    code = run.main(argv)
-    if code != 0:
-        return code
-    cfg = parse_config(argv)
-    csv = results_csv_path(cfg.results_dir, cfg.date, cfg.dataset, "offline", cfg.name)
-    result = json.loads(open(summary, encoding="utf-8").read())
-    result["seg_miou"] = 100 * step_scores(read_run(csv), 0)["all"]
-    result["seg_results"] = csv
-    atomic_write_text(summary, json.dumps(result, indent=1))
-    log.info("train_seg: segmentation mIoU %.2f %% (%s), recorded in %s", result["seg_miou"], csv, summary)
-    return 0
-
-
 def build_reader(args):
     reader_cls = READERS[args.dataset]
     return reader_cls(args.data_root, "train")
 
 
-__all__ = ["train_cam", "make_cam", "make_masks", "build_reader", "SEED_BG"]
+__all__ = ["train_cam", "make_cam", "make_masks", "build_reader", "image_labels", "SEED_BG"]
