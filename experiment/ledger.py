@@ -80,6 +80,24 @@ def load_ledger(path: str = LEDGER_FILE) -> tuple[Row, ...]:
     return tuple(rows)
 
 
+WSSS_METRICS = ("seed", "mask", "seg")
+
+
+@lru_cache(maxsize=None)
+def load_wsss_rows(path: str = LEDGER_FILE) -> tuple[dict, ...]:
+    """The ``[[wsss]]`` entries: weakly-supervised segmentation numbers (CAM seeds, pseudo-masks, segmentation)."""
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle).get("wsss", [])
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"cannot read the ledger {path} ({exc})") from exc
+    for r in raw:
+        missing = [k for k in ("id", "paper", "table", "dataset", "method", "command", "src") if k not in r]
+        if missing:
+            raise UserError(f"{path}: [[wsss]] entry {r.get('id', '?')} lacks {missing[0]}")
+    return tuple(raw)
+
+
 def recipe_of(row: Row) -> Recipe:
     """The recipe of the row's wrapper (``scripts/{dataset}/{method}_{setting}.sh``)."""
     dataset, _, stem = row.wrapper.partition("/")
@@ -211,6 +229,15 @@ def reproduction_markdown() -> str:
         out.append(f"| {row.id} | {row.paper}, {row.table}{note} | {_setting(row)} | {row.method} | "
                    f"{_triple(row.published, decimals=None)}{hiou} | {avg} | {row.src} | `{row.command}` | "
                    f"{recipe.batch} / {row.gpus} | {origin} | — |")
+    out += ["", "## Weakly-supervised segmentation (`wsss.py`, docs/wsss.md)", "",
+            "CAM-seed and pseudo-mask mIoU (%) on the training images, segmentation mIoU (%) on val; `—` = not "
+            "published or not retrieved. `python report.py --wsss RUN_FOLDER` prints ours.", "",
+            "| id | paper, table | dataset | method | seed / mask / seg | src | command | ours |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in load_wsss_rows():
+        note = f" ({r['note']})" if r.get("note") else ""
+        out.append(f"| {r['id']} | {r['paper']}, {r['table']}{note} | {r['dataset']} | {r['method']} | "
+                   f"{_triple(r, WSSS_METRICS, decimals=None)} | {r['src']} | `{r['command']}` | — |")
     return "\n".join(out) + "\n"
 
 
