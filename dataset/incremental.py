@@ -342,7 +342,8 @@ class WeakSegmentation(IncrementalSegmentation):
     image-level loss: refused unless ``allow_single``."""
 
     def __init__(self, reader: Reader, *, presence_dir: str | None = None, img_labels_file: str | None = None,
-                 allow_single: bool = False, step: int = 0, old_labels: bool = False, **kwargs):
+                 allow_single: bool = False, step: int = 0, old_labels: bool = False, from_crop: bool = False,
+                 **kwargs):
         super().__init__(reader, presence_dir=presence_dir, **kwargs)
         if self.aux:
             raise UserError("a weak step's training images carry no per-pixel maps (saliency): drop --weakly or the "
@@ -350,9 +351,11 @@ class WeakSegmentation(IncrementalSegmentation):
         present = (_image_labels_file(img_labels_file, reader) if img_labels_file
                    else class_presence(reader, presence_dir))[self.idxs]
         self.img_labels = np.zeros((len(self.idxs), len(self.order) - 1), dtype=np.float32)
-        for c in list(self.labels) + (list(self.labels_old) if old_labels else []):
-            if c != 0:
-                self.img_labels[:, self.order.index(c) - 1] = present[:, c]
+        self.columns = [(self.order.index(c) - 1, c) for c in list(self.labels) + (list(self.labels_old) if old_labels
+                                                                                     else []) if c != 0]
+        for column, c in self.columns:
+            self.img_labels[:, column] = present[:, c]
+        self.from_crop = from_crop
         everywhere = [c for c in self.labels if present[:, c].all()]
         if everywhere and not allow_single:
             name = reader.CLASS_NAMES[everywhere[0]] if everywhere[0] < len(reader.CLASS_NAMES) else everywhere[0]
@@ -363,11 +366,26 @@ class WeakSegmentation(IncrementalSegmentation):
                             "--weak_allow_single to run it anyway")
 
     def __getitem__(self, index: int):
+        if self.from_crop:
+            return self._crop_item(index)
         image = self.reader.load_image(int(self.idxs[index]))
         image, _ = (self.transform or ToTensor())(image, Image.new("L", image.size, IGNORE_INDEX))
         # a fresh map: a padding crop fills the transformed blank with background
         return image, torch.full(image.shape[-2:], IGNORE_INDEX, dtype=torch.uint8), {
             "img_labels": torch.from_numpy(self.img_labels[index])}
+
+    def _crop_item(self, index: int):
+        """SimFormer's rule (``--img_labels_from crop``): the label file is read and transformed with the image only to
+        list the classes still present in the crop; the item's label stays all 255."""
+        image, label = self.reader.load(int(self.idxs[index]))
+        image, label = (self.transform or ToTensor())(image, label)
+        label = label if torch.is_tensor(label) else torch.from_numpy(np.asarray(label, dtype=np.uint8))
+        present = torch.bincount(label.flatten().long(), minlength=256) > 0
+        vector = np.zeros_like(self.img_labels[index])
+        for column, c in self.columns:
+            vector[column] = float(present[c])
+        return image, torch.full(image.shape[-2:], IGNORE_INDEX, dtype=torch.uint8), {
+            "img_labels": torch.from_numpy(vector)}
 
     def with_aux(self, names: Sequence[str]) -> "IncrementalSegmentation":
         raise UserError(f"a weak step's training images carry no per-pixel maps ({', '.join(names)}): drop --weakly "
@@ -426,7 +444,7 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
                    val_on_trainset: bool = False, cross_val: bool = False, seed: int = 42, augment: str = "reference",
                    test_unseen: str = "background", data_roots=(), crop_size_val: int | None = None,
                    weak: bool = False, img_labels_file: str | None = None, weak_allow_single: bool = False,
-                   weak_old_labels: bool = False, train_labels: str | None = None):
+                   weak_old_labels: bool = False, train_labels: str | None = None, img_labels_from: str = "image"):
     """``(train, val, test)`` for one step, as the reference ``get_dataset``.
 
     train: train split, ``overlap`` filtering, masked; val: val split, overlap filtering, masked the same way
@@ -463,7 +481,7 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
                                 cross_val=cross_val, seed=seed, describe=describe, augment=augment)
 
     weak_args = (dict(img_labels_file=img_labels_file, allow_single=weak_allow_single, step=step,
-                      old_labels=weak_old_labels)
+                      old_labels=weak_old_labels, from_crop=img_labels_from == "crop")
                  if weak and step > 0 else {})
     train = (WeakSegmentation if weak_args else IncrementalSegmentation)(
         train_reader, labels=labels, labels_old=labels_old, overlap=overlap, masking=data_masking, train=True,
@@ -551,4 +569,4 @@ def build_step_datasets(cfg, step: int):
                           augment=cfg.train_augment, test_unseen=cfg.test_unseen, data_roots=cfg.data_roots,
                           crop_size_val=cfg.crop_size_val, weak=cfg.weakly, img_labels_file=cfg.img_labels,
                           weak_allow_single=cfg.weak_allow_single, weak_old_labels=weak_old_labels(cfg),
-                          train_labels=cfg.train_labels)
+                          train_labels=cfg.train_labels, img_labels_from=cfg.img_labels_from)

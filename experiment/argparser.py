@@ -73,6 +73,10 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train_labels", type=path_value, default=None, metavar="DIR",
                    help="train on the label PNGs of DIR (train ids, one per training image, named as the image: "
                         "e.g. wsss.py make_masks' masks/) instead of the ground truth; validation and test keep it")
+    g.add_argument("--img_labels_from", default="image", choices=["image", "crop"],
+                   help="with --weakly: image = a weak step's image labels list the classes of the whole image "
+                        "(WILSON; a class cropped out still counts); crop = those still present in the augmented "
+                        "crop (SimFormer's mapper: the label file is read for that only)")
     g.add_argument("--weak_old_labels", action="store_true",
                    help="with --weakly: the image labels also name the old classes present (WILSON's Table 5, which "
                         "runs it with its no_mask flag), and WILSON's l_CLS covers every class")

@@ -92,6 +92,11 @@ def _check_protocol(cfg) -> None:
         for flag in ("img_labels", "weak_allow_single", "weak_old_labels"):
             if getattr(cfg, flag):
                 raise UserError(f"--{flag} sets how weak steps read their image labels; add --weakly or drop it")
+        if cfg.img_labels_from != "image":
+            raise UserError("--img_labels_from sets how weak steps read their image labels; add --weakly or drop it")
+    elif cfg.img_labels and cfg.img_labels_from == "crop":
+        raise UserError("--img_labels_from crop lists the classes present in each crop from the label files, and "
+                        "--img_labels gives image labels without them: drop one")
     elif cfg.cross_val:
         raise UserError("--cross_val validates on training images, whose pixel labels a weak step (--weakly) must "
                         "not read: drop --cross_val")

@@ -121,3 +121,23 @@ def test_flags_that_need_pixel_labels_or_weak_steps_are_refused(voc):
         build_method(parse_config(base_args + ["--weakly", "--method", "MiB"]))
     stack = build_method(parse_config(base_args + ["--weakly", "--att", "25", "--mask_att"]))
     assert stack.names == ["WILSON", "AWT"]  # AWT at weak steps takes its masks from the image labels
+
+
+def test_image_labels_from_the_crop_list_the_classes_left_in_it(voc, tmp_path):
+    """--img_labels_from crop (SimFormer's rule): presence in the augmented crop (here a fixed corner crop, so the
+    expectation is exact); the item's label stays all 255."""
+    from dataset.transform import ToTensor
+    crop = _build(voc, tmp_path, img_labels_from="crop")
+    crop.transform = lambda image, label: ToTensor()(image.crop((0, 0, 9, 9)), label.crop((0, 0, 9, 9)))
+    labels, labels_old = get_task_labels("voc", "15-5", 1)
+    differs = 0
+    for index in range(len(crop)):
+        image, label, aux = crop[index]
+        present = set(np.unique(np.asarray(crop.reader.load(int(crop.idxs[index]))[1])[:9, :9]).tolist())
+        assert (label == 255).all() and label.shape == image.shape[1:] == (9, 9)
+        assert aux["img_labels"][len(labels_old) - 1:].tolist() == [float(c in present) for c in labels]
+        differs += aux["img_labels"].tolist() != crop.img_labels[index].tolist()
+    assert differs > 0  # some class was cropped out somewhere: the two rules differ on this data
+    with pytest.raises(UserError, match="add --weakly"):
+        _check_protocol(parse_config(["--dataset", "voc", "--task", "15-5", "--step", "1", "--data_root", voc,
+                                      "--img_labels_from", "crop"]))
