@@ -79,11 +79,15 @@ class IncrementalSegmentationModule(nn.Module):
         to the classifier wrapper (e.g. the classes a drop path keeps)."""
         features = self.body(x)
         pre_logits = self.head(features)
-        extras = {"pre_logits": pre_logits}
+        head_extras = {}
+        if isinstance(pre_logits, dict):  # a head with more than one output (maskformer: its queries)
+            head_extras = {k: v for k, v in pre_logits.items() if k != "pre_logits"}
+            pre_logits = pre_logits["pre_logits"]
+        extras = {"pre_logits": pre_logits, **head_extras}
         wrapper = self.classifier_wrapper
         if wrapper is not None:
             sem_logits_small, more = wrapper(pre_logits, self._classify, self.classifier_rows, x.shape[-2:],
-                                             **wrapper_kwargs)
+                                             **head_extras, **wrapper_kwargs)
             extras.update(more)
         elif wrapper_kwargs:
             raise TypeError(f"forward() got {sorted(wrapper_kwargs)} but the model has no classifier wrapper")
@@ -213,8 +217,13 @@ def build_model_from_spec(spec: ModelSpec, classes: Sequence[int],
                         f"{', '.join(shapes)}")
     head = HEADS[spec.head](spec, shapes, in_feature)
     wrapper = None
-    if spec.classifier_wrapper:
-        wrapper = CLASSIFIER_WRAPPERS[spec.classifier_wrapper](spec, list(classes), **dict(spec.wrapper_options))
+    needed = getattr(HEADS[spec.head], "wrapper", "")  # a head whose outputs only a given wrapper reads
+    if needed and spec.classifier_wrapper not in ("", needed):
+        raise UserError(f"the {spec.head} head needs the {needed} classifier wrapper, and this run's method adds "
+                        f"{spec.classifier_wrapper}: use another head or method")
+    name = spec.classifier_wrapper or needed
+    if name:
+        wrapper = CLASSIFIER_WRAPPERS[name](spec, list(classes), **dict(spec.wrapper_options))
     # a head that fuses several scales says at which stride it answers; a single-input head keeps its input's
     out_stride = getattr(head, "output_stride", shapes[in_feature].stride)
     return IncrementalSegmentationModule(body, head, spec.head_channels, classes, out_stride,

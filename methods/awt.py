@@ -22,6 +22,7 @@ from methods.base import INIT_BY_TRANSFER, Capabilities, Extension, StepContext,
 from methods.channel_masks import classifier_fingerprint, load_mask, write_mask
 from methods.registry import register_extension
 from methods.transfer import init_new_classifier
+from modules.registry import HEADS
 from utils.data import seeded_rng
 from utils.dist import broadcast_object, is_distributed, is_main_process
 from utils.errors import UserError
@@ -501,6 +502,12 @@ class AWT(Extension):
     @classmethod
     def check(cls, cfg) -> None:
         validate_awt_args(cfg)
+        head = getattr(cfg, "head", None)
+        if head and head in HEADS and getattr(HEADS[head], "classifies", "pixels") != "pixels" and (
+                float(cfg.att) > 0 or cfg.random_channels):
+            raise UserError(f"AWT transfers the background classifier on channels of the per-pixel features it "
+                            f"attributes, and the {head} head's classifiers read "
+                            f"{HEADS[head].classifies}: drop --att / --random_channels, or use a per-pixel head")
 
     @classmethod
     def transfer_plan(cls, cfg, method) -> dict | None:

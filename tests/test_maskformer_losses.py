@@ -6,6 +6,7 @@ import itertools
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from methods.maskformer_losses import (IGNORE_PROPOSAL_LOGIT, classification_loss, complementary_loss, mask_losses,
@@ -110,3 +111,48 @@ def test_semantic_inference_sums_class_probabilities_times_masks():
             for x in range(3):
                 expected = sum(float(cls[q].softmax(-1)[k]) * float(logits[q, y, x].sigmoid()) for q in range(4))
                 assert math.isclose(float(out[k, y, x]), expected, rel_tol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ the model parts
+def test_maskformer_head_and_wrapper_through_the_model_seam():
+    from segmentation_module import make_model
+    torch.manual_seed(0)
+    model = make_model(backbone="tv_resnet18", norm_act="std", output_stride=32, classes=[3, 2],
+                       head="maskformer").eval()
+    x = torch.randn(2, 3, 64, 64)
+    logits, extras = model(x, ret_intermediate=True)
+    assert logits.shape == (2, 5, 64, 64) and extras["mask_cls"].shape == (2, 100, 6)
+    assert extras["mask_pred"].shape == (2, 100, 16, 16) and len(extras["aux_outputs"]) == 5  # deep supervision
+    # class logits: the per-step classifiers on the query embeddings, then the no-object logit
+    query = extras["queries"][-1]
+    wrapper = model.classifier_wrapper
+    cls = torch.cat([torch.cat([c(query[0, :, :, None, None]).flatten(1) for c in model.cls], 1),
+                     wrapper.no_object(query[0])], 1)
+    assert torch.allclose(extras["mask_cls"][0], cls, atol=1e-5)
+    # the model's logits are the log of MaskFormer's semantic scores
+    scores = semantic_inference(extras["mask_cls"], extras["mask_pred"])
+    assert torch.allclose(extras["sem_logits_small"], scores.clamp_min(1e-6).log(), atol=1e-5)
+
+
+def test_awt_on_a_query_classifier_is_refused_in_one_line():
+    from experiment.config import parse_config
+    from methods import build_method
+    from utils.errors import UserError
+    with pytest.raises(UserError, match="maskformer head's classifiers read queries"):
+        build_method(parse_config(["--dataset", "voc", "--task", "15-5", "--head", "maskformer", "--method", "MiB",
+                                   "--att", "25"]))
+
+
+@pytest.mark.slow
+def test_a_two_step_mib_run_on_a_maskformer_model(tmp_path):
+    import run
+    from dataset.synthetic import generate
+    from tests.conftest import smoke_args
+    data = tmp_path / "voc"
+    generate(str(data), "voc", size=32, n_train=24, n_val=20, seed=4)
+    args = smoke_args(str(data), tmp_path, steps=(0, 1), extra=[
+        "--method", "MiB", "--backbone", "tv_resnet18", "--norm_act", "std", "--head", "maskformer",
+        "--output_stride", "32", "--lr", "0.01", "0.001", "--batch_size", "4"])
+    assert run.main(args) == 0
+    rows = (tmp_path / "results" / "test_voc_15-5_Experiment.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["0", "1"]
