@@ -9,6 +9,7 @@ from __future__ import annotations
 # The imports below register the terms, methods and extensions; their order fixes the registries' order.
 from methods import pseudo as _pseudo  # noqa: F401
 from methods import classification as _classification  # noqa: F401
+from methods import mask_classification as _mask_classification  # noqa: F401
 from methods import distillation as _distillation  # noqa: F401
 from methods import pod as _pod  # noqa: F401
 from methods import regularizers as _regularizers  # noqa: F401

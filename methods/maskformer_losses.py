@@ -63,7 +63,8 @@ def match(class_logits: Tensor, mask_logits: Tensor, labels: Tensor, masks: Tens
     target = masks.to(flat.dtype).flatten(1)
     mask_cost = MASK_FOCAL_WEIGHT * pairwise_focal(flat, target) + MASK_DICE_WEIGHT * pairwise_dice(flat, target)
     cost = cost + mask_weight * mask_cost * has_mask.to(cost.dtype)[None, :]
-    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    # a diverged model's costs are not finite: match anyway, the non-finite loss is then reported by the loop
+    rows, cols = linear_sum_assignment(torch.nan_to_num(cost, nan=1e9, posinf=1e9, neginf=-1e9).cpu().numpy())
     return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
 
 
@@ -153,3 +154,14 @@ def targets_from_label(label: np.ndarray | Tensor, novel: set[int], ignore: int 
     masks = torch.stack([(label == c) if c not in novel else torch.zeros_like(label, dtype=torch.bool)
                          for c in order]) if order else torch.zeros(0, *label.shape, dtype=torch.bool)
     return torch.tensor(order, dtype=torch.long), masks.float(), torch.tensor([c not in novel for c in order])
+
+
+def set_losses(class_logits: Tensor, mask_logits: Tensor, targets: list[tuple[Tensor, Tensor, Tensor]]
+               ) -> dict[str, Tensor]:
+    """One decoder layer's MaskFormer losses for a batch: match each image, then classification over every proposal
+    and focal + dice on the matched base masks (masks compared at the prediction's resolution)."""
+    matched = [match(class_logits[i].detach(), mask_logits[i].detach(), *targets[i])
+               for i in range(class_logits.shape[0])]
+    out = {"loss_mask_cls": classification_loss(class_logits, matched, [t[0] for t in targets])}
+    out.update(mask_losses(mask_logits, matched, [t[1] for t in targets], [t[2] for t in targets]))
+    return out

@@ -156,3 +156,29 @@ def test_a_two_step_mib_run_on_a_maskformer_model(tmp_path):
     assert run.main(args) == 0
     rows = (tmp_path / "results" / "test_voc_15-5_Experiment.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["0", "1"]
+
+
+def test_the_set_loss_term_sums_every_decoder_layer():
+    from methods.base import Batch
+    from methods.mask_classification import MaskClassificationLoss
+    from segmentation_module import make_model
+    torch.manual_seed(0)
+    model = make_model(backbone="tv_resnet18", norm_act="std", output_stride=32, classes=[6], head="maskformer")
+    images = torch.randn(2, 3, 32, 32)
+    labels = torch.randint(0, 6, (2, 32, 32))
+    labels[:, :4] = 255
+    logits, extras = model(images)
+    batch = Batch(images=images, labels=labels, logits=logits, extras=extras, logits_old=None, extras_old=None,
+                  n_old=0, n_new=6)
+    out = MaskClassificationLoss(0.5)(batch)
+    small = torch.nn.functional.interpolate(labels[:, None].float(), size=(8, 8), mode="nearest")[:, 0].long()
+    targets = [targets_from_label(label, set()) for label in small]
+    from methods.maskformer_losses import set_losses
+    layers = [(extras["mask_cls"], extras["mask_pred"])] + [(a["mask_cls"], a["mask_pred"]) for a in extras["aux_outputs"]]
+    expected = {}
+    for cls_logits, mask_logits in layers:
+        for key, value in set_losses(cls_logits, mask_logits, targets).items():
+            expected[key] = expected.get(key, 0) + 0.5 * float(value)
+    assert set(out) == {"loss_mask_cls", "loss_mask_focal", "loss_mask_dice"} and len(layers) == 6
+    assert all(math.isclose(float(out[k]), expected[k], rel_tol=1e-5) for k in out)
+    assert 255 not in targets[0][0].tolist()  # ignored pixels are no target
