@@ -178,7 +178,7 @@ def test_the_set_loss_term_sums_every_decoder_layer():
     expected = {}
     for cls_logits, mask_logits in layers:
         for key, value in set_losses(cls_logits, mask_logits, targets).items():
-            expected[key] = expected.get(key, 0) + 0.5 * float(value)
+            expected[key] = expected.get(key, 0) + 0.5 * float(value.detach())
     assert set(out) == {"loss_mask_cls", "loss_mask_focal", "loss_mask_dice"} and len(layers) == 6
-    assert all(math.isclose(float(out[k]), expected[k], rel_tol=1e-5) for k in out)
+    assert all(math.isclose(float(out[k].detach()), expected[k], rel_tol=1e-5) for k in out)
     assert 255 not in targets[0][0].tolist()  # ignored pixels are no target
