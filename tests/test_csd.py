@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import interrupt_at_epoch
 from weaksup import csd
 from weaksup.cam import CAMNet, multiscale_cams, poly_lr
 from weaksup.masks import confident_mask, confusion, labels_from_cams, miou
@@ -122,6 +123,20 @@ def test_poly_schedule_is_irn_s():
 
 
 # ------------------------------------------------------------------------------------------------ the pipeline
+def _stop_at_call(monkeypatch, module, name: str, n: int):
+    """Make ``module.name`` raise KeyboardInterrupt at its ``n``-th call (Ctrl-C in a stage); returns the original."""
+    real, calls = getattr(module, name), [0]
+
+    def stop(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, stop)
+    return real
+
+
 @pytest.mark.slow
 def test_three_stages_end_to_end_killed_and_resumed(tmp_path, monkeypatch, caplog, capsys):
     import wsss
@@ -141,7 +156,6 @@ def test_three_stages_end_to_end_killed_and_resumed(tmp_path, monkeypatch, caplo
     # stage 1, killed after 2 epochs, continues to the same weights as an uninterrupted run
     assert stage("train_cam", tmp_path / "full") == 0
     original = pipeline.Meter.finish
-    calls = {"n": 0}
     def interrupt_after_two_epochs(self):
         original(self)
         if self.what.startswith("train_cam epoch 3/"):
@@ -157,29 +171,25 @@ def test_three_stages_end_to_end_killed_and_resumed(tmp_path, monkeypatch, caplo
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     # stage 2, killed after some images: the files written stay, the rest are made
-    real = pipeline.multiscale_cams
-
-    def count_then_stop(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 11:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "multiscale_cams", count_then_stop)
+    real = _stop_at_call(monkeypatch, pipeline, "multiscale_cams", 11)
     assert stage("make_cam", tmp_path / "irn") == 130
     assert len(list((tmp_path / "irn" / "cams").glob("*.npz"))) == 10
     monkeypatch.setattr(pipeline, "multiscale_cams", real)
     assert stage("make_cam", tmp_path / "irn") == 0
     assert len(list((tmp_path / "irn" / "cams").glob("*.npz"))) == 48
 
-    # stage 3: masks and the measurements, then the segmentation on the masks through run.py
+    # stage 3: masks and the measurements, killed after some images; the rerun writes the rest and measures all
+    real_mask = _stop_at_call(monkeypatch, pipeline, "confident_mask", 6)
+    assert stage("make_masks", tmp_path / "irn") == 130
+    assert len(list((tmp_path / "irn" / "masks").glob("*.png"))) == 5 and not (tmp_path / "irn" / "wsss.json").exists()
+    monkeypatch.setattr(pipeline, "confident_mask", real_mask)
     assert stage("make_masks", tmp_path / "irn") == 0
     result = json.loads((tmp_path / "irn" / "wsss.json").read_text())
     assert 0 < result["seed_miou"] <= 100 and 0 < result["mask_miou"] <= 100 and len(result["seed_iou"]) == 21
     masks = sorted((tmp_path / "irn" / "masks").glob("*.png"))
     assert len(masks) == 48
     seg = ["--backbone", "resnet18", "--no_pretrained", "--norm_act", "abn", "--crop_size", "40", "--batch_size", "2",
-           "--epochs", "1", "--num_workers", "0", "--no_progress", "--output_dir", str(tmp_path / "seg"),
+           "--epochs", "2", "--num_workers", "0", "--no_progress", "--output_dir", str(tmp_path / "seg"),
            "--name", "irn", "--date", "test"]
     seen = []
     from dataset import base
@@ -190,8 +200,14 @@ def test_three_stages_end_to_end_killed_and_resumed(tmp_path, monkeypatch, caplo
         return real_pair(img, lbl, *args, **kwargs)
 
     monkeypatch.setattr(base, "load_pair", spy)
-    assert wsss.main(["train_seg", "--dataset", "voc", "--data_root", str(data), "--out", str(tmp_path / "irn"),
-                      "--cache_root", str(tmp_path / "cache"), "--", *seg]) == 0
+    train_seg = ["train_seg", "--dataset", "voc", "--data_root", str(data), "--out", str(tmp_path / "irn"),
+                 "--cache_root", str(tmp_path / "cache"), "--", *seg]
+    import train
+    original = interrupt_at_epoch(monkeypatch, 1)  # stage 4 killed after its first epoch, continued by run.py
+    assert wsss.main(train_seg) == 130
+    assert "seg_miou" not in json.loads((tmp_path / "irn" / "wsss.json").read_text())
+    monkeypatch.setattr(train, "train_one_epoch", original)
+    assert wsss.main(train_seg) == 0
     trained_on = {p for p in seen if "masks" in p}
     assert trained_on and trained_on <= {str(m) for m in masks}  # the training labels are the pseudo-masks
     result = json.loads((tmp_path / "irn" / "wsss.json").read_text())
