@@ -79,7 +79,7 @@ def test_method_names_case_insensitive():
 
 
 def test_registry_order():
-    assert list(TERMS) == ["pseudo", "classification", "kd", "ilt", "pod", "regularizer"]
+    assert list(TERMS) == ["pseudo", "classification", "mask_classification", "kd", "ilt", "pod", "regularizer"]
 
 
 REJECTED = [["--kd_bce_sig"], ["--exkd_gt"], ["--exkd_sum"], ["--nca"], ["--cosine"], ["--nb_background_modes", "2"],

@@ -82,7 +82,7 @@ def test_registries_build_the_reference_family_unchanged():
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert "cls.1.weight" in a.state_dict() and "head.map_convs.0.weight" in a.state_dict()
     assert set(BACKBONES) >= {"resnet18", "resnet50", "resnet101", "tv_resnet18", "tv_resnet50", "tv_resnet101"}
-    assert set(HEADS) == {"deeplabv3", "aspp", "segformer", "twin_deeplabv3"}
+    assert set(HEADS) == {"deeplabv3", "aspp", "segformer", "maskformer", "twin_deeplabv3"}
     assert set(CLASSIFIERS) == {"conv1x1", "conv_head"}
 
 
