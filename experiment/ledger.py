@@ -60,13 +60,18 @@ class Row:
         return self.name
 
 
-@lru_cache(maxsize=None)
-def load_ledger(path: str = LEDGER_FILE) -> tuple[Row, ...]:
+def _entries(path: str, table: str) -> list[dict]:
+    """The ``[[table]]`` entries of the ledger file."""
     try:
         with open(path, "rb") as handle:
-            raw = tomllib.load(handle).get("row", [])
+            return tomllib.load(handle).get(table, [])
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"cannot read the ledger {path} ({exc})") from exc
+
+
+@lru_cache(maxsize=None)
+def load_ledger(path: str = LEDGER_FILE) -> tuple[Row, ...]:
+    raw = _entries(path, "row")
     rows = []
     for r in raw:
         rows.append(Row(id=r["id"], paper=r["paper"], table=r["table"], dataset=r["dataset"], setting=r["setting"],
@@ -86,11 +91,7 @@ WSSS_METRICS = ("seed", "mask", "seg")
 @lru_cache(maxsize=None)
 def load_wsss_rows(path: str = LEDGER_FILE) -> tuple[dict, ...]:
     """The ``[[wsss]]`` entries: weakly-supervised segmentation numbers (CAM seeds, pseudo-masks, segmentation)."""
-    try:
-        with open(path, "rb") as handle:
-            raw = tomllib.load(handle).get("wsss", [])
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UserError(f"cannot read the ledger {path} ({exc})") from exc
+    raw = _entries(path, "wsss")
     for r in raw:
         missing = [k for k in ("id", "paper", "table", "dataset", "method", "command", "src") if k not in r]
         if missing:

@@ -50,6 +50,26 @@ def scores(out: str, name: str) -> dict:
     return {k: (None if values[k] is None else 100 * values[k]) for k in ("old", "new", "all")}
 
 
+def write_seed_table(out: str, columns: list[str], keys, results: dict, seed_header: str, seed_cell, sep: str) -> str:
+    """Markdown table of mean ± std over the seeds of every run (``results[label][seed][key]``; None values left
+    out, "–" when none) and a column of each seed's ``seed_cell``; written to ``{out}/table.md`` with
+    ``{out}/results.json``; returns the table."""
+    lines = ["| run | " + " | ".join(columns) + f" | {seed_header} |", "|---|" + "---:|" * len(columns) + "---|"]
+    for label, per_seed in results.items():
+        cells = []
+        for key in keys:
+            values = [v[key] for v in per_seed.values() if v[key] is not None]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}" if values else "–")
+        lines.append(f"| {label} | {' | '.join(cells)} | {sep.join(seed_cell(v) for v in per_seed.values())} |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as handle:
+        handle.write(table)
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=1)
+    return table
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -84,20 +104,8 @@ def main(argv=None) -> int:
                     step += ["--pseudo_ep", str(pseudo_ep)]
                 assert run.main(base + step) == 0
             results.setdefault(label, {})[seed] = scores(out, name)
-    lines = ["| run | old | new | all | per seed (all) |", "|---|---:|---:|---:|---|"]
-    for label, per_seed in results.items():
-        cells = []
-        for key in ("old", "new", "all"):
-            values = [v[key] for v in per_seed.values() if v[key] is not None]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}" if values else "–")
-        seeds = ", ".join(f"{v['all']:.1f}" for v in per_seed.values())
-        lines.append(f"| {label} | {' | '.join(cells)} | {seeds} |")
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as handle:
-        handle.write(table)
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=1)
+    table = write_seed_table(args.out, ["old", "new", "all"], ("old", "new", "all"), results, "per seed (all)",
+                             lambda v: f"{v['all']:.1f}", ", ")
     print(table)
     return 0
 

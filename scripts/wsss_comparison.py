@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +19,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import wsss  # noqa: E402
+from scripts.weak_comparison import write_seed_table  # noqa: E402
 from dataset.synthetic import generate  # noqa: E402
 
 RUNS = {"IRN (confident masks)": [], "IRN + CSD (0.01 fg, 0.1 bg)": ["--csd_lambdas", "fg-bg"],
@@ -64,21 +64,9 @@ def main(argv=None) -> int:
                 summary = json.load(open(os.path.join(out, "wsss.json"), encoding="utf-8"))
             results.setdefault(label, {})[seed] = {k: summary[k] for k in KEYS}
             base_out = base_out or out
-    lines = ["| run | seed mIoU | mask mIoU | mask coverage | segmentation mIoU | per seed (seed / mask / seg) |",
-             "|---|---:|---:|---:|---:|---|"]
-    for label, per_seed in results.items():
-        cells = []
-        for key in KEYS:
-            values = [v[key] for v in per_seed.values()]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}")
-        seeds = "; ".join(f"{v['seed_miou']:.1f} / {v['mask_miou']:.1f} / {v['seg_miou']:.1f}" for v in per_seed.values())
-        lines.append(f"| {label} | {' | '.join(cells)} | {seeds} |")
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as handle:
-        handle.write(table)
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=1)
+    table = write_seed_table(args.out, ["seed mIoU", "mask mIoU", "mask coverage", "segmentation mIoU"], KEYS, results,
+                             "per seed (seed / mask / seg)",
+                             lambda v: f"{v['seed_miou']:.1f} / {v['mask_miou']:.1f} / {v['seg_miou']:.1f}", "; ")
     print(table)
     return 0
 
