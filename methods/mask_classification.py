@@ -13,6 +13,7 @@ from torch import Tensor
 from methods.base import Batch, LossTerm, StepContext
 from methods.maskformer_losses import set_losses, targets_from_label
 from methods.registry import register_term
+from modules.registry import HEADS
 from utils.errors import UserError
 from utils.flags import nonnegative_float
 
@@ -36,8 +37,10 @@ class MaskClassificationLoss(LossTerm):
         weight = getattr(cfg, "mask_loss", 0.0)
         if weight <= 0:
             return None
-        if getattr(cfg, "head", None) != "maskformer":
-            raise UserError("--mask_loss trains a mask-classification head: add --head maskformer or drop it")
+        head = getattr(cfg, "head", None)
+        if getattr(HEADS.get(head), "classifies", "pixels") != "queries":
+            raise UserError(f"--mask_loss trains a mask-classification head (one whose classifiers read queries, e.g. "
+                            f"--head maskformer); this run's head is {head or 'the backbone default'}: drop it")
         return cls(weight)
 
     def __call__(self, batch: Batch) -> dict[str, Tensor]:
