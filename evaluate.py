@@ -25,7 +25,7 @@ from PIL import Image
 
 from dataset.erase import EraseClass
 from dataset.readers import space_reader
-from dataset.tasks import order, test_sources
+from dataset.tasks import order, score_groups, test_sources
 from experiment.argparser import get_argparser
 from experiment.builders import (build_model, build_step_datasets, cpu_threads, extra_test_sets, resolve_precision,
                                  select_device)
@@ -136,7 +136,8 @@ def evaluate_checkpoint(cfg, method) -> dict:
                   precision=resolve_precision(cfg, device), show_progress=not cfg.no_progress, sample_hook=samples,
                   predict=method.predict, what=f"step {step} evaluation ({cfg.split} split)")
     res = cm.results()
-    values = summary.compute(summary.ClassScores.from_results(res, model.classes))
+    values = summary.compute(summary.ClassScores.from_results(res, model.classes,
+                                                              score_groups(cfg.dataset, cfg.task, step)))
     split = {k: values[k] for k in summary.SUMMARY}
     names = [reader.CLASS_NAMES[c] for c in order(cfg.dataset, cfg.task, step)]
     if erased:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dataset.readers import space_reader
-from dataset.tasks import extra_test_sources, first_test_source, order, test_sources
+from dataset.tasks import extra_test_sources, first_test_source, order, score_groups, test_sources
 from experiment.builders import (build_model, build_step_datasets, classes_for_step, cpu_threads, data_kind,
                                  extra_test_sets, log_folder, norm_fallback_note, resolve_precision, select_device)
 from experiment.checkpoints import (checkpoint_content, ckpt_path, load_previous_into, load_previous_step,
@@ -146,7 +146,7 @@ def build_setup(cfg, step: int, lr: float, model, model_old, train_loader, train
     setup = EpochSetup(criterion=criterion, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                        precision=precision, n_old=ctx.n_old, n_new=ctx.n_new, grad_accum=cfg.grad_accum,
                        log_interval=cfg.print_interval, show_progress=not cfg.no_progress, hooks=method,
-                       epochs=cfg.epochs)
+                       epochs=cfg.epochs, clip_grad=cfg.clip_grad)
     return setup, ctx
 
 
@@ -323,9 +323,13 @@ def test_step(cfg, step: int, model, test_loaders: dict, precision, device, boar
                             show_progress=not cfg.no_progress, predict=method.predict,
                             what=f"step {step} test{where}")
         res = cm.results()
-        split = summary.compute(summary.ClassScores.from_results(res, model.classes), summary.SUMMARY)
+        groups = score_groups(cfg.dataset, cfg.task, step)
+        split = summary.compute(summary.ClassScores.from_results(res, model.classes, groups), summary.SUMMARY)
         log.info("step %d test%s: mIoU %.2f %%, %s %%", step, where, 100 * res["Mean IoU"],
                  summary.format_slashed(split))
+        if groups is not None:
+            log.info("step %d test%s, weak-shot task %s: base / novel / all %s / %s / %s %% (novel: SimFormer's "
+                     "headline)", step, where, cfg.task, *(summary.percent(split[k]) for k in ("old", "new", "all")))
         tag = f"_{test}" if test else ""
         board.scalar(f"T{tag}_MeanIoU", res["Mean IoU"], step)
         board.scalar(f"T{tag}_Overall_Acc", res["Overall Acc"], step)
@@ -426,7 +430,8 @@ def write_summary(cfg, path: str, test: str = "") -> str:
     written = read_run(path, columns="remapped")
     rows = [{"step": s, **step_scores(written, s)} for s in sorted(written.values)]
     where = f"{test} " if test else ""
-    text = format_summary(rows, f"{cfg.dataset} {cfg.task} {cfg.name} (mIoU %, {where}test set)")
+    groups = ", old = base and new = novel classes" if score_groups(cfg.dataset, cfg.task, 0) else ""
+    text = format_summary(rows, f"{cfg.dataset} {cfg.task} {cfg.name} (mIoU %, {where}test set{groups})")
     atomic_write_text(summary_path(path), text)
     return text
 

@@ -177,6 +177,7 @@ class ModelSpec:
     classifier_wrapper: str = ""  # a key of CLASSIFIER_WRAPPERS ("" none)
     wrapper_options: Options = ()  # keyword options of the wrapper's build
     aspp_rates: tuple[int, ...] | None = None  # dilations of a deeplabv3 head (None: from its feature's stride)
+    head_options: Options = ()  # keyword options of the head's build, e.g. (("queries", 20),)
 
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)

@@ -63,6 +63,7 @@ class EpochSetup:
     hooks: object = None  # the method's per-batch hook (``compose_batch(TrainInputs) -> TrainInputs``); None = none
     after_update: Callable[[], None] | None = None  # after every optimiser update (e.g. SSUL's validation); must
     # leave the model in training mode
+    clip_grad: float = 0.0  # > 0: the L2 norm of every gradient of the optimiser together is clipped to this
 
 
 def split_item(batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -170,6 +171,10 @@ def train_one_epoch(model, model_old, loader, setup: EpochSetup, *, step: int, e
             if extra:  # reference order: statistics from the task-loss gradients, then the penalty's own backward
                 setup.scaler.scale(sum(extra.values())).backward()
                 losses = {**losses, **extra}
+            if setup.clip_grad > 0:  # on the true gradients; no host sync (the norm stays on the device)
+                setup.scaler.unscale_(setup.optimizer)
+                torch.nn.utils.clip_grad_norm_([p for g in setup.optimizer.param_groups for p in g["params"]],
+                                               setup.clip_grad)
             setup.scaler.step(setup.optimizer)
             setup.scaler.update()
             setup.optimizer.zero_grad(set_to_none=True)

@@ -31,6 +31,7 @@ from dataset.readers import READERS
 from dataset.tasks import (CROSS_DATASETS, canonical_task, data_sources, extra_test_sources, first_test_source,
                            get_task_labels, train_source)
 from dataset.transform import TRAIN_PRESETS, ToTensor, eval_preset
+from dataset.weak_shot import weak_shot_split
 from utils.constants import BACKGROUND, IGNORE_INDEX
 from utils.errors import UserError
 from utils.io import atomic_save_numpy, atomic_write_text
@@ -239,7 +240,8 @@ class IncrementalSegmentation(Dataset):
     def __init__(self, reader: Reader, *, labels: Sequence[int], labels_old: Sequence[int] = (),
                  overlap: bool = True, masking: str = "current", train: bool = True,
                  transform: Callable | None = None, idxs_path: str | None = None, presence_dir: str | None = None,
-                 test_on_val: bool = False, description: str = "", idxs=None, aux: Sequence[str] = ()):
+                 test_on_val: bool = False, description: str = "", idxs=None, aux: Sequence[str] = (),
+                 ignored: Sequence[int] = ()):
         labels, labels_old = strip_zero(labels), strip_zero(labels_old)
         if set(labels) & set(labels_old):
             raise UserError(f"classes {sorted(set(labels) & set(labels_old))} are both new and old; "
@@ -251,6 +253,7 @@ class IncrementalSegmentation(Dataset):
         self.labels, self.labels_old = labels, labels_old
         self.order = remap_order(labels, labels_old)
         self.lut = masking_lut(labels, labels_old, masking)
+        self.lut[list(ignored)] = IGNORE_INDEX  # a weak-shot task's unlabelled class (ADE's "other")
         self.masking = masking
         self.transform = transform
         self.description = description or f"{reader.NAME} {reader.split} split"
@@ -392,6 +395,32 @@ class WeakSegmentation(IncrementalSegmentation):
                         "or the option that needs them")
 
 
+class WeakShotSegmentation(IncrementalSegmentation):
+    """The training images of a weak-shot task (SimFormer's mapper; ``dataset/weak_shot.py``): every class is
+    trained at once, the ``novel`` ones from image labels only. Items: ``(image, label, {"novel_labels": float32
+    (C,)})`` where the label's novel pixels are 255 and ``novel_labels[k]`` is 1 when novel class ``k`` (model index)
+    is present in the augmented crop (SimFormer reads the classes of the transformed ground truth, so a class cropped
+    away is not claimed)."""
+
+    def __init__(self, reader: Reader, *, novel: Sequence[int], **kwargs):
+        super().__init__(reader, **kwargs)
+        index = {c: i for i, c in enumerate(self.order)}
+        self.novel = torch.tensor([index[c] for c in novel], dtype=torch.long)
+        self.n_classes = len(self.order)
+
+    def __getitem__(self, index: int):
+        item = super().__getitem__(index)
+        image, label = item[0], item[1]
+        maps = dict(item[2]) if len(item) == 3 else {}
+        present = torch.bincount(label.flatten().long(), minlength=256)[self.novel] > 0
+        vector = torch.zeros(self.n_classes, dtype=torch.float32)
+        vector[self.novel] = present.float()
+        hide = torch.zeros(256, dtype=torch.bool)
+        hide[self.novel] = True
+        label = torch.where(hide[label.long()], torch.full_like(label, IGNORE_INDEX), label)
+        return image, label, {**maps, "novel_labels": vector}
+
+
 def _image_labels_file(path: str, reader: Reader) -> np.ndarray:
     """bool ``(len(reader), 256)`` from an image-label array ``(len(reader), NUM_CLASSES - 1)``."""
     try:
@@ -483,7 +512,13 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
     weak_args = (dict(img_labels_file=img_labels_file, allow_single=weak_allow_single, step=step,
                       old_labels=weak_old_labels, from_crop=img_labels_from == "crop")
                  if weak and step > 0 else {})
-    train = (WeakSegmentation if weak_args else IncrementalSegmentation)(
+    shot = weak_shot_split(dataset, task)
+    ignored = shot.ignored if shot is not None else ()
+    if shot is not None:
+        train_cls, weak_args = WeakShotSegmentation, {"novel": shot.novel, "ignored": ignored}
+    else:
+        train_cls = WeakSegmentation if weak_args else IncrementalSegmentation
+    train = train_cls(
         train_reader, labels=labels, labels_old=labels_old, overlap=overlap, masking=data_masking, train=True,
         transform=TRAIN_PRESETS[augment](crop_size), idxs_path=os.path.join(folder, f"train-{step}.npy"),
         presence_dir=presence_dir, test_on_val=test_on_val, description=describe("train"), **weak_args)
@@ -493,7 +528,7 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
         val = IncrementalSegmentation(
             val_reader, labels=labels, labels_old=labels_old, overlap=True, masking=data_masking, train=False,
             transform=eval_preset(eval_crop, crop_val), idxs_path=os.path.join(folder, f"val-{step}.npy"),
-            presence_dir=presence_dir, description=describe("val"))
+            presence_dir=presence_dir, description=describe("val"), ignored=ignored)
     test = _test_set(dataset, task, step, first_test_source(dataset), roots, folder, cache_root, eval_crop, crop_val, val_on_trainset,
                      test_on_val, test_unseen, describe)
     return train, val, test
@@ -513,7 +548,8 @@ def _test_set(dataset, task, step, source, roots, folder, cache_root, eval_crop,
         masking="new" if test_unseen == "ignore" else "current", train=val_on_trainset,
         transform=eval_preset(eval_crop, crop_val), idxs_path=os.path.join(folder, f"test_on_{split}-{step}{suffix}.npy"),
         presence_dir=os.path.join(cache_root, reader_cls.NAME), test_on_val=test_on_val,
-        description=describe(f"test ({split}{where})"))
+        description=describe(f"test ({split}{where})"),
+        ignored=shot.ignored if (shot := weak_shot_split(dataset, task)) is not None else ())
 
 
 def extra_test_sets(cfg, step: int) -> dict[str, IncrementalSegmentation]:

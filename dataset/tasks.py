@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dataset.labelmaps import coco_train_ids
+from dataset.weak_shot import weak_shot_split, weak_shot_splits
 from utils.errors import UserError
 
 
@@ -118,6 +119,10 @@ _COCO_VOC = coco_train_ids([1, 2, 3, 4, 5, 6, 7, 9, 16, 17, 18, 19, 20, 21, 44, 
 TASKS["coco"] = {"offline": _steps(range(81))}  # no COCO class order with a class list was found published
 TASKS["coco-voc"] = {"voc": _steps(_COCO_NOT_VOC, _COCO_VOC)}
 TASKS["coco_stuff_10k"] = {"offline": _steps(range(171))}  # no background class: id 0 is "person"
+
+# Weak-shot tasks (SimFormer; dataset/weak_shot.py): one step over every class, the novel ones with image labels only.
+for _dataset, _splits in weak_shot_splits().items():
+    TASKS[_dataset].update({_name: _steps(range(_split.num_classes)) for _name, _split in _splits.items()})
 
 # Alternative names accepted on the command line; caches and logs use the canonical name.
 ALIASES: dict[str, dict[str, str]] = {
@@ -293,3 +298,15 @@ def base_classes(dataset: str, task: str) -> list[int]:
     if dataset in DOMAIN_CLASSES:
         return list(range(DOMAIN_CLASSES[dataset]))
     return sorted(set(get_task_labels(dataset, task, 0)[0]) | {0})
+
+
+def score_groups(dataset: str, task: str, step: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The two class groups a weak-shot task reports (``(base, novel)`` remapped indices; its ignored classes in
+    neither), or None: every other task reports old (step 0's classes) and new (the later ones)."""
+    # looked up by name only: an unknown task is the caller's to refuse, and is no weak-shot task either
+    task = ALIASES.get(dataset, {}).get(task, task)
+    split = weak_shot_split(dataset, task)
+    if split is None:
+        return None
+    index = {c: i for i, c in enumerate(order(dataset, task, step))}
+    return tuple(index[c] for c in split.base), tuple(index[c] for c in split.novel)

@@ -104,6 +104,12 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--buffer_size", type=int, default=0, help=IGNORED + "(no exemplar memory in AWT)")
     g.add_argument("--lr", type=positive_float, nargs="+", default=[0.007], help="learning rate, one per --step or one for all")
     g.add_argument("--lr_old", type=positive_float, default=None, help="old classifiers get lr_old x lr")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+                   help="sgd (Nesterov momentum, every reference of the class-incremental family) or adamw "
+                        "(MaskFormer and SimFormer: betas 0.9 / 0.999, decoupled weight decay)")
+    g.add_argument("--clip_grad", type=nonnegative_float, default=0.0,
+                   help="clip the L2 norm of all gradients together to this before each update (detectron2's "
+                        "full-model clipping; SimFormer: 0.01); 0: off")
     g.add_argument("--momentum", type=momentum_value, default=0.9, help="SGD momentum (Nesterov)")
     g.add_argument("--weight_decay", type=nonnegative_float, default=1e-4, help="weight decay")
     g.add_argument("--lr_policy", default="poly", choices=["poly", "step", "warm_poly", "warmup"],
@@ -189,6 +195,12 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                    help="dilation rates of the deeplabv3 head's three 3x3 branches (default: from the stride of the "
                         "feature it reads: 6 12 18 at 16, 12 24 32 at 8, 3 6 9 at 32); NeST's Swin-B passes 6 12 18 "
                         "on stride-32 features")
+    g.add_argument("--mask_queries", type=positive_int, default=None,
+                   help="--head maskformer: learnt queries (default 100, SimFormer's); fewer make small CPU runs "
+                        "affordable")
+    g.add_argument("--mask_layers", type=positive_int, default=None,
+                   help="--head maskformer: transformer decoder layers (default 6, SimFormer's; each one is "
+                        "deeply supervised)")
     g.add_argument("--no_pretrained", action="store_true", help="do not load ImageNet weights from pretrained/")
     g.add_argument("--norm_act", default="iabn_sync", choices=["iabn_sync", "iabn", "abn", "std"],
                    help="normalisation + activation of the resnet* backbones and the deeplabv3 head (tv_resnet* "

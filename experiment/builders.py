@@ -14,6 +14,7 @@ from dataset.tasks import classes_per_step
 from methods import MethodStack
 from models import BACKBONES
 from modules.norm import ABN, plain_fallback
+from modules.registry import HEADS
 from segmentation_module import HEAD_LAYOUTS, IncrementalSegmentationModule, ModelSpec, build_model_from_spec, \
     check_spec
 from train import Precision
@@ -37,6 +38,13 @@ def model_spec(cfg, step: int, method: MethodStack) -> ModelSpec:
                                        pooling=cfg.pooling, head=head, aspp_rates=rates), step)
     if cfg.head and spec.head != cfg.head:
         raise UserError(f"--method {cfg.method} builds its own head ({spec.head}); drop --head {cfg.head}")
+    options = {k: v for k, v in (("queries", getattr(cfg, "mask_queries", None)),
+                                 ("layers", getattr(cfg, "mask_layers", None))) if v is not None}
+    if options:
+        if getattr(HEADS.get(spec.head), "classifies", "pixels") != "queries":
+            raise UserError(f"--mask_queries / --mask_layers size a mask-classification head (--head maskformer); "
+                            f"this run's head is {spec.head}: drop them")
+        spec = spec.replace(head_options=tuple(sorted(options.items())))
     if rates is not None and spec.head != "deeplabv3":
         raise UserError(f"--aspp_rates sets the dilations of the deeplabv3 head; this run's head is {spec.head}: "
                         "add --head deeplabv3 or drop --aspp_rates")

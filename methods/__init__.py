@@ -22,6 +22,7 @@ from methods import nest as _nest  # noqa: F401
 from methods import dkd as _dkd  # noqa: F401
 from methods import star as _star  # noqa: F401
 from methods import wilson as _wilson  # noqa: F401
+from methods import simformer as _simformer  # noqa: F401
 from methods.base import Batch, Extension, LossTerm, Method, StepContext, TrainInputs, TransferSource, pixel_mean
 from methods.criterion import (UNSUPPORTED, Criterion, add_extension_args, add_method_args, build_criterion,
                                build_terms, check_supported)

@@ -3,7 +3,7 @@
 facts): Hungarian matching of proposals to the classes of an image, where base classes (pixel masks) cost
 classification and mask terms and novel classes (image labels only) classification alone; cross-entropy with a
 down-weighted no-object class; sigmoid focal + dice on base masks only; SimFormer's complementary loss; MaskFormer's
-semantic inference. Pure functions on tensors: the head and the training loop come with issue 29's later parts.
+semantic inference. Pure functions on tensors (the term: ``methods/mask_classification.py``).
 
 Per image, the targets are ``labels`` (T,) class ids, ``masks`` (T, H, W) in {0, 1} at the prediction's resolution
 (rows of novel classes are zeros) and ``has_mask`` (T,) bool (False for novel classes).
@@ -153,15 +153,31 @@ def targets_from_label(label: np.ndarray | Tensor, novel: set[int], ignore: int 
     order = [c for c in present if c not in novel] + [c for c in present if c in novel]
     masks = torch.stack([(label == c) if c not in novel else torch.zeros_like(label, dtype=torch.bool)
                          for c in order]) if order else torch.zeros(0, *label.shape, dtype=torch.bool)
-    return torch.tensor(order, dtype=torch.long), masks.float(), torch.tensor([c not in novel for c in order])
+    return (torch.tensor(order, dtype=torch.long), masks.float(),
+            torch.tensor([c not in novel for c in order], dtype=torch.bool))
 
 
-def set_losses(class_logits: Tensor, mask_logits: Tensor, targets: list[tuple[Tensor, Tensor, Tensor]]
-               ) -> dict[str, Tensor]:
+def with_image_labels(targets: tuple[Tensor, Tensor, Tensor], classes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Targets of an image extended by classes known from its image label only (a weak-shot task's novel classes):
+    appended after the others, without a mask."""
+    labels, masks, has_mask = targets
+    if not classes:
+        return targets
+    extra = torch.tensor(classes, dtype=labels.dtype, device=labels.device)
+    return (torch.cat([labels, extra]), torch.cat([masks, masks.new_zeros(len(classes), *masks.shape[1:])]),
+            torch.cat([has_mask, torch.zeros(len(classes), dtype=torch.bool, device=has_mask.device)]))
+
+
+def set_losses(class_logits: Tensor, mask_logits: Tensor, targets: list[tuple[Tensor, Tensor, Tensor]],
+               comp_weight: float = 0.0) -> dict[str, Tensor]:
     """One decoder layer's MaskFormer losses for a batch: match each image, then classification over every proposal
-    and focal + dice on the matched base masks (masks compared at the prediction's resolution)."""
+    and focal + dice on the matched base masks (masks compared at the prediction's resolution); with ``comp_weight``
+    SimFormer's complementary loss too (``loss_mask_comp``)."""
     matched = [match(class_logits[i].detach(), mask_logits[i].detach(), *targets[i])
                for i in range(class_logits.shape[0])]
     out = {"loss_mask_cls": classification_loss(class_logits, matched, [t[0] for t in targets])}
     out.update(mask_losses(mask_logits, matched, [t[1] for t in targets], [t[2] for t in targets]))
+    if comp_weight > 0:
+        out["loss_mask_comp"] = comp_weight * complementary_loss(mask_logits, matched, [t[1] for t in targets],
+                                                                 [t[2] for t in targets])
     return out

@@ -324,9 +324,12 @@ def step_scores(run: Run, step: int | None = None, reference_average: bool = Fal
         num = lambda cs: [float(c) for c in cs if c not in ("x", "X")]  # noqa: E731
         return summary.complete({"old": sum(num(first)) / len(first),
                                  "new": sum(num(rest)) / len(rest) if rest else None, "all": run.miou[step]})
-    scores = summary.ClassScores(iou={c: (v if isinstance(v, float) else None) for c, v in vals.items()},
-                                 old=tuple(c for c in vals if c in step0),
-                                 new=tuple(c for c in vals if c not in step0))
+    groups = task_tables.score_groups(run.dataset, run.task, step)  # a weak-shot task: base / novel
+    old_of = (lambda c: c in step0) if groups is None else (lambda c: c in groups[0])  # noqa: E731
+    new_of = (lambda c: c not in step0) if groups is None else (lambda c: c in groups[1])  # noqa: E731
+    scores = summary.ClassScores(iou={c: (v if isinstance(v, float) else None) for c, v in vals.items()
+                                      if old_of(c) or new_of(c)},
+                                 old=tuple(c for c in vals if old_of(c)), new=tuple(c for c in vals if new_of(c)))
     return summary.compute(scores, summary.SUMMARY)
 
 

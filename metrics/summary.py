@@ -39,12 +39,16 @@ class ClassScores:
     matrix: np.ndarray | None = field(default=None, compare=False)
 
     @classmethod
-    def from_results(cls, results: Mapping[str, Any], classes: Sequence[int]) -> "ClassScores":
-        """From ``ConfusionMatrix.results()`` of a model with ``classes`` (classes per step)."""
+    def from_results(cls, results: Mapping[str, Any], classes: Sequence[int],
+                     groups: tuple[Sequence[int], Sequence[int]] | None = None) -> "ClassScores":
+        """From ``ConfusionMatrix.results()`` of a model with ``classes`` (classes per step). ``groups``: the
+        (old, new) classes when they are not the steps' (a weak-shot task's base and novel classes, whose means are
+        then over those classes only: ``dataset.tasks.score_groups``)."""
         n_base, n_seen = classes[0], sum(classes)
-        iou = {i: (None if v == "X" else float(v)) for i, v in results["Class IoU"].items() if i < n_seen}
-        return cls(iou=iou, old=tuple(range(n_base)), new=tuple(range(n_base, n_seen)),
-                   matrix=results.get("Confusion Matrix"))
+        old, new = groups if groups is not None else (range(n_base), range(n_base, n_seen))
+        keep = set(old) | set(new)
+        iou = {i: (None if v == "X" else float(v)) for i, v in results["Class IoU"].items() if i in keep}
+        return cls(iou=iou, old=tuple(old), new=tuple(new), matrix=results.get("Confusion Matrix"))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ LATER_PRESETS = {  # methods with their own plugins (docs/ssul.md, docs/rcil.md)
     "RCIL": {"loss_kd": 100, "unce": True, "unkd": True},
     "DKD": {}, "DKD-M": {}, "STAR": {}, "STAR-M": {},  # ADE20K: warm-up poly (their preset_for, tests/test_dkd_star.py)
     "WILSON": {"alpha": 0.5},  # WILSON's meaning and default of --alpha (docs/wilson.md)
+    "SimFormer": {"head": "maskformer", "mask_loss": 1.0, "mask_comp": 0.15},  # docs/simformer.md
 }
 
 

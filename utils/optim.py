@@ -60,7 +60,10 @@ def build_param_groups(model, cfg, lr: float, step: int) -> list[dict]:
 
 
 def build_optimizer(groups: list[dict], cfg, lr: float) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum, as every reference training used."""
+    """SGD with Nesterov momentum, as every reference training of the class-incremental family used, or AdamW
+    (``--optimizer adamw``: MaskFormer and SimFormer); each group carries its own weight decay."""
+    if getattr(cfg, "optimizer", "sgd") == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
 
 

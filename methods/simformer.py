@@ -1,0 +1,304 @@
+"""SimFormer (Chen et al., NeurIPS 2022; simformer.md sections 2-6, from bcmi/SimFormer, CC BY-NC, re-implemented
+from the facts): weak-shot segmentation on a mask-classification head. Base classes have pixel labels, novel classes
+image labels only (a weak-shot task, ``dataset/weak_shot.py``). Its two similarity transfers:
+
+* proposal-pixel: MaskFormer itself (a mask is the similarity of a query with the pixel embeddings), trained by the
+  set losses with novel classes as mask-free targets plus the complementary loss (``--mask_loss``, ``--mask_comp``
+  of ``methods/mask_classification.py``, which this method switches on);
+* pixel-pixel (``--pair_loss``): a small network (SimNet) learns from base pixel pairs whether two pixels share a
+  class, on detached pixel embeddings, and is distilled onto the novel-class score vectors of non-base pixel pairs
+  (``--pair_distill``), on the last decoder layer only.
+
+Pairs are images of the same batch: each image's partner is an image sharing one of its novel classes (random among
+them), else a random other image (SimFormer draws partners from a precomputed list of the whole dataset, one pair
+per GPU: docs/simformer.md).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dataset.tasks import score_groups
+from methods.base import Batch, Capabilities, LossTerm, StepContext
+from methods.presets import TermMethod
+from methods.registry import register_method
+from utils.errors import UserError
+from utils.flags import nonnegative_float, positive_int
+
+BASE_SHARE = 0.8  # of the J base points, inside the region of a base class both images hold (the rest elsewhere)
+POINT_NOISE = 0.1  # points = top-J of (region + 0.1 U(0, 1)): uniform inside the region, outside when it is short
+BALANCE_WINDOW, BALANCE_STRIDE = 25, 5  # positive / negative counts over the last 25 iterations, every 5th pair
+DISTILL_CLAMP = 0.01  # "ce": teacher and student clamped to [0.01, 0.99]
+EPS = 1e-6
+PAIR_MODES = ("cross", "self")
+STUDENTS = ("cross", "self")
+DISTILL_FUNCS = ("cce", "ce")
+
+
+class _Block(nn.Module):
+    """SimFormer's residual fully connected block: two (linear, BN, ReLU), plus the input (projected with a ReLU
+    when the width changes)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out)
+        self.fc2, self.bn2 = nn.Linear(d_out, d_out), nn.BatchNorm1d(d_out)
+        self.project = nn.Linear(d_in, d_out) if d_in != d_out else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        residual = F.relu(self.project(x)) if self.project is not None else x
+        y = F.relu(self.bn1(self.fc1(x)))
+        return F.relu(self.bn2(self.fc2(y))) + residual
+
+
+class SimNet(nn.Module):
+    """Pair of pixel embeddings (N, 2D) -> P(same class) (N,): three residual blocks of ``width``, a 2-way softmax."""
+
+    def __init__(self, dim: int, width: int = 256, layers: int = 3):
+        super().__init__()
+        blocks, d = [], 2 * dim
+        for _ in range(layers):
+            blocks.append(_Block(d, width))
+            d = width
+        self.blocks = nn.Sequential(*blocks)
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, pairs: Tensor) -> Tensor:
+        return self.out(self.blocks(pairs)).softmax(-1)[:, 1]
+
+
+def sample_points(region: Tensor, k: int) -> Tensor:
+    """Flat indices (k,) of ``k`` pixels of a (h, w) map: uniformly inside ``region`` (values 1), topped up with
+    random pixels outside it when it holds fewer than ``k`` (SimFormer's top-k of region + 0.1 U(0, 1))."""
+    score = region.flatten().float() + POINT_NOISE * torch.rand(region.numel(), device=region.device)
+    return score.topk(min(k, region.numel())).indices
+
+
+def pair_grid(a: Tensor, b: Tensor) -> Tensor:
+    """(J, D), (K, D) -> (J * K, 2D): every point of ``a`` with every point of ``b``, ``a`` first."""
+    j, k = a.shape[0], b.shape[0]
+    return torch.cat([a[:, None].expand(j, k, -1), b[None].expand(j, k, -1)], -1).reshape(j * k, -1)
+
+
+def choose_partners(novel: Tensor, mode: str) -> list[int]:
+    """Each image's partner in the batch: itself (``self``), or (``cross``) a random image sharing one of its novel
+    classes ((B, C) image labels), else a random other image."""
+    b = novel.shape[0]
+    if mode == "self" or b == 1:
+        return list(range(b))
+    shared = (novel.float() @ novel.float().T > 0).cpu()
+    partners = []
+    for i in range(b):
+        candidates = [j for j in range(b) if j != i and bool(shared[i, j])]
+        pool = candidates or [j for j in range(b) if j != i]
+        partners.append(pool[int(torch.randint(len(pool), ()))])
+    return partners
+
+
+def distill_loss(teacher: Tensor, student: Tensor, func: str) -> Tensor:
+    """Per pair: ``ce`` = BCE of the student against the teacher, both clamped to [0.01, 0.99]; ``cce`` =
+    -relu(t - 0.5) log(s + 1) - relu(0.5 - t) log(2 - s) (SimFormer's names)."""
+    if func == "ce":
+        t, s = teacher.clamp(DISTILL_CLAMP, 1 - DISTILL_CLAMP), student.clamp(DISTILL_CLAMP, 1 - DISTILL_CLAMP)
+        return -t * s.log() - (1 - t) * (1 - s).log()
+    return -F.relu(teacher - 0.5) * torch.log(student + 1) - F.relu(0.5 - teacher) * torch.log(2 - student)
+
+
+class BalanceCounts:
+    """SimFormer's class-balancing weights of the SimNet loss: running counts of negative and positive pairs (every
+    5th pair in both directions) over the last 25 iterations, starting from one of each; kept on the device."""
+
+    def __init__(self):
+        self.history: list[Tensor] = []
+
+    def update(self, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``target`` (P, J, K) in {0, 1}; returns (negative weight, positive weight) after adding it."""
+        sub = target[:, ::BALANCE_STRIDE, ::BALANCE_STRIDE]
+        counts = torch.stack([(sub == 0).sum(), (sub == 1).sum()]).float()
+        self.history = (self.history + [counts])[-BALANCE_WINDOW:]
+        total = torch.stack(([torch.ones(2, device=counts.device)] + self.history)[-BALANCE_WINDOW:]).sum(0)
+        neg, pos = total[0], total[1]
+        return pos / (pos + neg), neg / (pos + neg)
+
+    def state_dict(self) -> dict:
+        return {"history": [h.cpu() for h in self.history]}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.history = [h.to(device) for h in state.get("history", [])]
+
+
+class PixelPairTransfer(LossTerm):
+    """SimFormer's pixel-pixel similarity transfer on the last decoder layer: ``loss_pair_sim`` (SimNet on base
+    pairs) and ``loss_pair_distill`` (SimNet's judgement of non-base pairs distilled onto the novel-class score
+    vectors, for partners sharing a novel class)."""
+
+    name = "pixel_pairs"
+    order = 22
+
+    def __init__(self, *, simnet: SimNet, novel: list[int], points: int, sim_weight: float, distill_weight: float,
+                 func: str, mode: str, student: str, counts: BalanceCounts):
+        self.simnet, self.novel, self.points = simnet, novel, points
+        self.sim_weight, self.distill_weight, self.func = sim_weight, distill_weight, func
+        self.mode, self.student, self.counts = mode, student, counts
+
+    def __call__(self, batch: Batch) -> dict[str, Tensor]:
+        extras = batch.extras
+        pixels = extras["pre_logits"].float()  # (B, D, h, w) per-pixel embeddings
+        b, d, h, w = pixels.shape
+        labels = F.interpolate(batch.labels[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+        novel_labels = batch.aux.get("novel_labels")
+        if novel_labels is None:
+            raise UserError("--pair_loss needs a weak-shot task (items with novel_labels): use a ws* task")
+        partners = choose_partners(novel_labels[:, self.novel], self.mode)
+        flat = pixels.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        base = labels != 255
+        out = {"loss_pair_sim": self.sim_weight * self._similarity(flat, labels, base, partners)}
+        if self.distill_weight > 0:
+            out["loss_pair_distill"] = self.distill_weight * self._distill(batch, flat, base, partners,
+                                                                           novel_labels, (h, w))
+        return out
+
+    def _similarity(self, flat: Tensor, labels: Tensor, base: Tensor, partners: list[int]) -> Tensor:
+        k_in = int(round(self.points * BASE_SHARE))
+        feats, targets, valids = [], [], []
+        present = [set(torch.unique(labels[i][base[i]]).tolist()) for i in range(len(partners))]
+        for i, p in enumerate(partners):
+            common = sorted(present[i] & present[p])
+            if common:
+                c = common[int(torch.randint(len(common), ()))]
+                regions = [labels[i] == c, labels[p] == c]
+            else:
+                regions = [base[i], base[p]]
+            idx = [torch.cat([sample_points(r, k_in), sample_points(~r, self.points - k_in)]) for r in regions]
+            lab = [labels[j].flatten()[ix] for j, ix in zip((i, p), idx)]
+            val = [base[j].flatten()[ix] for j, ix in zip((i, p), idx)]
+            feats.append(pair_grid(flat[i][idx[0]], flat[p][idx[1]]))
+            targets.append((lab[0][:, None] == lab[1][None, :]))
+            valids.append(val[0][:, None] | val[1][None, :])
+        target = torch.stack(targets).float()  # (P, J, J)
+        valid = torch.stack(valids).float()
+        pred = self.simnet(torch.cat(feats).detach()).reshape(target.shape)
+        neg_w, pos_w = self.counts.update(target)
+        weight = torch.where(target > 0, pos_w, neg_w)
+        bce = F.binary_cross_entropy(pred.clamp(EPS, 1 - EPS), target, reduction="none")
+        return (weight * bce * valid).sum() / valid.sum().clamp_min(EPS)
+
+    def _distill(self, batch: Batch, flat: Tensor, base: Tensor, partners: list[int], novel_labels: Tensor,
+                 size: tuple[int, int]) -> Tensor:
+        cls = batch.extras["mask_cls"].float().softmax(-1)[..., self.novel]  # (B, Q, N)
+        masks = batch.extras["mask_pred"].float().sigmoid()
+        scores = torch.einsum("bqn,bqhw->bnhw", cls, masks).flatten(2).transpose(1, 2)  # (B, h*w, N)
+        shares = (novel_labels[:, self.novel].float() @ novel_labels[:, self.novel].float().T > 0).cpu()
+        losses = []
+        for i, p in enumerate(partners):
+            if not bool(shares[i, p]):
+                continue
+            idx = [sample_points(~base[j].reshape(size), self.points) for j in (i, p)]
+            with torch.no_grad():
+                teacher = self.simnet(pair_grid(flat[i][idx[0]], flat[p][idx[1]]).detach())
+            a = scores[i][idx[0]]
+            other = scores[p][idx[1]] if self.student == "cross" else scores[i][idx[0]]
+            student = F.relu(F.cosine_similarity(a[:, None], other[None, :], dim=-1)).flatten()
+            losses.append(distill_loss(teacher, student, self.func).mean())
+        if not losses:
+            return scores.sum() * 0
+        return torch.stack(losses).mean()
+
+    def state_dict(self) -> dict:
+        return {"balance": self.counts.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = next(self.simnet.parameters()).device
+        self.counts.load_state_dict(state.get("balance", {}), device)
+
+
+@register_method
+class SimFormer(TermMethod):
+    """Weak-shot segmentation by dual similarity transfer on a MaskFormer head."""
+
+    name = "SimFormer"
+    description = ("weak-shot segmentation (NeurIPS 2022): MaskFormer set losses with image-labelled novel classes, "
+                   "complementary loss, pixel-pair similarity transfer (--pair_loss)")
+    preset = {"head": "maskformer", "mask_loss": 1.0, "mask_comp": 0.15}
+    capabilities = Capabilities(domain_incremental=False, default_param_groups=False)
+
+    @staticmethod
+    def add_args(group: argparse._ActionsContainer) -> None:
+        group.add_argument("--backbone_lr", type=nonnegative_float, default=0.1,
+                           help="the backbone's lr = --lr x this (detectron2's BACKBONE_MULTIPLIER; SimFormer 0.1)")
+        group.add_argument("--pair_loss", type=nonnegative_float, default=0.0,
+                           help="weight of the SimNet loss on base pixel pairs (SimFormer 1.0; 0: no pixel-pixel "
+                                "transfer)")
+        group.add_argument("--pair_distill", type=nonnegative_float, default=0.1,
+                           help="with --pair_loss: weight of the distillation onto novel pairs (SimFormer: 0.1 "
+                                "COCO-Stuff-10K, 0.0 on its split 1, 0.5 ADE20K)")
+        group.add_argument("--pair_points", type=positive_int, default=100,
+                           help="with --pair_loss: J, pixels sampled per image (SimFormer 100; its Table 1: 50/150)")
+        group.add_argument("--pair_func", default="cce", choices=DISTILL_FUNCS,
+                           help="with --pair_loss: the distillation loss (SimFormer: ce on COCO-Stuff-10K splits 1 "
+                                "and 3, cce elsewhere)")
+        group.add_argument("--pair_mode", default="cross", choices=PAIR_MODES,
+                           help="with --pair_loss: pairs across two images of the batch (cross) or within one "
+                                "image (self, SimFormer's Table 2 ablation)")
+        group.add_argument("--pair_student", default="cross", choices=STUDENTS,
+                           help="with --pair_loss: the student's pairs: cross (the paper: the teacher's pairs) or "
+                                "self (SimFormer's released code: the anchor image's points with themselves)")
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        if any(step > 0 for step in cfg.step):
+            raise UserError("--method SimFormer trains one step (a weak-shot task such as coco_stuff_10k ws1); "
+                            "for weak incremental steps use --method WILSON")
+        if getattr(cfg, "pair_loss", 0.0) <= 0:
+            changed = [f for f, d in (("pair_distill", 0.1), ("pair_points", 100), ("pair_func", "cce"),
+                                      ("pair_mode", "cross"), ("pair_student", "cross")) if getattr(cfg, f) != d]
+            if changed:
+                raise UserError(f"--{changed[0]} sets the pixel-pair transfer: add --pair_loss W (SimFormer 1.0) "
+                                "or drop it")
+        if getattr(cfg, "pair_loss", 0.0) > 0 and score_groups(cfg.dataset, cfg.task, 0) is None:
+            raise UserError(f"--pair_loss distils onto novel classes, which only a weak-shot task has (task "
+                            f"{cfg.task} of {cfg.dataset} is not one): choose a ws* task or drop --pair_loss")
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self.simnet: SimNet | None = None
+        self.counts = BalanceCounts()
+
+    def prepare_model(self, ctx: StepContext) -> None:
+        if self.options.pair_loss <= 0:
+            return
+        with torch.random.fork_rng(devices=[]):  # its own seed: the run's random stream is left as it was
+            torch.manual_seed(self.cfg.random_seed + 1)
+            self.simnet = SimNet(ctx.model.head.dim).to(ctx.device)
+
+    def param_groups(self, model: nn.Module, lr: float, step: int) -> list[dict]:
+        wd = self.cfg.weight_decay
+        groups = [{"params": [p for p in model.body.parameters() if p.requires_grad],
+                   "lr": lr * self.options.backbone_lr, "weight_decay": wd},
+                  {"params": [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("body.")],
+                   "lr": lr, "weight_decay": wd}]
+        if self.simnet is not None:
+            groups.append({"params": list(self.simnet.parameters()), "lr": lr, "weight_decay": wd})
+        return [g for g in groups if g["params"]]
+
+    def terms(self, ctx: StepContext) -> list[LossTerm]:
+        # MaskFormer's losses replace the per-pixel cross-entropy
+        terms = [t for t in super().terms(ctx) if t.name != "classification"]
+        if self.simnet is None:
+            return terms
+        groups = score_groups(self.cfg.dataset, self.cfg.task, ctx.step)
+        return terms + [PixelPairTransfer(simnet=self.simnet, novel=list(groups[1]), points=self.options.pair_points,
+                                          sim_weight=self.options.pair_loss, distill_weight=self.options.pair_distill,
+                                          func=self.options.pair_func, mode=self.options.pair_mode,
+                                          student=self.options.pair_student, counts=self.counts)]
+
+    def state_dict(self) -> dict:
+        return {"simnet": self.simnet.state_dict()} if self.simnet is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.simnet is not None and "simnet" in state:
+            self.simnet.load_state_dict(state["simnet"])
