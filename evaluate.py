@@ -13,13 +13,16 @@ image and ignored (DropClass's supplementary Table B-1: how much the other class
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -34,12 +37,13 @@ from experiment.config import parse_config, replace
 from experiment.validate import check_writable
 from methods import build_method
 from metrics import summary
-from train import evaluate
+from train import evaluate, split_item
 from utils.data import build_loader
 from utils.errors import UserError
 from utils.flags import ArgumentParser, nonnegative_int, path_value
 from utils.io import atomic_write, atomic_write_text
 from utils.logger import setup_logging
+from utils.progress import track
 from utils.visualize import SampleCollector, index_to_class_lut
 
 log = logging.getLogger("evaluate")
@@ -61,6 +65,10 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--images_with", type=int, default=None, metavar="K",
                    help="evaluate only the images holding class K, its pixels ignored but left in the image (the "
                         "control of --erase_class K)")
+    g.add_argument("--pseudo_labels", type=path_value, default=None, metavar="DIR",
+                   help="weak-shot tasks (ws*): write a label PNG per training image into the new folder DIR (the "
+                        "predicted pixels of the novel classes the image holds, the base classes' ground truth, the "
+                        "rest 255: SimFormer's pseudo-labelling) for run.py --novel_has_mask --train_labels DIR")
     return parser
 
 
@@ -104,13 +112,70 @@ def test_dataset(cfg, step: int):
     return extra[cfg.test_source]
 
 
+def load_step_model(cfg, method, step: int, device: torch.device) -> torch.nn.Module:
+    model = build_model(cfg, step, pretrained=False, method=method).to(device)
+    load_weights(model, cfg.ckpt or ckpt_path(cfg, step), strict=cfg.strict_weights, what="step checkpoint", cfg=cfg)
+    return model
+
+
+def pseudo_mask(pred: torch.Tensor, label: torch.Tensor, base: torch.Tensor, novel: torch.Tensor) -> torch.Tensor:
+    """SimFormer's pseudo-label of one image (report indices; ``base``/``novel``: boolean per index): the predicted
+    pixels of the novel classes its ground truth holds, then the base classes' ground truth over them, the rest 255."""
+    present = torch.zeros_like(novel)
+    present[label[label != 255].long().unique()] = True
+    present &= novel
+    out = torch.where(present[pred], pred, torch.full_like(pred, 255))
+    is_base = torch.cat([base, base.new_zeros(256 - len(base))])[label.long()]
+    return torch.where(is_base, label.to(out.dtype), out)
+
+
+def write_pseudo_labels(cfg, method) -> int:
+    """Every training image's pseudo-mask (:func:`pseudo_mask`) as ``{folder}/{image stem}.png`` in train ids,
+    written into ``{folder}.partial`` and renamed at the end: a killed run leaves no folder that looks complete."""
+    step, folder = cfg.step[0], cfg.pseudo_labels
+    groups = score_groups(cfg.dataset, cfg.task, step)
+    if groups is None:
+        raise UserError(f"--pseudo_labels writes a weak-shot task's pseudo-masks; task {cfg.task} of {cfg.dataset} "
+                        "is not one (choose a ws* task)")
+    if os.path.exists(folder):
+        raise UserError(f"--pseudo_labels {folder} exists; give a new folder (nothing there is overwritten)")
+    device = select_device(cfg)
+    model = load_step_model(cfg, method, step, device)
+    model.eval()
+    # full images (no centre crop), whatever --crop_val says: a mask per image
+    data = copy.copy(build_step_datasets(replace(cfg, val_on_trainset=True, crop_val=False), step)[2])
+    data.idxs = np.arange(len(data.reader))  # every training image: --train_labels reads one label per image
+    stems = [os.path.splitext(os.path.basename(img))[0] for img, _ in data.reader.samples]
+    if len(set(stems)) != len(stems):
+        raise UserError(f"--pseudo_labels: the training images of {cfg.dataset} share file names; the masks are "
+                        "named by image file name")
+    classes = order(cfg.dataset, cfg.task, step)
+    base = torch.zeros(len(classes), dtype=torch.bool)
+    novel = base.clone()
+    base[list(groups[0])], novel[list(groups[1])] = True, True
+    to_ids = torch.tensor([*classes, *[255] * (256 - len(classes))], dtype=torch.uint8)  # report index -> train id
+    loader = build_loader(data, batch_size=1, train=False, num_workers=cfg.num_workers, seed=cfg.random_seed)
+    precision = resolve_precision(cfg, device)
+    partial = folder.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    for stem, item in zip(stems, track(loader, "pseudo-labels (images)", bar=not cfg.no_progress)):
+        images, labels, _ = split_item(item)
+        with precision.autocast():
+            logits, _ = model(precision.images(images, device))
+        pred = method.predict(logits).argmax(dim=1)[0].cpu()
+        save_png(to_ids[pseudo_mask(pred, labels[0], base, novel).long()].numpy(), os.path.join(partial, stem + ".png"))
+    os.replace(partial, folder)
+    log.info("wrote %d pseudo-masks to %s", len(stems), folder)
+    return len(stems)
+
+
 def evaluate_checkpoint(cfg, method) -> dict:
     """Load the step's checkpoint, evaluate it on the chosen split, optionally write pictures (``method``: the
     call's method stack)."""
     step = cfg.step[0]
     device = select_device(cfg)
-    model = build_model(cfg, step, pretrained=False, method=method).to(device)
-    load_weights(model, cfg.ckpt or ckpt_path(cfg, step), strict=cfg.strict_weights, what="step checkpoint", cfg=cfg)
+    model = load_step_model(cfg, method, step, device)
     data_cfg = replace(cfg, val_on_trainset=cfg.split == "train")
     test_ds = method.wrap_dataset("test", test_dataset(data_cfg, step), step)
     erased = None
@@ -169,10 +234,15 @@ def main(argv=None) -> int:
             raise UserError("evaluate.py takes one --step")
         if cfg.out_dir:
             check_writable(cfg.out_dir, "--out_dir")
+        if cfg.pseudo_labels and (cfg.out_dir or cfg.erase_class is not None or cfg.images_with is not None):
+            raise UserError("--pseudo_labels writes masks only: drop --out_dir, --erase_class and --images_with")
         method = build_method(cfg)
         with cpu_threads(cfg) as threads, torch.no_grad():
             log.info("%s", threads)
-            evaluate_checkpoint(cfg, method)
+            if cfg.pseudo_labels:
+                write_pseudo_labels(cfg, method)
+            else:
+                evaluate_checkpoint(cfg, method)
         return 0
     except UserError as exc:
         if cfg is not None and cfg.debug:

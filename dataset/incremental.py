@@ -473,7 +473,8 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
                    val_on_trainset: bool = False, cross_val: bool = False, seed: int = 42, augment: str = "reference",
                    test_unseen: str = "background", data_roots=(), crop_size_val: int | None = None,
                    weak: bool = False, img_labels_file: str | None = None, weak_allow_single: bool = False,
-                   weak_old_labels: bool = False, train_labels: str | None = None, img_labels_from: str = "image"):
+                   weak_old_labels: bool = False, train_labels: str | None = None, img_labels_from: str = "image",
+                   novel_has_mask: bool = False):
     """``(train, val, test)`` for one step, as the reference ``get_dataset``.
 
     train: train split, ``overlap`` filtering, masked; val: val split, overlap filtering, masked the same way
@@ -485,7 +486,8 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
     training source (``data_roots``: ``{source: folder}``); its other test sets come from :func:`extra_test_sets`.
     ``weak``: the training set is a :class:`WeakSegmentation` (image-level labels only). ``train_labels``: a folder
     of label PNGs (train ids, one per training image, named as the image) the training set reads instead of the
-    ground truth (:func:`with_label_dir`)."""
+    ground truth (:func:`with_label_dir`). ``novel_has_mask``: a weak-shot task trains its novel classes on pixel
+    labels too (SimFormer's retraining on pseudo-masks, or the oracle on the ground truth)."""
     task = canonical_task(dataset, task)
     source = train_source(dataset, step)
     roots = source_roots(dataset, root, data_roots)
@@ -514,7 +516,9 @@ def build_datasets(*, dataset: str, root: str, task: str, step: int, overlap: bo
                  if weak and step > 0 else {})
     shot = weak_shot_split(dataset, task)
     ignored = shot.ignored if shot is not None else ()
-    if shot is not None:
+    if shot is not None and novel_has_mask:
+        train_cls, weak_args = IncrementalSegmentation, {"ignored": ignored}
+    elif shot is not None:
         train_cls, weak_args = WeakShotSegmentation, {"novel": shot.novel, "ignored": ignored}
     else:
         train_cls = WeakSegmentation if weak_args else IncrementalSegmentation
@@ -605,4 +609,5 @@ def build_step_datasets(cfg, step: int):
                           augment=cfg.train_augment, test_unseen=cfg.test_unseen, data_roots=cfg.data_roots,
                           crop_size_val=cfg.crop_size_val, weak=cfg.weakly, img_labels_file=cfg.img_labels,
                           weak_allow_single=cfg.weak_allow_single, weak_old_labels=weak_old_labels(cfg),
-                          train_labels=cfg.train_labels, img_labels_from=cfg.img_labels_from)
+                          train_labels=cfg.train_labels, img_labels_from=cfg.img_labels_from,
+                          novel_has_mask=cfg.novel_has_mask)

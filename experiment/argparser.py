@@ -80,6 +80,10 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weak_old_labels", action="store_true",
                    help="with --weakly: the image labels also name the old classes present (WILSON's Table 5, which "
                         "runs it with its no_mask flag), and WILSON's l_CLS covers every class")
+    g.add_argument("--novel_has_mask", action="store_true",
+                   help="with a weak-shot task (ws*): the novel classes train on pixel labels too (SimFormer's "
+                        "NOVEL_HAS_MASK): on --train_labels pseudo-masks (evaluate.py --pseudo_labels) this is "
+                        "SimFormer*'s retraining, on the ground truth the fully supervised oracle")
     g.add_argument("--weak_allow_single", action="store_true",
                    help="with --weakly: run a weak step in which a new class is in every training image (a "
                         "single-class step has no negative image for the image-level loss; WILSON collapses there)")

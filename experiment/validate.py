@@ -7,7 +7,7 @@ import tempfile
 
 from dataset.readers import READERS
 from dataset.incremental import source_roots
-from dataset.tasks import CROSS_DATASETS, classes_per_step, data_sources, dataset_names, num_steps
+from dataset.tasks import CROSS_DATASETS, classes_per_step, data_sources, dataset_names, num_steps, score_groups
 from experiment.builders import check_model, model_spec, pretrained_path
 from experiment.checkpoints import check_resume_request, check_step_checkpoints
 from experiment.config import step_lrs
@@ -100,6 +100,9 @@ def _check_protocol(cfg) -> None:
     elif cfg.cross_val:
         raise UserError("--cross_val validates on training images, whose pixel labels a weak step (--weakly) must "
                         "not read: drop --cross_val")
+    if cfg.novel_has_mask and score_groups(cfg.dataset, cfg.task, 0) is None:
+        raise UserError(f"--novel_has_mask gives a weak-shot task's novel classes pixel labels; task {cfg.task} of "
+                        f"{cfg.dataset} is not one (choose a ws* task or drop it)")
     if cfg.val_every_iters and not cfg.select_best_on_val:
         raise UserError(f"--val_every_iters {cfg.val_every_iters} validates for the model selection only; add "
                         "--select_best_on_val (or drop --val_every_iters)")

@@ -259,6 +259,14 @@ class SimFormer(TermMethod):
             if changed:
                 raise UserError(f"--{changed[0]} sets the pixel-pair transfer: add --pair_loss W (SimFormer 1.0) "
                                 "or drop it")
+        if getattr(cfg, "novel_has_mask", False):
+            # SimFormer*'s retraining: no class is known from image labels only, so these losses have no target
+            if getattr(cfg, "pair_loss", 0.0) > 0:
+                raise UserError("--pair_loss distils onto novel pixels without labels; with --novel_has_mask every "
+                                "class has pixel labels: drop --pair_loss")
+            if getattr(cfg, "mask_comp", 0.0) > 0:
+                raise UserError("--mask_comp covers the region of classes without masks; with --novel_has_mask every "
+                                "class has one: add --mask_comp 0 (SimFormer*'s retraining)")
         if getattr(cfg, "pair_loss", 0.0) > 0 and score_groups(cfg.dataset, cfg.task, 0) is None:
             raise UserError(f"--pair_loss distils onto novel classes, which only a weak-shot task has (task "
                             f"{cfg.task} of {cfg.dataset} is not one): choose a ws* task or drop --pair_loss")

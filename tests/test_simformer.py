@@ -270,3 +270,49 @@ def test_weak_shot_run_is_killed_and_resumed_to_the_same_bytes(stuff, tmp_path, 
     rows = [(tmp_path / d / "results" / "test_coco_stuff_10k_ws1_Experiment.csv").read_text()
             for d in ("full", "killed")]
     assert rows[0] == rows[1]
+
+
+def test_pseudo_mask_keeps_novel_predictions_of_the_image_classes_under_the_base_truth():
+    from evaluate import pseudo_mask
+    base = torch.tensor([True, True, False, False, False])
+    novel = torch.tensor([False, False, True, True, False])  # index 4: neither (an ignored class)
+    label = torch.tensor([[0, 1, 2, 255], [2, 2, 255, 255]], dtype=torch.uint8)  # the image holds novel 2, not 3
+    pred = torch.tensor([[2, 2, 1, 2], [3, 4, 2, 0]])
+    expected = torch.tensor([[0, 1, 255, 2], [255, 255, 2, 255]])
+    # base truth wins over any prediction; a novel prediction stays only for a novel class the image holds (2, not
+    # 3); a base or ignored prediction off the base truth is 255
+    assert torch.equal(pseudo_mask(pred, label, base, novel), expected)
+
+
+@pytest.mark.slow
+def test_simformer_star_writes_pseudo_masks_and_retrains_on_them(stuff, tmp_path, capsys):
+    import evaluate
+    import run
+    args = _args(stuff, tmp_path, ["--epochs", "1"])
+    for flag in ("--pair_loss", "--pair_points"):  # SimFormer without the pixel-pair transfer, for speed
+        at = args.index(flag)
+        del args[at:at + 2]
+    first = args
+    assert run.main(first) == 0
+    masks = tmp_path / "pseudo"
+    assert evaluate.main([*first, "--pseudo_labels", str(masks)]) == 0
+    assert evaluate.main([*first, "--pseudo_labels", str(masks)]) == 2  # never overwritten
+    assert "exists" in capsys.readouterr().err
+    reader = READERS["coco_stuff_10k"](stuff, "train")
+    split = weak_shot_split("coco_stuff_10k", "ws1")
+    novel_seen = 0
+    for index, (image_path, _) in enumerate(reader.samples):
+        truth = np.asarray(reader.load(index)[1])
+        mask = np.asarray(Image.open(masks / (os.path.splitext(os.path.basename(image_path))[0] + ".png")))
+        is_base = np.isin(truth, split.base)
+        assert np.array_equal(mask[is_base], truth[is_base])
+        off = mask[~is_base]
+        assert set(np.unique(off).tolist()) <= {255} | (set(np.unique(truth).tolist()) & set(split.novel))
+        novel_seen += int((off != 255).sum())
+    assert novel_seen > 0  # the trained model predicted some novel pixels of its images' classes
+    retrain = [*first, "--novel_has_mask", "--train_labels", str(masks), "--mask_comp", "0",
+               "--checkpoint", str(tmp_path / "star")]
+    assert run.main(retrain) == 0
+    assert (tmp_path / "star" / "ws1-coco_stuff_10k_Experiment_0.pth").is_file()
+    assert run.main([*retrain, "--mask_comp", "0.15"]) == 2
+    assert "--mask_comp 0" in capsys.readouterr().err
