@@ -21,9 +21,11 @@ from experiment.recipes import load_recipes  # noqa: E402
 
 DATASET_TITLE = {"voc": "Pascal VOC 2012", "ade": "ADE20K", "cityscapes": "Cityscapes (class-incremental)",
                  "cityscapes_domain": "Cityscapes (domain-incremental: new cities at each step)",
-                 "coco-voc": "COCO-to-VOC (WILSON: step 0 on COCO, step 1 on VOC; COCO val and VOC val)"}
+                 "coco-voc": "COCO-to-VOC (WILSON: step 0 on COCO, step 1 on VOC; COCO val and VOC val)",
+                 "coco_stuff_10k": "COCO-Stuff-10K (weak-shot: one step, novel classes from image labels)"}
 EXAMPLE_ROOT = {"voc": "PascalVOC12", "ade": "ADEChallengeData2016", "cityscapes": "cityscapes",
-                "cityscapes_domain": "cityscapes", "coco-voc": "data (holding coco/ and voc/)"}
+                "cityscapes_domain": "cityscapes", "coco-voc": "data (holding coco/ and voc/)",
+                "coco_stuff_10k": "cocostuff-10k"}
 ORDER_METHODS = ["FT", "MiB", "MiB_base", "MiB_AWT", "PLOP", "PLOP_AWT"]  # wrappers over the 15-1 class orders
 
 
