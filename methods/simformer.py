@@ -55,6 +55,39 @@ class _Block(nn.Module):
         return F.relu(self.bn2(self.fc2(y))) + residual
 
 
+def _keep_eval(module: nn.Module, _inputs) -> None:
+    module.eval()
+
+
+def freeze_batch_norms(body: nn.Module) -> None:
+    """detectron2's FrozenBN: every BatchNorm of ``body`` normalises with its stored statistics and affine
+    parameters, which no longer train; a forward pre-hook keeps it in eval mode whatever ``model.train()`` says."""
+    for m in body.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+            m.register_forward_pre_hook(_keep_eval)
+
+
+NO_DECAY = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm,
+            nn.LocalResponseNorm, nn.Embedding)
+
+
+def decay_groups(modules: list[nn.Module], body: nn.Module, lr: float, body_lr: float, wd: float) -> list[dict]:
+    """Trainable parameters of ``modules`` in up to four groups: in ``body`` (lr x ``body_lr``) or not, owned by a
+    norm layer or an embedding (weight decay 0) or not (``wd``)."""
+    exempt = {id(p) for m in modules for sub in m.modules() if isinstance(sub, NO_DECAY)
+              for p in sub.parameters(recurse=False)}
+    in_body = {id(p) for p in body.parameters()}
+    groups: dict[tuple[bool, bool], list] = {}
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                groups.setdefault((id(p) in in_body, id(p) in exempt), []).append(p)
+    return [{"params": params, "lr": lr * (body_lr if is_body else 1.0), "weight_decay": 0.0 if no_wd else wd}
+            for (is_body, no_wd), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+
+
 class SimNet(nn.Module):
     """Pair of pixel embeddings (N, 2D) -> P(same class) (N,): three residual blocks of ``width``, a 2-way softmax."""
 
@@ -230,6 +263,9 @@ class SimFormer(TermMethod):
     def add_args(group: argparse._ActionsContainer) -> None:
         group.add_argument("--backbone_lr", type=nonnegative_float, default=0.1,
                            help="the backbone's lr = --lr x this (detectron2's BACKBONE_MULTIPLIER; SimFormer 0.1)")
+        group.add_argument("--backbone_bn", default="frozen", choices=["frozen", "train"],
+                           help="the backbone's BatchNorm layers: frozen (statistics and affine, detectron2's FrozenBN "
+                                "of SimFormer's ResNet-50) or train")
         group.add_argument("--pair_loss", type=nonnegative_float, default=0.0,
                            help="weight of the SimNet loss on base pixel pairs (SimFormer 1.0; 0: no pixel-pixel "
                                 "transfer)")
@@ -277,6 +313,8 @@ class SimFormer(TermMethod):
         self.counts = BalanceCounts()
 
     def prepare_model(self, ctx: StepContext) -> None:
+        if self.options.backbone_bn == "frozen":
+            freeze_batch_norms(ctx.model.body)
         if self.options.pair_loss <= 0:
             return
         with torch.random.fork_rng(devices=[]):  # its own seed: the run's random stream is left as it was
@@ -284,14 +322,10 @@ class SimFormer(TermMethod):
             self.simnet = SimNet(ctx.model.head.dim).to(ctx.device)
 
     def param_groups(self, model: nn.Module, lr: float, step: int) -> list[dict]:
-        wd = self.cfg.weight_decay
-        groups = [{"params": [p for p in model.body.parameters() if p.requires_grad],
-                   "lr": lr * self.options.backbone_lr, "weight_decay": wd},
-                  {"params": [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("body.")],
-                   "lr": lr, "weight_decay": wd}]
-        if self.simnet is not None:
-            groups.append({"params": list(self.simnet.parameters()), "lr": lr, "weight_decay": wd})
-        return [g for g in groups if g["params"]]
+        """SimFormer's detectron2 groups: the backbone at lr x --backbone_lr, everything else (SimNet included) at
+        lr; no weight decay on norm layers and embeddings (its WEIGHT_DECAY_NORM and WEIGHT_DECAY_EMBED, both 0)."""
+        return decay_groups([model] + ([self.simnet] if self.simnet is not None else []), model.body, lr,
+                            self.options.backbone_lr, self.cfg.weight_decay)
 
     def terms(self, ctx: StepContext) -> list[LossTerm]:
         # MaskFormer's losses replace the per-pixel cross-entropy

@@ -316,3 +316,23 @@ def test_simformer_star_writes_pseudo_masks_and_retrains_on_them(stuff, tmp_path
     assert (tmp_path / "star" / "ws1-coco_stuff_10k_Experiment_0.pth").is_file()
     assert run.main([*retrain, "--mask_comp", "0.15"]) == 2
     assert "--mask_comp 0" in capsys.readouterr().err
+
+
+def test_parameter_groups_follow_detectron2_and_the_backbone_batch_norms_stay_frozen():
+    from methods.simformer import decay_groups, freeze_batch_norms
+    body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    head = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.GroupNorm(2, 4), torch.nn.Embedding(5, 4))
+    model = torch.nn.ModuleDict({"body": body, "head": head})
+    groups = decay_groups([model], body, lr=1.0, body_lr=0.1, wd=1e-4)
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert by_param[id(body[0].weight)] == (0.1, 1e-4) and by_param[id(body[1].weight)] == (0.1, 0.0)
+    assert by_param[id(head[0].weight)] == (1.0, 1e-4)
+    assert by_param[id(head[1].bias)] == (1.0, 0.0) and by_param[id(head[2].weight)] == (1.0, 0.0)
+    assert len(by_param) == sum(1 for _ in model.parameters())
+    freeze_batch_norms(body)
+    assert len({id(p) for g in decay_groups([model], body, 1.0, 0.1, 1e-4) for p in g["params"]}) == \
+        len(by_param) - 2  # the BatchNorm's weight and bias leave the optimiser
+    model.train()
+    before = body[1].running_mean.clone()
+    body(torch.randn(2, 3, 8, 8) + 5)
+    assert torch.equal(body[1].running_mean, before) and not body[1].training  # statistics frozen despite train()
