@@ -295,6 +295,9 @@ class SimFormer(TermMethod):
             if changed:
                 raise UserError(f"--{changed[0]} sets the pixel-pair transfer: add --pair_loss W (SimFormer 1.0) "
                                 "or drop it")
+        if getattr(cfg, "backbone_bn", "frozen") == "frozen" and getattr(cfg, "no_pretrained", False):
+            raise UserError("--backbone_bn frozen keeps the BatchNorm statistics of a pretrained backbone, and "
+                            "--no_pretrained has none: add --backbone_bn train")
         if getattr(cfg, "novel_has_mask", False):
             # SimFormer*'s retraining: no class is known from image labels only, so these losses have no target
             if getattr(cfg, "pair_loss", 0.0) > 0:

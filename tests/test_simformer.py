@@ -226,7 +226,7 @@ def test_distillation_student_pairs_cross_image_points_or_the_released_self_pair
 
 
 # ---------------------------------------------------------------------------------------------------------- run.py
-SIMFORMER = ["--method", "SimFormer", "--backbone", "tv_resnet18", "--mask_queries", "8", "--mask_layers", "2",
+SIMFORMER = ["--method", "SimFormer", "--backbone", "tv_resnet18", "--backbone_bn", "train", "--mask_queries", "8", "--mask_layers", "2",
              "--optimizer", "adamw", "--lr", "1e-4", "--clip_grad", "0.01", "--pair_loss", "1", "--pair_points", "12",
              "--batch_size", "4", "--epochs", "2"]
 
@@ -240,9 +240,11 @@ def test_refusals_are_one_line(stuff, tmp_path, capsys):
     import run
     base = smoke_args(stuff, tmp_path, dataset="coco_stuff_10k", task="ws1")
     base = [a for a in base if a not in ("--norm_act", "abn")]
-    cases = [(["--method", "SimFormer", "--pair_points", "50"], "--pair_loss"),
+    cases = [(["--method", "SimFormer", "--backbone_bn", "train", "--pair_points", "50"], "--pair_loss"),
              (["--method", "MiB", "--mask_queries", "4"], "--mask_queries"),
-             (["--method", "SimFormer", "--pair_loss", "1", "--task", "15-5", "--dataset", "voc"], "--pair_loss")]
+             (["--method", "SimFormer", "--backbone_bn", "train", "--pair_loss", "1", "--task", "15-5", "--dataset",
+               "voc"], "--pair_loss"),
+             (["--method", "SimFormer"], "--backbone_bn train")]  # smoke_args: --no_pretrained
     for extra, needle in cases:
         assert run.main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
