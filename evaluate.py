@@ -250,8 +250,8 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written for this evaluation (metrics.json and the pictures are written at "
-              "the end); rerun the command", file=sys.stderr)
+        print("interrupted: nothing was written for this evaluation (metrics.json, the pictures and the "
+              "--pseudo_labels folder are written at the end); rerun the command", file=sys.stderr)
         return 130
 
 

@@ -24,35 +24,16 @@ from torch import Tensor, nn
 
 from dataset.tasks import score_groups
 from methods.base import Batch, Capabilities, LossTerm, StepContext
+from methods.pixel_pairs import (DISTILL_FUNCS, BalanceCounts, SimNet, choose_partners, distill_loss,  # noqa: F401
+                                 distillation_loss, pair_grid, sample_points, similarity_loss)
 from methods.presets import TermMethod
 from methods.registry import register_method
+from methods.wilson import LocalizerSync
 from utils.errors import UserError
 from utils.flags import nonnegative_float, positive_int
 
-BASE_SHARE = 0.8  # of the J base points, inside the region of a base class both images hold (the rest elsewhere)
-POINT_NOISE = 0.1  # points = top-J of (region + 0.1 U(0, 1)): uniform inside the region, outside when it is short
-BALANCE_WINDOW, BALANCE_STRIDE = 25, 5  # positive / negative counts over the last 25 iterations, every 5th pair
-DISTILL_CLAMP = 0.01  # "ce": teacher and student clamped to [0.01, 0.99]
-EPS = 1e-6
 PAIR_MODES = ("cross", "self")
 STUDENTS = ("cross", "self")
-DISTILL_FUNCS = ("cce", "ce")
-
-
-class _Block(nn.Module):
-    """SimFormer's residual fully connected block: two (linear, BN, ReLU), plus the input (projected with a ReLU
-    when the width changes)."""
-
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__()
-        self.fc1, self.bn1 = nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out)
-        self.fc2, self.bn2 = nn.Linear(d_out, d_out), nn.BatchNorm1d(d_out)
-        self.project = nn.Linear(d_in, d_out) if d_in != d_out else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        residual = F.relu(self.project(x)) if self.project is not None else x
-        y = F.relu(self.bn1(self.fc1(x)))
-        return F.relu(self.bn2(self.fc2(y))) + residual
 
 
 def _keep_eval(module: nn.Module, _inputs) -> None:
@@ -88,82 +69,6 @@ def decay_groups(modules: list[nn.Module], body: nn.Module, lr: float, body_lr: 
             for (is_body, no_wd), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
 
 
-class SimNet(nn.Module):
-    """Pair of pixel embeddings (N, 2D) -> P(same class) (N,): three residual blocks of ``width``, a 2-way softmax."""
-
-    def __init__(self, dim: int, width: int = 256, layers: int = 3):
-        super().__init__()
-        blocks, d = [], 2 * dim
-        for _ in range(layers):
-            blocks.append(_Block(d, width))
-            d = width
-        self.blocks = nn.Sequential(*blocks)
-        self.out = nn.Linear(width, 2)
-
-    def forward(self, pairs: Tensor) -> Tensor:
-        return self.out(self.blocks(pairs)).softmax(-1)[:, 1]
-
-
-def sample_points(region: Tensor, k: int) -> Tensor:
-    """Flat indices (k,) of ``k`` pixels of a (h, w) map: uniformly inside ``region`` (values 1), topped up with
-    random pixels outside it when it holds fewer than ``k`` (SimFormer's top-k of region + 0.1 U(0, 1))."""
-    score = region.flatten().float() + POINT_NOISE * torch.rand(region.numel(), device=region.device)
-    return score.topk(min(k, region.numel())).indices
-
-
-def pair_grid(a: Tensor, b: Tensor) -> Tensor:
-    """(J, D), (K, D) -> (J * K, 2D): every point of ``a`` with every point of ``b``, ``a`` first."""
-    j, k = a.shape[0], b.shape[0]
-    return torch.cat([a[:, None].expand(j, k, -1), b[None].expand(j, k, -1)], -1).reshape(j * k, -1)
-
-
-def choose_partners(novel: Tensor, mode: str) -> list[int]:
-    """Each image's partner in the batch: itself (``self``), or (``cross``) a random image sharing one of its novel
-    classes ((B, C) image labels), else a random other image."""
-    b = novel.shape[0]
-    if mode == "self" or b == 1:
-        return list(range(b))
-    shared = (novel.float() @ novel.float().T > 0).cpu()
-    partners = []
-    for i in range(b):
-        candidates = [j for j in range(b) if j != i and bool(shared[i, j])]
-        pool = candidates or [j for j in range(b) if j != i]
-        partners.append(pool[int(torch.randint(len(pool), ()))])
-    return partners
-
-
-def distill_loss(teacher: Tensor, student: Tensor, func: str) -> Tensor:
-    """Per pair: ``ce`` = BCE of the student against the teacher, both clamped to [0.01, 0.99]; ``cce`` =
-    -relu(t - 0.5) log(s + 1) - relu(0.5 - t) log(2 - s) (SimFormer's names)."""
-    if func == "ce":
-        t, s = teacher.clamp(DISTILL_CLAMP, 1 - DISTILL_CLAMP), student.clamp(DISTILL_CLAMP, 1 - DISTILL_CLAMP)
-        return -t * s.log() - (1 - t) * (1 - s).log()
-    return -F.relu(teacher - 0.5) * torch.log(student + 1) - F.relu(0.5 - teacher) * torch.log(2 - student)
-
-
-class BalanceCounts:
-    """SimFormer's class-balancing weights of the SimNet loss: running counts of negative and positive pairs (every
-    5th pair in both directions) over the last 25 iterations, starting from one of each; kept on the device."""
-
-    def __init__(self):
-        self.history: list[Tensor] = []
-
-    def update(self, target: Tensor) -> tuple[Tensor, Tensor]:
-        """``target`` (P, J, K) in {0, 1}; returns (negative weight, positive weight) after adding it."""
-        sub = target[:, ::BALANCE_STRIDE, ::BALANCE_STRIDE]
-        counts = torch.stack([(sub == 0).sum(), (sub == 1).sum()]).float()
-        self.history = (self.history + [counts])[-BALANCE_WINDOW:]
-        total = torch.stack(([torch.ones(2, device=counts.device)] + self.history)[-BALANCE_WINDOW:]).sum(0)
-        neg, pos = total[0], total[1]
-        return pos / (pos + neg), neg / (pos + neg)
-
-    def state_dict(self) -> dict:
-        return {"history": [h.cpu() for h in self.history]}
-
-    def load_state_dict(self, state: dict, device) -> None:
-        self.history = [h.to(device) for h in state.get("history", [])]
-
-
 class PixelPairTransfer(LossTerm):
     """SimFormer's pixel-pixel similarity transfer on the last decoder layer: ``loss_pair_sim`` (SimNet on base
     pairs) and ``loss_pair_distill`` (SimNet's judgement of non-base pairs distilled onto the novel-class score
@@ -196,50 +101,15 @@ class PixelPairTransfer(LossTerm):
         return out
 
     def _similarity(self, flat: Tensor, labels: Tensor, base: Tensor, partners: list[int]) -> Tensor:
-        k_in = int(round(self.points * BASE_SHARE))
-        feats, targets, valids = [], [], []
-        present = [set(torch.unique(labels[i][base[i]]).tolist()) for i in range(len(partners))]
-        for i, p in enumerate(partners):
-            common = sorted(present[i] & present[p])
-            if common:
-                c = common[int(torch.randint(len(common), ()))]
-                regions = [labels[i] == c, labels[p] == c]
-            else:
-                regions = [base[i], base[p]]
-            idx = [torch.cat([sample_points(r, k_in), sample_points(~r, self.points - k_in)]) for r in regions]
-            lab = [labels[j].flatten()[ix] for j, ix in zip((i, p), idx)]
-            val = [base[j].flatten()[ix] for j, ix in zip((i, p), idx)]
-            feats.append(pair_grid(flat[i][idx[0]], flat[p][idx[1]]))
-            targets.append((lab[0][:, None] == lab[1][None, :]))
-            valids.append(val[0][:, None] | val[1][None, :])
-        target = torch.stack(targets).float()  # (P, J, J)
-        valid = torch.stack(valids).float()
-        pred = self.simnet(torch.cat(feats).detach()).reshape(target.shape)
-        neg_w, pos_w = self.counts.update(target)
-        weight = torch.where(target > 0, pos_w, neg_w)
-        bce = F.binary_cross_entropy(pred.clamp(EPS, 1 - EPS), target, reduction="none")
-        return (weight * bce * valid).sum() / valid.sum().clamp_min(EPS)
+        return similarity_loss(self.simnet, self.counts, flat, labels, partners, self.points)
 
     def _distill(self, batch: Batch, flat: Tensor, base: Tensor, partners: list[int], novel_labels: Tensor,
                  size: tuple[int, int]) -> Tensor:
         cls = batch.extras["mask_cls"].float().softmax(-1)[..., self.novel]  # (B, Q, N)
         masks = batch.extras["mask_pred"].float().sigmoid()
         scores = torch.einsum("bqn,bqhw->bnhw", cls, masks).flatten(2).transpose(1, 2)  # (B, h*w, N)
-        shares = (novel_labels[:, self.novel].float() @ novel_labels[:, self.novel].float().T > 0).cpu()
-        losses = []
-        for i, p in enumerate(partners):
-            if not bool(shares[i, p]):
-                continue
-            idx = [sample_points(~base[j].reshape(size), self.points) for j in (i, p)]
-            with torch.no_grad():
-                teacher = self.simnet(pair_grid(flat[i][idx[0]], flat[p][idx[1]]).detach())
-            a = scores[i][idx[0]]
-            other = scores[p][idx[1]] if self.student == "cross" else scores[i][idx[0]]
-            student = F.relu(F.cosine_similarity(a[:, None], other[None, :], dim=-1)).flatten()
-            losses.append(distill_loss(teacher, student, self.func).mean())
-        if not losses:
-            return scores.sum() * 0
-        return torch.stack(losses).mean()
+        return distillation_loss(self.simnet, scores, flat, ~base.flatten(1), partners,
+                                 novel_labels[:, self.novel], self.points, self.func, self.student)
 
     def state_dict(self) -> dict:
         return {"balance": self.counts.state_dict()}
@@ -336,6 +206,8 @@ class SimFormer(TermMethod):
         if self.simnet is None:
             return terms
         groups = score_groups(self.cfg.dataset, self.cfg.task, ctx.step)
+        if ctx.world_size > 1:  # the SimNet trains outside the model's DistributedDataParallel
+            terms.append(LocalizerSync(self.simnet))
         return terms + [PixelPairTransfer(simnet=self.simnet, novel=list(groups[1]), points=self.options.pair_points,
                                           sim_weight=self.options.pair_loss, distill_weight=self.options.pair_distill,
                                           func=self.options.pair_func, mode=self.options.pair_mode,

@@ -24,14 +24,16 @@ from methods.attribution import unwrap
 from methods.base import Batch, Capabilities, LossTerm, StepContext, TrainInputs, WeakLabeler
 from methods.presets import TermMethod
 from methods.registry import register_method
+from methods.pixel_pairs import DISTILL_FUNCS, BalanceCounts, SimNet
 from methods.wilson_csd import LocalizerCSD
+from methods.wilson_simformer import WeakStepTransfer
 from methods.wilson_losses import (CAM_MODES, balanced_self_training_loss, image_label_loss, localization_prior_loss,
                                    mask_by_image_labels, pseudo_gtmask, segmentation_loss, soft_targets)
 from modules.norm import NORM_ACT
 from modules.wilson import build_localizer, denormalize, pamr
 from utils.dist import average_gradients_and_share_buffers
 from utils.errors import UserError
-from utils.flags import nonnegative_float, nonnegative_int, positive_float
+from utils.flags import nonnegative_float, nonnegative_int, positive_float, positive_int
 from weaksup.csd import LAMBDA_ORDERS
 
 log = logging.getLogger(__name__)
@@ -104,12 +106,14 @@ class WilsonLoss(LossTerm):
 
     def __init__(self, *, localizer: nn.Module, progress: Progress, alpha: float, cam: str, l_seg: float,
                  pseudo_ep: int, affinity: bool, prior: str = "learned", l_self: float = 1.0,
-                 cls_on_all: bool = False, csd: LocalizerCSD | None = None):
+                 cls_on_all: bool = False, csd: LocalizerCSD | None = None,
+                 simformer: WeakStepTransfer | None = None):
         self.localizer, self.progress = localizer, progress
         self.alpha, self.cam, self.l_seg, self.pseudo_ep, self.affinity = alpha, cam, l_seg, pseudo_ep, affinity
         self.prior, self.l_self = prior, l_self
         self.cls_on_all = cls_on_all  # l_CLS over every class (the image labels name the old classes too)
         self.csd = csd  # its rows appended after the batch's (``aux["csd"]``) are left out of WILSON's own terms
+        self.simformer = simformer  # SimFormer's losses on the base / non-base regions of the target
 
     def prior_loss(self, z: Tensor, old_small: Tensor) -> Tensor:
         """l_LOC (learned), its CE variant (Table 4's "learned + CE": softmax CE of the localizer's old channels
@@ -145,13 +149,15 @@ class WilsonLoss(LossTerm):
         out["loss_seg"] = self.l_seg * segmentation_loss(logits_small.float(), target, q, labels_new)
         if self.l_self > 0:
             out["loss_self"] = self.l_self * balanced_self_training_loss(z, pseudo, img_all)
+        if self.simformer is not None:
+            out.update(self.simformer.loss(target, logits_small, batch.extras["pre_logits"][:n], labels_new))
         if appended is not None:
             out.update(self.csd.loss(raw_all, appended))
         return out
 
 
 class LocalizerSync(LossTerm):
-    """Under torchrun: the localizer is trained outside the model's DistributedDataParallel, so its gradients are
+    """Under torchrun: the localizer (and a SimNet) is trained outside the model's DistributedDataParallel, so its gradients are
     averaged over the ranks before each optimiser step and its statistics taken from rank 0 (as DDP does for the
     model); every rank keeps the same localizer. No loss of its own."""
 
@@ -208,6 +214,25 @@ class WILSON(TermMethod):
                                 "KL; bg-fg = swapped (CSD's supplementary does not say which)")
         group.add_argument("--csd_pairs", type=nonnegative_int, default=0,
                            help="with --csd: composites per batch at most (0: a quarter of the batch)")
+        group.add_argument("--simformer_comp", type=nonnegative_float, default=0.0,
+                           help="SimFormer's complementary loss at weak steps (weak-steps.md section 4; unpublished "
+                                "combination), weight (SimFormer: 0.15 COCO, 0.2 ADE; 0: off): the max of the labelled "
+                                "new classes' logits must cover the pixels the pseudo-label target does not call base")
+        group.add_argument("--simformer_pairs", type=nonnegative_float, default=0.0,
+                           help="SimFormer's pixel-pair transfer at weak steps: weight of the SimNet loss on base "
+                                "pairs of pre_logits (SimFormer 1.0; 0: off)")
+        group.add_argument("--simformer_distill", type=nonnegative_float, default=0.1,
+                           help="with --simformer_pairs: weight of the distillation onto the new classes' sigmoid "
+                                "vectors of non-base pairs")
+        group.add_argument("--simformer_points", type=positive_int, default=100,
+                           help="with --simformer_pairs: J, points per image")
+        group.add_argument("--simformer_func", default="cce", choices=DISTILL_FUNCS,
+                           help="with --simformer_pairs: the distillation function (see --pair_func)")
+        group.add_argument("--simformer_student", default="cross", choices=("cross", "self"),
+                           help="with --simformer_pairs: the student's pairs (see --pair_student)")
+        group.add_argument("--simformer_conf", type=nonnegative_float, default=0.5,
+                           help="with --simformer_comp / --simformer_pairs: a pixel is base when the target's argmax "
+                                "is background or an old class scoring above this")
         group.add_argument("--wilson_prior", default="learned", choices=PRIORS,
                            help="the localizer's background and old channels (paper Table 4; only 'learned' is in "
                                 "WILSON's released code, the others are reconstructions): learned (trained by "
@@ -224,6 +249,16 @@ class WILSON(TermMethod):
         if getattr(cfg, "csd", False) and not getattr(cfg, "weakly", False):
             raise UserError("--csd acts on WILSON's localizer at weak steps: add --weakly (or drop --csd; for CSD "
                             "on a weakly-supervised segmentation pipeline see wsss.py)")
+        simformer = getattr(cfg, "simformer_comp", 0.0) > 0 or getattr(cfg, "simformer_pairs", 0.0) > 0
+        if simformer and not getattr(cfg, "weakly", False):
+            raise UserError("--simformer_comp / --simformer_pairs act at weak steps: add --weakly or drop them")
+        changed = [f for f, d in (("simformer_distill", 0.1), ("simformer_points", 100), ("simformer_func", "cce"),
+                                  ("simformer_student", "cross")) if getattr(cfg, f, d) != d]
+        if changed and not getattr(cfg, "simformer_pairs", 0.0) > 0:
+            raise UserError(f"--{changed[0]} sets SimFormer's pixel-pair transfer: add --simformer_pairs W or drop it")
+        if getattr(cfg, "simformer_conf", 0.5) != 0.5 and not simformer:
+            raise UserError("--simformer_conf sets SimFormer's base region: add --simformer_comp or --simformer_pairs, "
+                            "or drop it")
         for flag in STEP_CLASSIFICATION_FLAGS:
             if getattr(cfg, flag, False):
                 raise UserError(f"--{flag} changes the pixel-label loss of steps > 0, which WILSON's weak steps "
@@ -234,6 +269,9 @@ class WILSON(TermMethod):
         self.progress = Progress()
         self.localizer: nn.Module | None = None
         self.csd: LocalizerCSD | None = None
+        self.simnet: SimNet | None = None
+        self.simnet_counts = BalanceCounts()  # the SimNet loss's balance window, saved with the checkpoint
+        self.simformer: WeakStepTransfer | None = None
 
     def weak(self, step: int) -> bool:
         return step > 0 and bool(getattr(self.cfg, "weakly", False))
@@ -241,12 +279,15 @@ class WILSON(TermMethod):
     # ---- model -----------------------------------------------------------------------------------------------------
     def prepare_model(self, ctx: StepContext) -> None:
         if not self.weak(ctx.step):
-            self.localizer = None
+            self.localizer, self.simnet = None, None
             return
         with torch.random.fork_rng(devices=[]):  # its own seed: the run's random stream is left as it was
             torch.manual_seed(self.cfg.random_seed + ctx.step)
             self.localizer = build_localizer(ctx.model.body.out_channels, sum(ctx.classes),
                                              NORM_ACT[self.cfg.norm_act]).to(ctx.device)
+            self.simnet = (SimNet(unwrap(ctx.model).head_channels).to(ctx.device)
+                           if self.options.simformer_pairs > 0 else None)
+        self.simnet_counts = BalanceCounts()
 
     def param_groups(self, model: nn.Module, lr: float, step: int) -> list[dict]:
         head_lr = lr * (self.options.lr_head if self.weak(step) else 1.0)
@@ -261,6 +302,8 @@ class WILSON(TermMethod):
         if self.localizer is not None:
             groups.append({"params": trainable(self.localizer.parameters()), "lr": self.options.lr_pseudo,
                            "weight_decay": wd})
+        if self.simnet is not None:  # a new part of the head: the head's lr
+            groups.append({"params": trainable(self.simnet.parameters()), "lr": head_lr, "weight_decay": wd})
         return [g for g in groups if g["params"]]
 
     def weak_labeler(self, ctx: StepContext) -> WeakLabeler | None:
@@ -296,11 +339,23 @@ class WILSON(TermMethod):
         kept = [t for t in terms if t.name in LABEL_FREE_TERMS]
         self.csd = self.csd_part(ctx) if self.options.csd else None
         if ctx.world_size > 1:
-            kept.append(LocalizerSync(self.localizer))
+            kept.append(LocalizerSync(nn.ModuleList([m for m in (self.localizer, self.simnet) if m is not None])))
         return kept + [WilsonLoss(localizer=self.localizer, progress=self.progress, alpha=self.cfg.alpha,
                                   cam=self.options.cam, l_seg=self.options.l_seg, pseudo_ep=self.options.pseudo_ep,
                                   affinity=self.options.affinity, prior=self.options.wilson_prior,
-                                  l_self=self.options.l_self, cls_on_all=weak_old_labels(self.cfg), csd=self.csd)]
+                                  l_self=self.options.l_self, cls_on_all=weak_old_labels(self.cfg), csd=self.csd,
+                                  simformer=self.simformer_part(ctx))]
+
+    def simformer_part(self, ctx: StepContext) -> WeakStepTransfer | None:
+        o = self.options
+        if o.simformer_comp <= 0 and self.simnet is None:
+            self.simformer = None
+        else:
+            self.simformer = WeakStepTransfer(n_old=ctx.n_old, conf=o.simformer_conf, comp=o.simformer_comp,
+                                              simnet=self.simnet, pairs=o.simformer_pairs, distill=o.simformer_distill,
+                                              points=o.simformer_points, func=o.simformer_func,
+                                              student=o.simformer_student, counts=self.simnet_counts)
+        return self.simformer
 
     def csd_part(self, ctx: StepContext) -> LocalizerCSD:
         self.step, self.labeler = ctx.step, self.weak_labeler(ctx).labels
@@ -330,8 +385,15 @@ class WILSON(TermMethod):
         self.progress.epoch = 0
 
     def state_dict(self) -> dict:
-        return {"localizer": self.localizer.state_dict()} if self.localizer is not None else {}
+        state = {"localizer": self.localizer.state_dict()} if self.localizer is not None else {}
+        if self.simnet is not None:
+            state["simnet"] = self.simnet.state_dict()
+            state["simnet_balance"] = self.simnet_counts.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if self.localizer is not None and "localizer" in state:
             self.localizer.load_state_dict(state["localizer"])
+        if self.simnet is not None and "simnet" in state:
+            self.simnet.load_state_dict(state["simnet"])
+            self.simnet_counts.load_state_dict(state.get("simnet_balance", {}), next(self.simnet.parameters()).device)

@@ -7,7 +7,8 @@
 Runs: WILSON (WILSON's flags: --weakly --alpha 0.5 --loss_de 1 --lr_policy warmup --affinity), CAM-only (the same
 weak step with --cam gap --wilson_prior none --l_self 0 --alpha 1 and no PAMR: the localizer's own pseudo-labels
 without prior, refinement or self-training), MiB on the pixel labels of the same step (the upper reference), and
-WILSON with AWT (--att 25 --mask_att) in both weak-step modes (--awt_weak whole / localizer).
+WILSON with AWT (--att 25 --mask_att) in both weak-step modes (--awt_weak whole / localizer), and WILSON with
+SimFormer's complementary loss, alone and with the pixel-pair transfer (--simformer_comp, --simformer_pairs).
 Writes ``{out}/table.md`` (old / new / all after step 1, mean ± std over the seeds, and each seed) and
 ``{out}/results.json``; finished runs are read back, not retrained.
 """
@@ -35,7 +36,12 @@ RUNS = {"WILSON": ("WILSON", WILSON),  # label: (run name, flags of the weak ste
         "CAM-only": ("CAM_only", WEAK + ["--alpha", "1", "--cam", "gap", "--wilson_prior", "none", "--l_self", "0"]),
         "MiB (pixel labels)": ("MiB", ["--method", "MiB"]),
         "WILSON + AWT (whole)": ("WILSON_AWT_whole", WILSON + AWT + ["--awt_weak", "whole"]),
-        "WILSON + AWT (localizer)": ("WILSON_AWT_localizer", WILSON + AWT + ["--awt_weak", "localizer"])}
+        "WILSON + AWT (localizer)": ("WILSON_AWT_localizer", WILSON + AWT + ["--awt_weak", "localizer"]),
+        # SimFormer's losses at the weak step (weak-steps.md section 4); J = 9 = every point of a 3 x 3 map (48 px)
+        "WILSON + SimFormer comp": ("WILSON_SF_comp", WILSON + ["--simformer_comp", "0.15"]),
+        "WILSON + SimFormer comp + pairs": ("WILSON_SF_pairs", WILSON + ["--simformer_comp", "0.15",
+                                                                         "--simformer_pairs", "1",
+                                                                         "--simformer_points", "9"])}
 
 
 def common(data: str, out: str, seed: int, size: int) -> list[str]:
@@ -78,6 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs0", type=int, default=8)
     p.add_argument("--epochs", type=int, default=8, help="epochs of the weak step (pseudo_ep = epochs / 8, as the spec)")
     p.add_argument("--lr", type=float, default=0.01, help="lr of step 1 (10x WILSON's 0.001: few iterations here)")
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), metavar="LABEL",
+                   help="the runs to train and tabulate (default: all)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     data = os.path.join(args.out, "data")
@@ -95,7 +103,8 @@ def main(argv=None) -> int:
         if not os.path.isfile(step0):
             assert run.main(common(data, first, args.seeds[0], args.size) + [
                 "--step", "0", "--bce", "--lr", "0.05", "--epochs", str(args.epochs0), "--name", "FT_bce"]) == 0
-        for label, (name, flags) in RUNS.items():
+        for label in args.runs:
+            name, flags = RUNS[label]
             path = results_csv_path(os.path.join(out, "results"), "cmp", "voc", "15-5", name)
             if not os.path.isfile(path):
                 step = ["--step", "1", "--lr", str(args.lr), "--epochs", str(args.epochs), "--name", name,
