@@ -6,9 +6,14 @@ vectors of pairs without. Used on MaskFormer's pixel embeddings (``methods/simfo
 """
 from __future__ import annotations
 
+import argparse
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from utils.flags import nonnegative_float, positive_int
 
 BASE_SHARE = 0.8  # of the J base points, inside the region of a base class both images hold (the rest elsewhere)
 POINT_NOISE = 0.1  # points = top-J of (region + 0.1 U(0, 1)): uniform inside the region, outside when it is short
@@ -16,6 +21,23 @@ BALANCE_WINDOW, BALANCE_STRIDE = 25, 5  # positive / negative counts over the la
 DISTILL_CLAMP = 0.01  # "ce": teacher and student clamped to [0.01, 0.99]
 EPS = 1e-6
 DISTILL_FUNCS = ("cce", "ce")
+STUDENTS = ("cross", "self")
+PAIR_DEFAULTS = {"distill": 0.1, "points": 100, "func": "cce", "student": "cross"}
+
+
+def add_pair_flags(group: argparse._ActionsContainer, prefix: str, helps: dict[str, str]) -> None:
+    """The pair transfer's settings ``--{prefix}_distill``, ``_points``, ``_func`` and ``_student`` (defaults
+    :data:`PAIR_DEFAULTS`), each with the caller's help text."""
+    kinds = {"distill": dict(type=nonnegative_float), "points": dict(type=positive_int),
+             "func": dict(choices=DISTILL_FUNCS), "student": dict(choices=STUDENTS)}
+    for key, kind in kinds.items():
+        group.add_argument(f"--{prefix}_{key}", default=PAIR_DEFAULTS[key], help=helps[key], **kind)
+
+
+def changed_pair_flags(cfg: Any, prefix: str) -> list[str]:
+    """The flags of :func:`add_pair_flags` that ``cfg`` sets away from their defaults."""
+    return [f"--{prefix}_{key}" for key, default in PAIR_DEFAULTS.items()
+            if getattr(cfg, f"{prefix}_{key}", default) != default]
 
 
 class _Block(nn.Module):

@@ -24,16 +24,16 @@ from torch import Tensor, nn
 
 from dataset.tasks import score_groups
 from methods.base import Batch, Capabilities, LossTerm, StepContext
-from methods.pixel_pairs import (DISTILL_FUNCS, BalanceCounts, SimNet, choose_partners, distill_loss,  # noqa: F401
-                                 distillation_loss, pair_grid, sample_points, similarity_loss)
+from methods.pixel_pairs import (BalanceCounts, SimNet, add_pair_flags, changed_pair_flags,  # noqa: F401
+                                 choose_partners, distill_loss, distillation_loss, pair_grid, sample_points,
+                                 similarity_loss)
 from methods.presets import TermMethod
 from methods.registry import register_method
 from methods.wilson import LocalizerSync
 from utils.errors import UserError
-from utils.flags import nonnegative_float, positive_int
+from utils.flags import nonnegative_float
 
 PAIR_MODES = ("cross", "self")
-STUDENTS = ("cross", "self")
 
 
 def _keep_eval(module: nn.Module, _inputs) -> None:
@@ -139,20 +139,17 @@ class SimFormer(TermMethod):
         group.add_argument("--pair_loss", type=nonnegative_float, default=0.0,
                            help="weight of the SimNet loss on base pixel pairs (SimFormer 1.0; 0: no pixel-pixel "
                                 "transfer)")
-        group.add_argument("--pair_distill", type=nonnegative_float, default=0.1,
-                           help="with --pair_loss: weight of the distillation onto novel pairs (SimFormer: 0.1 "
-                                "COCO-Stuff-10K, 0.0 on its split 1, 0.5 ADE20K)")
-        group.add_argument("--pair_points", type=positive_int, default=100,
-                           help="with --pair_loss: J, pixels sampled per image (SimFormer 100; its Table 1: 50/150)")
-        group.add_argument("--pair_func", default="cce", choices=DISTILL_FUNCS,
-                           help="with --pair_loss: the distillation loss (SimFormer: ce on COCO-Stuff-10K splits 1 "
-                                "and 3, cce elsewhere)")
+        add_pair_flags(group, "pair", {
+            "distill": "with --pair_loss: weight of the distillation onto novel pairs (SimFormer: 0.1 COCO-Stuff-10K, "
+                       "0.0 on its split 1, 0.5 ADE20K)",
+            "points": "with --pair_loss: J, pixels sampled per image (SimFormer 100; its Table 1: 50/150)",
+            "func": "with --pair_loss: the distillation loss (SimFormer: ce on COCO-Stuff-10K splits 1 and 3, cce "
+                    "elsewhere)",
+            "student": "with --pair_loss: the student's pairs: cross (the paper: the teacher's pairs) or self "
+                       "(SimFormer's released code: the anchor image's points with themselves)"})
         group.add_argument("--pair_mode", default="cross", choices=PAIR_MODES,
                            help="with --pair_loss: pairs across two images of the batch (cross) or within one "
                                 "image (self, SimFormer's Table 2 ablation)")
-        group.add_argument("--pair_student", default="cross", choices=STUDENTS,
-                           help="with --pair_loss: the student's pairs: cross (the paper: the teacher's pairs) or "
-                                "self (SimFormer's released code: the anchor image's points with themselves)")
 
     @classmethod
     def check(cls, cfg: Any) -> None:
@@ -160,10 +157,9 @@ class SimFormer(TermMethod):
             raise UserError("--method SimFormer trains one step (a weak-shot task such as coco_stuff_10k ws1); "
                             "for weak incremental steps use --method WILSON")
         if getattr(cfg, "pair_loss", 0.0) <= 0:
-            changed = [f for f, d in (("pair_distill", 0.1), ("pair_points", 100), ("pair_func", "cce"),
-                                      ("pair_mode", "cross"), ("pair_student", "cross")) if getattr(cfg, f) != d]
+            changed = changed_pair_flags(cfg, "pair") + (["--pair_mode"] if cfg.pair_mode != "cross" else [])
             if changed:
-                raise UserError(f"--{changed[0]} sets the pixel-pair transfer: add --pair_loss W (SimFormer 1.0) "
+                raise UserError(f"{changed[0]} sets the pixel-pair transfer: add --pair_loss W (SimFormer 1.0) "
                                 "or drop it")
         if getattr(cfg, "backbone_bn", "frozen") == "frozen" and getattr(cfg, "no_pretrained", False):
             raise UserError("--backbone_bn frozen keeps the BatchNorm statistics of a pretrained backbone, and "

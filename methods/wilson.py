@@ -24,7 +24,7 @@ from methods.attribution import unwrap
 from methods.base import Batch, Capabilities, LossTerm, StepContext, TrainInputs, WeakLabeler
 from methods.presets import TermMethod
 from methods.registry import register_method
-from methods.pixel_pairs import DISTILL_FUNCS, BalanceCounts, SimNet
+from methods.pixel_pairs import BalanceCounts, SimNet, add_pair_flags, changed_pair_flags
 from methods.wilson_csd import LocalizerCSD
 from methods.wilson_simformer import WeakStepTransfer
 from methods.wilson_losses import (CAM_MODES, balanced_self_training_loss, image_label_loss, localization_prior_loss,
@@ -33,7 +33,7 @@ from modules.norm import NORM_ACT
 from modules.wilson import build_localizer, denormalize, pamr
 from utils.dist import average_gradients_and_share_buffers
 from utils.errors import UserError
-from utils.flags import nonnegative_float, nonnegative_int, positive_float, positive_int
+from utils.flags import nonnegative_float, nonnegative_int, positive_float
 from weaksup.csd import LAMBDA_ORDERS
 
 log = logging.getLogger(__name__)
@@ -221,15 +221,12 @@ class WILSON(TermMethod):
         group.add_argument("--simformer_pairs", type=nonnegative_float, default=0.0,
                            help="SimFormer's pixel-pair transfer at weak steps: weight of the SimNet loss on base "
                                 "pairs of pre_logits (SimFormer 1.0; 0: off)")
-        group.add_argument("--simformer_distill", type=nonnegative_float, default=0.1,
-                           help="with --simformer_pairs: weight of the distillation onto the new classes' sigmoid "
-                                "vectors of non-base pairs")
-        group.add_argument("--simformer_points", type=positive_int, default=100,
-                           help="with --simformer_pairs: J, points per image")
-        group.add_argument("--simformer_func", default="cce", choices=DISTILL_FUNCS,
-                           help="with --simformer_pairs: the distillation function (see --pair_func)")
-        group.add_argument("--simformer_student", default="cross", choices=("cross", "self"),
-                           help="with --simformer_pairs: the student's pairs (see --pair_student)")
+        add_pair_flags(group, "simformer", {
+            "distill": "with --simformer_pairs: weight of the distillation onto the new classes' sigmoid vectors of "
+                       "non-base pairs",
+            "points": "with --simformer_pairs: J, points per image",
+            "func": "with --simformer_pairs: the distillation function (see --pair_func)",
+            "student": "with --simformer_pairs: the student's pairs (see --pair_student)"})
         group.add_argument("--simformer_conf", type=nonnegative_float, default=0.5,
                            help="with --simformer_comp / --simformer_pairs: a pixel is base when the target's argmax "
                                 "is background or an old class scoring above this")
@@ -252,10 +249,9 @@ class WILSON(TermMethod):
         simformer = getattr(cfg, "simformer_comp", 0.0) > 0 or getattr(cfg, "simformer_pairs", 0.0) > 0
         if simformer and not getattr(cfg, "weakly", False):
             raise UserError("--simformer_comp / --simformer_pairs act at weak steps: add --weakly or drop them")
-        changed = [f for f, d in (("simformer_distill", 0.1), ("simformer_points", 100), ("simformer_func", "cce"),
-                                  ("simformer_student", "cross")) if getattr(cfg, f, d) != d]
+        changed = changed_pair_flags(cfg, "simformer")
         if changed and not getattr(cfg, "simformer_pairs", 0.0) > 0:
-            raise UserError(f"--{changed[0]} sets SimFormer's pixel-pair transfer: add --simformer_pairs W or drop it")
+            raise UserError(f"{changed[0]} sets SimFormer's pixel-pair transfer: add --simformer_pairs W or drop it")
         if getattr(cfg, "simformer_conf", 0.5) != 0.5 and not simformer:
             raise UserError("--simformer_conf sets SimFormer's base region: add --simformer_comp or --simformer_pairs, "
                             "or drop it")
