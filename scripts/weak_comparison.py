@@ -65,8 +65,10 @@ def write_seed_table(out: str, columns: list[str], keys, results: dict, seed_hea
         cells = []
         for key in keys:
             values = [v[key] for v in per_seed.values() if v[key] is not None]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}" if values else "–")
+            if len(values) > 1:
+                cells.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
+            else:  # one seed: no spread to show
+                cells.append(f"{values[0]:.1f}" if values else "–")
         lines.append(f"| {label} | {' | '.join(cells)} | {sep.join(seed_cell(v) for v in per_seed.values())} |")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as handle:
