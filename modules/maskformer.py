@@ -86,7 +86,7 @@ class MaskFormerHead(nn.Module):
 def build_maskformer_head(spec, shapes: dict[str, ShapeSpec], in_feature: str) -> MaskFormerHead:
     """Reads every stage from stride 4; its outputs need the ``mask_classification`` wrapper. Options (``spec.
     head_options``): ``queries``, ``layers`` (SimFormer's 100 and 6 by default)."""
-    return MaskFormerHead(shapes, spec.head_channels, **dict(getattr(spec, "head_options", ())))
+    return MaskFormerHead(shapes, spec.head_channels, **dict(spec.head_options))
 
 
 build_maskformer_head.wrapper = "mask_classification"  # the wrapper a model with this head must have
