@@ -26,7 +26,7 @@ from methods.presets import TermMethod
 from methods.registry import register_method
 from methods.pixel_pairs import BalanceCounts, SimNet, add_pair_flags, changed_pair_flags
 from methods.wilson_csd import LocalizerCSD
-from methods.wilson_simformer import WeakStepTransfer
+from methods.wilson_simformer import REGIONS, RESOLUTIONS, WeakStepTransfer
 from methods.wilson_losses import (CAM_MODES, balanced_self_training_loss, image_label_loss, localization_prior_loss,
                                    mask_by_image_labels, pseudo_gtmask, segmentation_loss, soft_targets)
 from modules.norm import NORM_ACT
@@ -139,8 +139,12 @@ class WilsonLoss(LossTerm):
         z = with_prior(raw, old_small, self.prior)
         out = {"loss_cls": image_label_loss(z, img_all if self.cls_on_all else labels_new, self.cam),
                "loss_loc": self.prior_loss(raw, old_small)}
+        pre_logits = batch.extras["pre_logits"][:n] if self.simformer is not None else None
+        image_size = tuple(batch.images.shape[-2:])
         if self.progress.epoch < self.pseudo_ep:
             out["loss_seg"] = 0 * logits_small.mean()
+            if self.simformer is not None and not self.simformer.needs_pseudo_labels:
+                out.update(self.simformer.loss(None, old_small, logits_small, pre_logits, labels_new, image_size))
             return out
         refined = refine(m, batch.images[:n], self.affinity)
         with torch.no_grad():
@@ -150,16 +154,16 @@ class WilsonLoss(LossTerm):
         if self.l_self > 0:
             out["loss_self"] = self.l_self * balanced_self_training_loss(z, pseudo, img_all)
         if self.simformer is not None:
-            out.update(self.simformer.loss(target, logits_small, batch.extras["pre_logits"][:n], labels_new))
+            out.update(self.simformer.loss(target, old_small, logits_small, pre_logits, labels_new, image_size))
         if appended is not None:
             out.update(self.csd.loss(raw_all, appended))
         return out
 
 
 class LocalizerSync(LossTerm):
-    """Under torchrun: the localizer (and a SimNet) is trained outside the model's DistributedDataParallel, so its gradients are
-    averaged over the ranks before each optimiser step and its statistics taken from rank 0 (as DDP does for the
-    model); every rank keeps the same localizer. No loss of its own."""
+    """Under torchrun: the localizer (and a SimNet) is trained outside the model's DistributedDataParallel, so its
+    gradients are averaged over the ranks before each optimiser step and its statistics taken from rank 0 (as DDP
+    does for the model); every rank keeps the same localizer. No loss of its own."""
 
     name = "localizer_sync"
     order = 21
@@ -230,6 +234,14 @@ class WILSON(TermMethod):
         group.add_argument("--simformer_conf", type=nonnegative_float, default=0.5,
                            help="with --simformer_comp / --simformer_pairs: a pixel is base when the target's argmax "
                                 "is background or an old class scoring above this")
+        group.add_argument("--simformer_region", default="eq7", choices=REGIONS,
+                           help="with --simformer_comp / --simformer_pairs: the base region: eq7 (the confident "
+                                "background / old classes of WILSON's pseudo-label target; from --pseudo_ep) or oldfg "
+                                "(the old model's foreground classes with sigmoid above --simformer_conf; background "
+                                "joins the new classes on the prediction side; from the first epoch)")
+        group.add_argument("--simformer_res", default="feature", choices=RESOLUTIONS,
+                           help="with --simformer_comp: the complementary loss at the head's resolution (feature) or "
+                                "on the logits upsampled to the image (image, as SimFormer)")
         group.add_argument("--wilson_prior", default="learned", choices=PRIORS,
                            help="the localizer's background and old channels (paper Table 4; only 'learned' is in "
                                 "WILSON's released code, the others are reconstructions): learned (trained by "
@@ -252,9 +264,13 @@ class WILSON(TermMethod):
         changed = changed_pair_flags(cfg, "simformer")
         if changed and not getattr(cfg, "simformer_pairs", 0.0) > 0:
             raise UserError(f"{changed[0]} sets SimFormer's pixel-pair transfer: add --simformer_pairs W or drop it")
-        if getattr(cfg, "simformer_conf", 0.5) != 0.5 and not simformer:
-            raise UserError("--simformer_conf sets SimFormer's base region: add --simformer_comp or --simformer_pairs, "
-                            "or drop it")
+        for flag, default in (("simformer_conf", 0.5), ("simformer_region", "eq7")):
+            if getattr(cfg, flag, default) != default and not simformer:
+                raise UserError(f"--{flag} sets SimFormer's base region: add --simformer_comp or --simformer_pairs, "
+                                "or drop it")
+        if getattr(cfg, "simformer_res", "feature") != "feature" and not getattr(cfg, "simformer_comp", 0.0) > 0:
+            raise UserError("--simformer_res sets the complementary loss's resolution: add --simformer_comp W or "
+                            "drop it")
         for flag in STEP_CLASSIFICATION_FLAGS:
             if getattr(cfg, flag, False):
                 raise UserError(f"--{flag} changes the pixel-label loss of steps > 0, which WILSON's weak steps "
@@ -350,7 +366,8 @@ class WILSON(TermMethod):
             self.simformer = WeakStepTransfer(n_old=ctx.n_old, conf=o.simformer_conf, comp=o.simformer_comp,
                                               simnet=self.simnet, pairs=o.simformer_pairs, distill=o.simformer_distill,
                                               points=o.simformer_points, func=o.simformer_func,
-                                              student=o.simformer_student, counts=self.simnet_counts)
+                                              student=o.simformer_student, counts=self.simnet_counts,
+                                              region=o.simformer_region, resolution=o.simformer_res)
         return self.simformer
 
     def csd_part(self, ctx: StepContext) -> LocalizerCSD:

@@ -8,7 +8,9 @@ Runs: WILSON (WILSON's flags: --weakly --alpha 0.5 --loss_de 1 --lr_policy warmu
 weak step with --cam gap --wilson_prior none --l_self 0 --alpha 1 and no PAMR: the localizer's own pseudo-labels
 without prior, refinement or self-training), MiB on the pixel labels of the same step (the upper reference), and
 WILSON with AWT (--att 25 --mask_att) in both weak-step modes (--awt_weak whole / localizer), and WILSON with
-SimFormer's complementary loss, alone and with the pixel-pair transfer (--simformer_comp, --simformer_pairs).
+SimFormer's complementary loss, alone and with the pixel-pair transfer (--simformer_comp, --simformer_pairs), and
+alone with the old model's foreground as its base region (--simformer_region oldfg) or at image size (--simformer_res
+image).
 Writes ``{out}/table.md`` (old / new / all after step 1, mean ± std over the seeds, and each seed) and
 ``{out}/results.json``; finished runs are read back, not retrained.
 """
@@ -41,7 +43,12 @@ RUNS = {"WILSON": ("WILSON", WILSON),  # label: (run name, flags of the weak ste
         "WILSON + SimFormer comp": ("WILSON_SF_comp", WILSON + ["--simformer_comp", "0.15"]),
         "WILSON + SimFormer comp + pairs": ("WILSON_SF_pairs", WILSON + ["--simformer_comp", "0.15",
                                                                          "--simformer_pairs", "1",
-                                                                         "--simformer_points", "9"])}
+                                                                         "--simformer_points", "9"]),
+        # the spec's two options: base = the old model's confident foreground (from epoch 0); the loss at image size
+        "WILSON + SimFormer comp (oldfg)": ("WILSON_SF_comp_oldfg", WILSON + ["--simformer_comp", "0.15",
+                                                                              "--simformer_region", "oldfg"]),
+        "WILSON + SimFormer comp (image)": ("WILSON_SF_comp_image", WILSON + ["--simformer_comp", "0.15",
+                                                                              "--simformer_res", "image"])}
 
 
 def common(data: str, out: str, seed: int, size: int) -> list[str]:

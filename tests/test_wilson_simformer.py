@@ -8,7 +8,8 @@ import torch
 
 from methods.maskformer_losses import IGNORE_PROPOSAL_LOGIT, dice_loss, focal_loss
 from methods.pixel_pairs import SimNet
-from methods.wilson_simformer import WeakStepTransfer, pixel_complementary_loss, weak_step_regions
+from methods.wilson_simformer import (WeakStepTransfer, old_foreground_regions, pixel_complementary_loss,
+                                      weak_step_regions)
 from tests.test_wilson import _weak_args, step0, voc  # noqa: F401  (module fixtures)
 
 
@@ -35,6 +36,73 @@ def test_complementary_loss_is_focal_and_dice_of_the_labelled_new_max_over_valid
     assert got.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
 
 
+def test_oldfg_regions_are_the_old_models_confident_foreground_and_everything_else_is_predicted():
+    # old classes 0 (bg), 1, 2; logits of four pixels: bg-confident, class 2 confident, class 1 unsure, all low
+    old = torch.tensor([[5.0, -5.0, -5.0], [-5.0, 0.5, 2.0], [0.0, 0.1, -1.0], [-3.0, -3.0, -3.0]])
+    labels, non_base = old_foreground_regions(old.T.reshape(1, 3, 1, 4), conf=0.5)
+    assert labels.flatten().tolist() == [255, 2, 1, 255]  # sigmoid(0.1) > 0.5: base; background never is
+    assert non_base.flatten().tolist() == [True, False, False, True]
+
+
+def test_oldfg_puts_background_in_the_complementary_max_and_in_the_distilled_vectors():
+    torch.manual_seed(0)
+    n, h, w = 2, 4, 4
+    logits = torch.randn(n, 4, h, w)  # bg, old 1, new 2, new 3
+    old = torch.randn(n, 2, h, w)
+    img = torch.tensor([[1, 0], [0, 1]])
+    part = WeakStepTransfer(n_old=2, conf=0.5, comp=1.0, simnet=None, pairs=0.0, distill=0.0, points=4, func="cce",
+                            student="cross", region="oldfg")
+    labels, non_base = old_foreground_regions(old, 0.5)
+    base = labels != 255
+    expected = []
+    for i in range(n):
+        union = torch.maximum(logits[i, 2:][img[i].bool()].amax(0), logits[i, 0]).clamp_min(IGNORE_PROPOSAL_LOGIT)
+        x, t = union.flatten()[None], (~base[i]).flatten().float()[None]
+        expected.append(20 * focal_loss(x, t, 1.0) + dice_loss(x, t, 1.0))
+    got = part.loss(None, old, logits, torch.randn(n, 8, h, w), img, (h, w))["loss_simformer_comp"]
+    assert got.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    eq7 = WeakStepTransfer(n_old=2, conf=0.5, comp=1.0, simnet=None, pairs=0.0, distill=0.0, points=4, func="cce",
+                           student="cross")
+    assert part.needs_pseudo_labels is False and eq7.needs_pseudo_labels is True
+    # the distillation's student reads background and the new classes
+    logits.requires_grad_(True)
+    paired = WeakStepTransfer(n_old=2, conf=0.5, comp=0.0, simnet=SimNet(8, width=16), pairs=1.0, distill=1.0,
+                              points=6, func="cce", student="cross", region="oldfg")
+    out = paired.loss(None, old, logits, torch.randn(n, 8, h, w), torch.ones(n, 2), (h, w))
+    out["loss_simformer_distill"].backward()
+    assert logits.grad[:, 0].abs().sum() > 0 and logits.grad[:, 1].abs().sum() == 0
+
+
+def test_image_resolution_upsamples_the_logits_bilinearly_and_the_regions_nearest():
+    torch.manual_seed(0)
+    n, h, w, size = 2, 3, 3, (12, 12)
+    logits = torch.randn(n, 4, h, w)
+    target = torch.rand(n, 4, h, w)
+    img = torch.ones(n, 2)
+    part = WeakStepTransfer(n_old=2, conf=0.5, comp=1.0, simnet=None, pairs=0.0, distill=0.0, points=4, func="cce",
+                            student="cross", resolution="image")
+    labels, non_base = weak_step_regions(target, 2, 0.5)
+    up = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    base = (labels != 255).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    valid = base | non_base.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    expected = pixel_complementary_loss(up[:, 2:], img, base, valid)
+    got = part.loss(target, torch.randn(n, 2, h, w), logits, torch.randn(n, 8, h, w), img, size)["loss_simformer_comp"]
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    feature = pixel_complementary_loss(logits[:, 2:], img, labels != 255, (labels != 255) | non_base)
+    assert got.item() != pytest.approx(feature.item(), rel=1e-3)
+
+
+def test_oldfg_acts_before_the_pseudo_labels_and_eq7_does_not(voc, step0, tmp_path, caplog):  # noqa: F811
+    import run
+    for region, present in (("eq7", False), ("oldfg", True)):
+        caplog.clear()
+        extra = ["--simformer_comp", "0.15", "--simformer_region", region, "--simformer_res", "image",
+                 "--pseudo_ep", "5", "--epochs", "1"]
+        with caplog.at_level("INFO"):
+            assert run.main(_weak_args(voc, tmp_path / region, step0, extra)) == 0
+        assert ("loss_simformer_comp=" in caplog.text) is present, region
+
+
 def test_the_pair_transfer_trains_the_simnet_on_detached_embeddings_and_distils_onto_the_logits():
     torch.manual_seed(0)
     n, h, w = 4, 6, 6
@@ -44,7 +112,7 @@ def test_the_pair_transfer_trains_the_simnet_on_detached_embeddings_and_distils_
     pre = torch.randn(n, 8, h, w, requires_grad=True)
     part = WeakStepTransfer(n_old=2, conf=0.5, comp=0.15, simnet=SimNet(8, width=16), pairs=1.0, distill=0.1,
                             points=10, func="cce", student="cross")
-    out = part.loss(target, logits, pre, torch.ones(n, 2))
+    out = part.loss(target, torch.randn(n, 2, h, w), logits, pre, torch.ones(n, 2), (h, w))
     assert set(out) == {"loss_simformer_comp", "loss_simformer_pairs", "loss_simformer_distill"}
     out["loss_simformer_pairs"].backward(retain_graph=True)
     assert pre.grad is None and logits.grad is None and part.simnet.out.weight.grad is not None
@@ -55,6 +123,8 @@ def test_the_pair_transfer_trains_the_simnet_on_detached_embeddings_and_distils_
 @pytest.mark.parametrize("extra,message", [
     (["--simformer_points", "50"], "--simformer_pairs"),
     (["--simformer_conf", "0.7"], "--simformer_comp or --simformer_pairs"),
+    (["--simformer_region", "oldfg"], "--simformer_comp or --simformer_pairs"),
+    (["--simformer_pairs", "1", "--simformer_res", "image"], "--simformer_comp W"),
 ])
 def test_simformer_flags_without_their_switch_are_refused(voc, step0, tmp_path, capsys, extra, message):  # noqa: F811
     import run
