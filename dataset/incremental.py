@@ -407,6 +407,8 @@ class WeakShotSegmentation(IncrementalSegmentation):
         index = {c: i for i, c in enumerate(self.order)}
         self.novel = torch.tensor([index[c] for c in novel], dtype=torch.long)
         self.n_classes = len(self.order)
+        self.hidden = torch.zeros(256, dtype=torch.bool)  # by label value: the novel classes' pixels become 255
+        self.hidden[self.novel] = True
 
     def __getitem__(self, index: int):
         item = super().__getitem__(index)
@@ -415,9 +417,7 @@ class WeakShotSegmentation(IncrementalSegmentation):
         present = torch.bincount(label.flatten().long(), minlength=256)[self.novel] > 0
         vector = torch.zeros(self.n_classes, dtype=torch.float32)
         vector[self.novel] = present.float()
-        hide = torch.zeros(256, dtype=torch.bool)
-        hide[self.novel] = True
-        label = torch.where(hide[label.long()], torch.full_like(label, IGNORE_INDEX), label)
+        label = torch.where(self.hidden[label.long()], torch.full_like(label, IGNORE_INDEX), label)
         return image, label, {**maps, "novel_labels": vector}
 
 

@@ -24,12 +24,11 @@ from torch import Tensor, nn
 
 from dataset.tasks import score_groups
 from methods.base import Batch, Capabilities, LossTerm, StepContext
-from methods.pixel_pairs import (BalanceCounts, SimNet, add_pair_flags, changed_pair_flags,  # noqa: F401
-                                 choose_partners, distill_loss, distillation_loss, pair_grid, sample_points,
-                                 similarity_loss)
+from methods.outside_ddp import OutsideDDPSync
+from methods.pixel_pairs import (BalanceCounts, SimNet, add_pair_flags, changed_pair_flags, choose_partners,
+                                 distillation_loss, similarity_loss)
 from methods.presets import TermMethod
 from methods.registry import register_method
-from methods.wilson import LocalizerSync
 from utils.errors import UserError
 from utils.flags import nonnegative_float
 
@@ -86,7 +85,7 @@ class PixelPairTransfer(LossTerm):
     def __call__(self, batch: Batch) -> dict[str, Tensor]:
         extras = batch.extras
         pixels = extras["pre_logits"].float()  # (B, D, h, w) per-pixel embeddings
-        b, d, h, w = pixels.shape
+        h, w = pixels.shape[-2:]
         labels = F.interpolate(batch.labels[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
         novel_labels = batch.aux.get("novel_labels")
         if novel_labels is None:
@@ -94,17 +93,13 @@ class PixelPairTransfer(LossTerm):
         partners = choose_partners(novel_labels[:, self.novel], self.mode)
         flat = pixels.flatten(2).transpose(1, 2)  # (B, h*w, D)
         base = labels != 255
-        out = {"loss_pair_sim": self.sim_weight * self._similarity(flat, labels, base, partners)}
+        out = {"loss_pair_sim": self.sim_weight * similarity_loss(self.simnet, self.counts, flat, labels, partners,
+                                                                  self.points)}
         if self.distill_weight > 0:
-            out["loss_pair_distill"] = self.distill_weight * self._distill(batch, flat, base, partners,
-                                                                           novel_labels, (h, w))
+            out["loss_pair_distill"] = self.distill_weight * self._distill(batch, flat, base, partners, novel_labels)
         return out
 
-    def _similarity(self, flat: Tensor, labels: Tensor, base: Tensor, partners: list[int]) -> Tensor:
-        return similarity_loss(self.simnet, self.counts, flat, labels, partners, self.points)
-
-    def _distill(self, batch: Batch, flat: Tensor, base: Tensor, partners: list[int], novel_labels: Tensor,
-                 size: tuple[int, int]) -> Tensor:
+    def _distill(self, batch: Batch, flat: Tensor, base: Tensor, partners: list[int], novel_labels: Tensor) -> Tensor:
         cls = batch.extras["mask_cls"].float().softmax(-1)[..., self.novel]  # (B, Q, N)
         masks = batch.extras["mask_pred"].float().sigmoid()
         scores = torch.einsum("bqn,bqhw->bnhw", cls, masks).flatten(2).transpose(1, 2)  # (B, h*w, N)
@@ -203,7 +198,7 @@ class SimFormer(TermMethod):
             return terms
         groups = score_groups(self.cfg.dataset, self.cfg.task, ctx.step)
         if ctx.world_size > 1:  # the SimNet trains outside the model's DistributedDataParallel
-            terms.append(LocalizerSync(self.simnet))
+            terms.append(OutsideDDPSync(self.simnet))
         return terms + [PixelPairTransfer(simnet=self.simnet, novel=list(groups[1]), points=self.options.pair_points,
                                           sim_weight=self.options.pair_loss, distill_weight=self.options.pair_distill,
                                           func=self.options.pair_func, mode=self.options.pair_mode,

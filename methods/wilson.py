@@ -25,13 +25,13 @@ from methods.base import Batch, Capabilities, LossTerm, StepContext, TrainInputs
 from methods.presets import TermMethod
 from methods.registry import register_method
 from methods.pixel_pairs import BalanceCounts, SimNet, add_pair_flags, changed_pair_flags
+from methods.outside_ddp import OutsideDDPSync
 from methods.wilson_csd import LocalizerCSD
 from methods.wilson_simformer import REGIONS, RESOLUTIONS, WeakStepTransfer
 from methods.wilson_losses import (CAM_MODES, balanced_self_training_loss, image_label_loss, localization_prior_loss,
                                    mask_by_image_labels, pseudo_gtmask, segmentation_loss, soft_targets)
 from modules.norm import NORM_ACT
 from modules.wilson import build_localizer, denormalize, pamr
-from utils.dist import average_gradients_and_share_buffers
 from utils.errors import UserError
 from utils.flags import nonnegative_float, nonnegative_int, positive_float
 from weaksup.csd import LAMBDA_ORDERS
@@ -160,25 +160,6 @@ class WilsonLoss(LossTerm):
         return out
 
 
-class LocalizerSync(LossTerm):
-    """Under torchrun: the localizer (and a SimNet) is trained outside the model's DistributedDataParallel, so its
-    gradients are averaged over the ranks before each optimiser step and its statistics taken from rank 0 (as DDP
-    does for the model); every rank keeps the same localizer. No loss of its own."""
-
-    name = "localizer_sync"
-    order = 21
-
-    def __init__(self, localizer: nn.Module):
-        self.localizer = localizer
-
-    def __call__(self, batch: Batch) -> dict[str, Tensor]:
-        return {}
-
-    def after_backward(self, model: nn.Module, grad_scale: float = 1.0) -> dict[str, Tensor]:
-        average_gradients_and_share_buffers(self.localizer)
-        return {}
-
-
 @register_method
 class WILSON(TermMethod):
     """WILSON's weak steps; step 0 trains on pixel labels with the registered terms (``--bce`` in WILSON's scripts)."""
@@ -283,7 +264,6 @@ class WILSON(TermMethod):
         self.csd: LocalizerCSD | None = None
         self.simnet: SimNet | None = None
         self.simnet_counts = BalanceCounts()  # the SimNet loss's balance window, saved with the checkpoint
-        self.simformer: WeakStepTransfer | None = None
 
     def weak(self, step: int) -> bool:
         return step > 0 and bool(getattr(self.cfg, "weakly", False))
@@ -351,7 +331,7 @@ class WILSON(TermMethod):
         kept = [t for t in terms if t.name in LABEL_FREE_TERMS]
         self.csd = self.csd_part(ctx) if self.options.csd else None
         if ctx.world_size > 1:
-            kept.append(LocalizerSync(nn.ModuleList([m for m in (self.localizer, self.simnet) if m is not None])))
+            kept.append(OutsideDDPSync(nn.ModuleList([m for m in (self.localizer, self.simnet) if m is not None])))
         return kept + [WilsonLoss(localizer=self.localizer, progress=self.progress, alpha=self.cfg.alpha,
                                   cam=self.options.cam, l_seg=self.options.l_seg, pseudo_ep=self.options.pseudo_ep,
                                   affinity=self.options.affinity, prior=self.options.wilson_prior,
@@ -361,14 +341,11 @@ class WILSON(TermMethod):
     def simformer_part(self, ctx: StepContext) -> WeakStepTransfer | None:
         o = self.options
         if o.simformer_comp <= 0 and self.simnet is None:
-            self.simformer = None
-        else:
-            self.simformer = WeakStepTransfer(n_old=ctx.n_old, conf=o.simformer_conf, comp=o.simformer_comp,
-                                              simnet=self.simnet, pairs=o.simformer_pairs, distill=o.simformer_distill,
-                                              points=o.simformer_points, func=o.simformer_func,
-                                              student=o.simformer_student, counts=self.simnet_counts,
-                                              region=o.simformer_region, resolution=o.simformer_res)
-        return self.simformer
+            return None
+        return WeakStepTransfer(n_old=ctx.n_old, conf=o.simformer_conf, comp=o.simformer_comp, simnet=self.simnet,
+                                pairs=o.simformer_pairs, distill=o.simformer_distill, points=o.simformer_points,
+                                func=o.simformer_func, student=o.simformer_student, counts=self.simnet_counts,
+                                region=o.simformer_region, resolution=o.simformer_res)
 
     def csd_part(self, ctx: StepContext) -> LocalizerCSD:
         self.step, self.labeler = ctx.step, self.weak_labeler(ctx).labels

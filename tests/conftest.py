@@ -81,6 +81,17 @@ def interrupt_at_epoch(monkeypatch, epoch: int = 1):
     return original
 
 
+def kill_and_resume(monkeypatch, args: list[str], epoch: int) -> None:
+    """``run.py args`` interrupted as ``epoch`` starts (exit 130), then run again to the end (exit 0)."""
+    import run
+    import train
+
+    original = interrupt_at_epoch(monkeypatch, epoch)
+    assert run.main(args) == 130
+    monkeypatch.setattr(train, "train_one_epoch", original)
+    assert run.main(args) == 0
+
+
 def smoke_args(data_root: str, out, *, task: str = "15-5", steps=(0,), dataset: str = "voc", extra=()) -> list[str]:
     """A fast run.py command line (ResNet-18, 32 px crops, one epoch) writing everything under ``out``."""
     out = str(out)

@@ -13,7 +13,7 @@ from methods.attribution import attribution_masks, channel_importance
 from methods.wilson import pseudo_label_map
 from methods.wilson_losses import mask_by_image_labels, pseudo_gtmask
 from segmentation_module import make_model
-from tests.conftest import interrupt_at_epoch, smoke_args
+from tests.conftest import kill_and_resume, smoke_args
 from utils.errors import UserError
 from utils.optim import forget_state_of_changed
 
@@ -155,10 +155,7 @@ def test_deferred_initialisation_killed_and_resumed_gives_the_same_bytes(voc, st
 
     monkeypatch.setattr(train, "train_one_epoch", original_epoch)
     args = _args(voc, tmp_path / "killed", step0, extra)
-    original = interrupt_at_epoch(monkeypatch, 1)  # after the deferred initialisation of epoch 1, before training
-    assert run.main(args) == 130
-    monkeypatch.setattr(train, "train_one_epoch", original)
-    assert run.main(args) == 0
+    kill_and_resume(monkeypatch, args, 1)  # after the deferred initialisation of epoch 1, before training
     a = torch.load(tmp_path / "full" / "ckpt" / "15-5-voc_OURS_1.pth", weights_only=True)
     b = torch.load(tmp_path / "killed" / "ckpt" / "15-5-voc_OURS_1.pth", weights_only=True)
     assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])

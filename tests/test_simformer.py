@@ -18,9 +18,9 @@ from dataset.synthetic import generate
 from dataset.tasks import score_groups
 from dataset.weak_shot import weak_shot_split
 from methods.base import Batch
-from methods.simformer import (BalanceCounts, PixelPairTransfer, SimNet, choose_partners, distill_loss, pair_grid,
-                               sample_points)
-from tests.conftest import interrupt_at_epoch, smoke_args
+from methods.pixel_pairs import BalanceCounts, SimNet, choose_partners, distill_loss, pair_grid, sample_points
+from methods.simformer import PixelPairTransfer
+from tests.conftest import kill_and_resume, smoke_args
 
 SPEC_COCO_1 = [3, 6, 10, 11, 18, 19, 26, 27, 31, 34, 37, 38, 40, 41, 50, 53, 55, 59, 61, 68, 76, 82, 85, 90, 92, 94,
                103, 106, 108, 112, 113, 117, 120, 127, 129, 131, 141, 146, 155, 156, 159, 166, 169]
@@ -207,7 +207,7 @@ def test_distillation_student_pairs_cross_image_points_or_the_released_self_pair
         term = _term(simnet, student=student, points=6)
         torch.manual_seed(7)
         got = term._distill(batch, batch.extras["pre_logits"].flatten(2).transpose(1, 2), batch.labels != 255,
-                            [1, 0], batch.aux["novel_labels"], (6, 6))
+                            [1, 0], batch.aux["novel_labels"])
         torch.manual_seed(7)
         cls = batch.extras["mask_cls"].softmax(-1)[..., [4]]
         scores = torch.einsum("bqn,bqhw->bnhw", cls, batch.extras["mask_pred"].sigmoid()).flatten(2).transpose(1, 2)
@@ -254,17 +254,13 @@ def test_refusals_are_one_line(stuff, tmp_path, capsys):
 @pytest.mark.slow
 def test_weak_shot_run_is_killed_and_resumed_to_the_same_bytes(stuff, tmp_path, monkeypatch, caplog):
     import run
-    import train
     with caplog.at_level("INFO"):
         assert run.main(_args(stuff, tmp_path / "full")) == 0
     assert "weak-shot task ws1: base / novel / all" in caplog.text
     summary = next((tmp_path / "full" / "results").glob("*.md")).read_text()
     assert "old = base and new = novel classes" in summary
     args = _args(stuff, tmp_path / "killed")
-    original = interrupt_at_epoch(monkeypatch, 1)
-    assert run.main(args) == 130
-    monkeypatch.setattr(train, "train_one_epoch", original)
-    assert run.main(args) == 0
+    kill_and_resume(monkeypatch, args, 1)
     name = "ws1-coco_stuff_10k_Experiment_0.pth"
     a = torch.load(tmp_path / "full" / "ckpt" / name, weights_only=True)
     b = torch.load(tmp_path / "killed" / "ckpt" / name, weights_only=True)

@@ -137,17 +137,13 @@ def test_simformer_flags_without_their_switch_are_refused(voc, step0, tmp_path, 
 def test_a_weak_step_with_simformer_losses_is_killed_and_resumed_to_the_same_bytes(voc, step0, tmp_path,  # noqa: F811
                                                                                  monkeypatch, caplog):
     import run
-    import train
-    from tests.conftest import interrupt_at_epoch
+    from tests.conftest import kill_and_resume
     extra = ["--simformer_comp", "0.15", "--simformer_pairs", "1", "--simformer_points", "12"]
     with caplog.at_level("INFO"):
         assert run.main(_weak_args(voc, tmp_path / "full", step0, extra)) == 0
     assert "loss_simformer_comp=" in caplog.text and "loss_simformer_distill=" in caplog.text
     args = _weak_args(voc, tmp_path / "killed", step0, extra)
-    original = interrupt_at_epoch(monkeypatch, 2)
-    assert run.main(args) == 130
-    monkeypatch.setattr(train, "train_one_epoch", original)
-    assert run.main(args) == 0
+    kill_and_resume(monkeypatch, args, 2)
     a = torch.load(tmp_path / "full" / "ckpt" / "15-5-voc_OURS_1.pth", weights_only=True)
     b = torch.load(tmp_path / "killed" / "ckpt" / "15-5-voc_OURS_1.pth", weights_only=True)
     assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
